@@ -1,0 +1,3 @@
+from anyad.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""The one error hierarchy of anyad, and its one mapping to HTTP.
+
+Everything that can go wrong for a client is an ``AnyadError`` carrying the
+HTTP status and OpenAI's error fields; ``error_body`` is the only place that
+turns one into the wire shape ``{"error": {message, type, param, code}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AnyadError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class InvalidRequest(AnyadError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class NotFound(AnyadError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(AnyadError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(AnyadError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class QueueFull(AnyadError):
+    """A model's queue is full; the client should come back after ``retry_after`` seconds."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class BackendError(AnyadError):
+    """The engine or provider behind a model failed (a worker crashed, an upstream broke)."""
+
+    status = 502
+    type = "server_error"
+    code = "backend_error"
+
+
+class Unavailable(AnyadError):
+    status = 503
+    type = "server_error"
+    code = "unavailable"
+
+
+class ConfigError(Exception):
+    """Invalid configuration: stops the daemon with one readable message."""

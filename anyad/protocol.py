@@ -1,0 +1,55 @@
+"""The framed protocol between the daemon and a model's worker process.
+
+A frame is a 4-byte big-endian length followed by that many bytes of UTF-8
+JSON, one object per frame. The daemon writes to the worker's stdin and reads
+its stdout; the worker moves its own fd 1 to stderr first, so nothing a C
+library prints can corrupt the stream. The protocol is internal and versioned
+with the package: the worker's ``hello`` frame carries ``PROTOCOL_VERSION``.
+
+daemon → worker: ``{"op": "chat", "id", "messages", "params"}``,
+``{"op": "cancel", "id"}``, ``{"op": "shutdown"}``.
+worker → daemon: ``{"t": "hello", "version", "pid"}``, ``{"t": "ready", ...model facts}``,
+``{"t": "delta", "id", "text"}``, ``{"t": "end", "id", "finish_reason", "usage"}``,
+``{"t": "error", "id", "code", "message"}``, ``{"t": "fatal", "message"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from typing import IO, Any
+
+PROTOCOL_VERSION = 1
+_HEADER = struct.Struct(">I")
+MAX_FRAME = 64 * 1024 * 1024
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    return _HEADER.pack(len(body)) + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
+    """Next frame; raises ``asyncio.IncompleteReadError`` when the worker is gone."""
+    (n,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    if n > MAX_FRAME:
+        raise ValueError(f"frame of {n} bytes is over the limit")
+    return json.loads(await reader.readexactly(n))
+
+
+def read_frame_sync(f: IO[bytes]) -> dict[str, Any] | None:
+    """Blocking read for the worker side; None at end of input (the daemon is gone)."""
+    head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        return None
+    (n,) = _HEADER.unpack(head)
+    body = f.read(n)
+    if len(body) < n:
+        return None
+    return json.loads(body)
+
+
+def write_frame_sync(f: IO[bytes], obj: dict[str, Any]) -> None:
+    f.write(encode(obj))
+    f.flush()

@@ -1,0 +1,142 @@
+"""OpenAI wire formats at the edge: request models (pydantic) and their translation.
+
+Unknown fields are kept (``extra="allow"``) rather than rejected: clients send
+many vendor-specific fields, and remote backends may relay them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from anyad.errors import InvalidRequest
+from anyad.stream import ChatRequest, SamplingParams
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ContentPart(_Open):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def flat(self) -> dict[str, Any]:
+        """The message with its content as one string, as chat templates expect."""
+        out = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            texts = []
+            for i, part in enumerate(self.content):
+                if part.type != "text" or part.text is None:
+                    raise InvalidRequest(f"content part type {part.type!r} is not supported; only 'text' parts are",
+                                         param=f"content[{i}].type")
+                texts.append(part.text)
+            out["content"] = "".join(texts)
+        elif self.content is None:
+            out["content"] = ""
+        return out
+
+
+class StreamOptions(_Open):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _has_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and not isinstance(v.get("schema", {}), dict):
+            raise ValueError("json_schema.schema must be an object")
+        return v
+
+
+class ChatCompletionRequest(_Open):
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, ge=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limit(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return v
+
+    def to_internal(self) -> ChatRequest:
+        if self.n not in (None, 1):
+            raise InvalidRequest("n other than 1 is not supported: ask once per completion", param="n")
+        if self.response_format is not None and self.response_format.type == "json_schema" \
+                and not self.response_format.json_schema:
+            raise InvalidRequest("response_format of type json_schema needs a json_schema object",
+                                 param="response_format.json_schema")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        rf = self.response_format
+        params = SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=[s for s in stop if s],
+            logit_bias=self.logit_bias,
+            response_format=None if rf is None or rf.type == "text" else rf.model_dump(exclude_none=True),
+        )
+        return ChatRequest(
+            model=self.model,
+            messages=[m.flat() for m in self.messages],
+            params=params,
+            stream=self.stream,
+            include_usage=bool(self.stream_options and self.stream_options.include_usage),
+            extra=dict(self.model_extra or {}),
+        )
+
+
+def param_path(loc: tuple[Any, ...]) -> str:
+    """pydantic's location tuple as OpenAI writes a param: ``messages[0].role``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not out:
+            out = str(part)
+        else:
+            out += f".{part}"
+    return out
+
+
+def parse_chat_request(data: Any) -> ChatRequest:
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        req = ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        # Union members report under their type name (e.g. "str"); drop those from the path.
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in
+                    {"str", "list[ContentPart]", "list[str]", "function-after[_has_schema(), dict[str,any]]"})))
+        param = param_path(loc)
+        raise InvalidRequest(f"{param}: {err['msg']}", param=param or None) from None
+    return req.to_internal()

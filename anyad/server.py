@@ -1,0 +1,95 @@
+"""The aiohttp application: middlewares, routes, and the mapping of errors to HTTP.
+
+``error_middleware`` is the one place where any failure becomes a response in
+OpenAI's error shape; nothing else writes error bodies, and no traceback or
+HTML page ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from anyad import errors
+from anyad.daemon import Daemon
+
+log = logging.getLogger("anyad.server")
+
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon", Daemon)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: errors.AnyadError, request_id: str | None = None) -> web.Response:
+    headers = dict(exc.headers)
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return web.json_response(exc.body(), status=exc.status, headers=headers)
+
+
+def _from_http(exc: web.HTTPException, request: web.Request) -> errors.AnyadError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app[DAEMON].settings.server.max_body_bytes
+        return errors.PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return errors.MethodNotAllowed(f"method {request.method} is not allowed on {request.path} "
+                                       f"(allowed: {', '.join(sorted(exc.allowed_methods))})",
+                                       headers={"Allow": ",".join(sorted(exc.allowed_methods))})
+    if isinstance(exc, web.HTTPNotFound):
+        return errors.NotFound(f"no such endpoint: {request.method} {request.path}")
+    err = errors.AnyadError(exc.reason or "error")
+    err.status = exc.status
+    err.type = "invalid_request_error" if exc.status < 500 else "server_error"
+    return err
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    request["request_id"] = rid
+    try:
+        resp = await handler(request)
+    except errors.AnyadError as exc:
+        if exc.status >= 500:
+            log.warning("request %s: %s", rid, exc.message)
+        return error_response(exc, rid)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http(exc, request), rid)
+    except Exception:
+        log.exception("request %s: unhandled error", rid)
+        return error_response(errors.AnyadError("internal error; see the daemon's log for request " + rid), rid)
+    if not resp.prepared:
+        resp.headers["X-Request-Id"] = rid
+    return resp
+
+
+async def read_json(request: web.Request) -> object:
+    """The request body as JSON; malformed JSON is a 400, an oversized body a 413."""
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def build_app(daemon: Daemon) -> web.Application:
+    from anyad.api import register_routes
+
+    app = web.Application(middlewares=[error_middleware], client_max_size=daemon.settings.server.max_body_bytes)
+    app[DAEMON] = daemon
+
+    async def on_startup(app: web.Application) -> None:
+        await daemon.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await daemon.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    register_routes(app)
+    return app

@@ -1,0 +1,70 @@
+"""The one internal representation of a chat request and of its streamed reply.
+
+Handlers turn wire formats into a ``ChatRequest``; every backend answers with an
+async iterator of ``Chunk``; encoders turn chunks back into a wire format. No
+backend sees HTTP and no handler sees an engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens}
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Everything that changes the output; ``None`` means the backend's default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logit_bias: dict[str, float] | None = None
+    # {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
+    response_format: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) not in (None, [])}
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False
+    include_usage: bool = False
+    # Fields anyad does not interpret (tools, user, …), kept for backends that relay them.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One piece of a reply: text, or (last) the finish reason with the usage."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+ChunkStream = AsyncIterator[Chunk]

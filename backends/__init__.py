@@ -1,0 +1,1 @@
+"""First-party backends, installed as ``anyad.backends.*`` and found through entry points."""

@@ -1,0 +1,103 @@
+"""Local GGUF models through llama-cpp-python, each in its own worker process."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import aclosing
+from typing import Any
+
+import psutil
+
+from anyad.backend import Backend, ModelInfo
+from anyad.config import ModelDefaults, ModelSettings
+from anyad.errors import BackendError, ContextLengthExceeded, InvalidRequest
+from anyad.gguf_meta import GGUFInfo, read_gguf_info
+from anyad.scheduler import ModelQueue
+from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
+from anyad.workers import WorkerProcess
+
+log = logging.getLogger("anyad.backends.llama_cpp")
+
+WORKER_MODULE = "anyad.backends.llama_cpp.worker"
+
+
+def default_threads() -> int:
+    """Physical cores: llama.cpp decodes no faster on hyper-threads, and llama-cpp-python's
+    own default (half the logical CPUs) leaves real cores idle on small machines."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def context_size(model_id: str, info: GGUFInfo, settings: ModelSettings, defaults: ModelDefaults) -> int:
+    trained = info.context_length
+    if settings.n_ctx is not None:
+        if trained and settings.n_ctx > trained:
+            log.warning("model %s: n_ctx %d is longer than the %d tokens it was trained on; using %d",
+                        model_id, settings.n_ctx, trained, trained)
+            return trained
+        return settings.n_ctx
+    return min(trained or defaults.max_context, defaults.max_context)
+
+
+class LlamaCppBackend(Backend):
+    kind = "llama_cpp"
+
+    def __init__(self, model_id: str, info: GGUFInfo, settings: ModelSettings, defaults: ModelDefaults) -> None:
+        self.model_id = model_id
+        self.info = info
+        self.settings = settings
+        self.preload = defaults.preload if settings.preload is None else settings.preload
+        self.n_ctx = context_size(model_id, info, settings, defaults)
+        self.n_threads = settings.n_threads or default_threads()
+        self.worker = WorkerProcess(
+            model_id, WORKER_MODULE,
+            {"path": str(info.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads, "n_batch": settings.n_batch},
+            load_timeout_s=defaults.load_timeout_s,
+        )
+        queue_size = defaults.queue_size if settings.queue_size is None else settings.queue_size
+        self.queue = ModelQueue(model_id, slots=1, max_waiting=queue_size)
+        self._created = int(info.path.stat().st_mtime)
+
+    @classmethod
+    def from_settings(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults) -> "LlamaCppBackend":
+        return cls(model_id, read_gguf_info(settings.path), settings, defaults)
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(id=self.model_id, owned_by="local", created=self._created,
+                          meta={"context_length": self.n_ctx, "architecture": self.info.architecture})]
+
+    async def start(self) -> None:
+        if self.preload:
+            await self.worker.ensure_started()
+
+    def ready(self) -> bool:
+        # A model that is not preloaded is usable as soon as its file checks out.
+        return self.worker.alive or not self.preload
+
+    def status(self) -> dict[str, Any]:
+        return {"loaded": self.worker.alive, "pid": self.worker.pid, "n_ctx": self.n_ctx,
+                "n_threads": self.n_threads, "queue": {"active": self.queue.active, "waiting": self.queue.waiting}}
+
+    async def chat(self, request: ChatRequest) -> ChunkStream:  # type: ignore[override]
+        async with self.queue.slot():
+            await self.worker.ensure_started()
+            op = {"op": "chat", "messages": request.messages, "params": request.params.as_dict()}
+            async with aclosing(self.worker.request(op)) as frames:
+                async for frame in frames:
+                    t = frame["t"]
+                    if t == "delta":
+                        yield Chunk(text=frame["text"])
+                    elif t == "end":
+                        u = frame.get("usage") or {}
+                        yield Chunk(finish_reason=frame["finish_reason"],
+                                    usage=Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)))
+                    elif t == "error":
+                        code, msg = frame.get("code"), frame.get("message", "generation failed")
+                        if code == "context_length_exceeded":
+                            raise ContextLengthExceeded(msg, param=frame.get("param"))
+                        if code == "invalid_request":
+                            raise InvalidRequest(msg, param=frame.get("param"))
+                        raise BackendError(f"model {self.model_id!r}: {msg}")
+
+    async def close(self) -> None:
+        await self.worker.stop()

@@ -1,0 +1,208 @@
+"""The llama.cpp worker process: one loaded GGUF model, driven over stdin/stdout.
+
+Run as ``python -m anyad.backends.llama_cpp.worker`` by the daemon (see
+``anyad.workers``). It reads a ``load`` frame, loads the model, then serves
+``chat`` operations one at a time, streaming a ``delta`` frame per piece of
+text. A reader thread watches stdin so that a ``cancel`` stops generation
+between two tokens, and so that the worker exits at once when the daemon's end
+of the pipe closes (the daemon died): a worker never outlives its daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from typing import IO, Any
+
+from anyad import protocol
+
+# ChatML, for a model file that carries no chat template of its own.
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class RequestError(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
+
+
+class Engine:
+    def __init__(self, load: dict[str, Any]) -> None:
+        import llama_cpp
+        from llama_cpp import llama_chat_format
+
+        self.llama_cpp = llama_cpp
+
+        class CountingLlama(llama_cpp.Llama):
+            """Counts sampled tokens: llama-cpp-python reports no usage when streaming."""
+
+            sampled = 0
+            last_token = -1
+
+            def generate(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+                for token in super().generate(*args, **kwargs):
+                    self.sampled += 1
+                    self.last_token = token
+                    yield token
+
+        t0 = time.monotonic()
+        self.llm = CountingLlama(
+            model_path=load["path"],
+            n_ctx=load["n_ctx"],
+            n_threads=load["n_threads"],
+            n_threads_batch=load["n_threads"],
+            n_batch=load.get("n_batch", 512),
+            n_gpu_layers=load.get("n_gpu_layers", 0),
+            logits_all=False,
+            verbose=bool(load.get("verbose", False)),
+        )
+        self.load_s = time.monotonic() - t0
+        eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
+        model = self.llm._model
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        self.template_source = "model" if template else "fallback-chatml"
+        self.formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template or FALLBACK_TEMPLATE,
+            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id] if eos_id != -1 else None,
+        )
+
+    def facts(self) -> dict[str, Any]:
+        return {"n_ctx": self.llm.n_ctx(), "n_threads": self.llm.n_threads, "load_s": round(self.load_s, 3),
+                "chat_template": self.template_source}
+
+    def _grammar(self, rf: dict[str, Any] | None):
+        if not rf:
+            return None
+        from llama_cpp import llama_grammar
+        import json
+
+        try:
+            if rf["type"] == "json_schema":
+                schema = (rf.get("json_schema") or {}).get("schema") or {}
+                return llama_grammar.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+            if rf.get("schema"):  # llama-cpp-python's extension: json_object with a schema
+                return llama_grammar.LlamaGrammar.from_json_schema(json.dumps(rf["schema"]), verbose=False)
+            return llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+        except Exception as exc:
+            raise RequestError("invalid_request", f"response_format: cannot build a grammar from the schema: {exc}",
+                               "response_format") from None
+
+    def chat(self, rid: int, messages: list[dict[str, Any]], params: dict[str, Any], cancelled: set[int],
+             out: IO[bytes]) -> None:
+        llm = self.llm
+        try:
+            fmt = self.formatter(messages=messages)
+        except Exception as exc:
+            raise RequestError("invalid_request", f"messages: the model's chat template rejected them: {exc}",
+                               "messages") from None
+        prompt = llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
+        n_ctx = llm.n_ctx()
+        if len(prompt) >= n_ctx:
+            raise RequestError("context_length_exceeded",
+                               f"This model's maximum context length is {n_ctx} tokens. However, your messages "
+                               f"resulted in {len(prompt)} tokens. Please reduce the length of the messages.",
+                               "messages")
+        stop = list(params.get("stop") or [])
+        if fmt.stop:
+            stop += [fmt.stop] if isinstance(fmt.stop, str) else list(fmt.stop)
+        kwargs: dict[str, Any] = {
+            "max_tokens": params.get("max_tokens") or -1,  # -1: up to the end of the context window
+            "stop": stop,
+            "stopping_criteria": fmt.stopping_criteria,
+            "grammar": self._grammar(params.get("response_format")),
+            "stream": True,
+        }
+        for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+                             ("min_p", "min_p"), ("repeat_penalty", "repeat_penalty"),
+                             ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
+                             ("seed", "seed"), ("logit_bias", "logit_bias")):
+            if params.get(ours) is not None:
+                kwargs[theirs] = params[ours]
+
+        llm.sampled = 0
+        llm.last_token = -1
+        finish = "stop"
+        for chunk in llm.create_completion(prompt, **kwargs):
+            if rid in cancelled:
+                finish = "cancelled"
+                break
+            choice = chunk["choices"][0]
+            if choice["text"]:
+                protocol.write_frame_sync(out, {"t": "delta", "id": rid, "text": choice["text"]})
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+        completion = llm.sampled
+        if completion and finish == "stop" and self.llama_cpp.llama_vocab_is_eog(llm._model.vocab, llm.last_token):
+            completion -= 1  # the end-of-turn token is not part of the reply
+        protocol.write_frame_sync(out, {"t": "end", "id": rid, "finish_reason": finish,
+                                        "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion}})
+
+
+def _reader(inp: IO[bytes], ops: "queue.Queue[dict[str, Any]]", cancelled: set[int]) -> None:
+    while True:
+        frame = protocol.read_frame_sync(inp)
+        if frame is None or frame.get("op") == "shutdown":
+            ops.put({"op": "shutdown"})
+            if frame is None:
+                # The daemon is gone; nobody will read what we generate.
+                os._exit(0)
+            return
+        if frame.get("op") == "cancel":
+            cancelled.add(frame["id"])
+        else:
+            ops.put(frame)
+
+
+def main() -> int:
+    # Keep fd 1 for frames only: anything native code prints goes to stderr.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    inp = sys.stdin.buffer
+
+    protocol.write_frame_sync(out, {"t": "hello", "version": protocol.PROTOCOL_VERSION, "pid": os.getpid()})
+    load = protocol.read_frame_sync(inp)
+    if load is None:
+        return 0
+    try:
+        engine = Engine(load)
+    except Exception as exc:
+        protocol.write_frame_sync(out, {"t": "fatal", "message": f"{type(exc).__name__}: {exc}"})
+        return 1
+    protocol.write_frame_sync(out, {"t": "ready", **engine.facts()})
+
+    ops: queue.Queue[dict[str, Any]] = queue.Queue()
+    cancelled: set[int] = set()
+    threading.Thread(target=_reader, args=(inp, ops, cancelled), daemon=True).start()
+    while True:
+        op = ops.get()
+        if op["op"] == "shutdown":
+            return 0
+        rid = op["id"]
+        try:
+            if rid not in cancelled:
+                engine.chat(rid, op["messages"], op.get("params") or {}, cancelled, out)
+            else:
+                protocol.write_frame_sync(out, {"t": "end", "id": rid, "finish_reason": "cancelled", "usage": None})
+        except RequestError as exc:
+            protocol.write_frame_sync(out, {"t": "error", "id": rid, "code": exc.code, "message": exc.message,
+                                            "param": exc.param})
+        except Exception as exc:
+            traceback.print_exc()
+            protocol.write_frame_sync(out, {"t": "error", "id": rid, "code": "internal",
+                                            "message": f"{type(exc).__name__}: {exc}"})
+        finally:
+            cancelled.discard(rid)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""First-party plugins, installed as ``anyad.plugins.*`` and found through entry points."""
