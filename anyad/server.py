@@ -20,6 +20,8 @@ from anyad.daemon import Daemon
 log = logging.getLogger("anyad.server")
 
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon", Daemon)
+# Typed request keys arrived in aiohttp 3.14; older versions take a plain string.
+REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -49,7 +51,7 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> errors.AnyadErro
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-    request["request_id"] = rid
+    request[REQUEST_ID] = rid
     try:
         resp = await handler(request)
     except errors.AnyadError as exc:

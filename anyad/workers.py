@@ -30,7 +30,11 @@ _GONE = {"t": "gone"}
 
 
 class WorkerFailed(BackendError):
-    """The worker process died or could not load its model."""
+    """The worker process died mid-request or speaks another protocol."""
+
+
+class ModelLoadFailed(Unavailable):
+    """The worker could not load its model (a bad file, too little memory)."""
 
 
 class WorkerProcess:
@@ -47,11 +51,17 @@ class WorkerProcess:
         self._ids = itertools.count(1)
         self._start_lock = asyncio.Lock()
         self.last_exit: str | None = None
+        self._loaded_by: asyncio.subprocess.Process | None = None
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None and self._reader is not None \
             and not self._reader.done()
+
+    @property
+    def loaded(self) -> bool:
+        """Running with its model loaded: what readiness means."""
+        return self.alive and self._loaded_by is self.proc
 
     @property
     def pid(self) -> int | None:
@@ -93,11 +103,12 @@ class WorkerProcess:
                                    f"daemon {protocol.PROTOCOL_VERSION}")
             if frame["t"] == "ready":
                 self.facts = frame
+                self._loaded_by = self.proc
                 return
             if frame["t"] == "fatal":
-                raise WorkerFailed(f"model {self.name!r} failed to load: {frame.get('message')}")
+                raise ModelLoadFailed(f"model {self.name!r} failed to load: {frame.get('message')}")
             if frame is _GONE:
-                raise WorkerFailed(f"model {self.name!r}: worker exited while loading ({self.last_exit})")
+                raise ModelLoadFailed(f"model {self.name!r}: worker exited while loading ({self.last_exit})")
 
     async def _read_loop(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -144,7 +155,7 @@ class WorkerProcess:
                     finished = True
                     raise WorkerFailed(f"model {self.name!r}: worker crashed ({self.last_exit}); "
                                        "the next request starts a new one")
-                if frame["t"] in ("end", "error"):
+                if frame["t"] in ("end", "error", "stats"):
                     finished = True
                 yield frame
                 if finished:
@@ -157,6 +168,12 @@ class WorkerProcess:
                     self._send({"op": "cancel", "id": rid})
                 except (AnyadError, ConnectionError):
                     pass
+
+    async def stats(self) -> dict[str, Any]:
+        """The worker's own counters (busy, tokens generated), answered even mid-generation."""
+        async for frame in self.request({"op": "stats"}):
+            return frame
+        raise WorkerFailed(f"model {self.name!r}: no stats")  # pragma: no cover
 
     async def stop(self, grace_s: float = 5.0) -> None:
         proc = self.proc

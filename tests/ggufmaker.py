@@ -77,7 +77,8 @@ def vocabulary(shape: Shape) -> tuple[list[str], list[int], list[int]]:
     return tokens, types, printable
 
 
-def write_model(path: Path | str, shape: Shape = TINY, seed: int = 0) -> Path:
+def write_model(path: Path | str, shape: Shape = TINY, seed: int = 0, arch: str = "llama") -> Path:
+    """Write the model; another ``arch`` gives a file llama.cpp parses but refuses to load."""
     import gguf
 
     path = Path(path)
@@ -87,7 +88,7 @@ def write_model(path: Path | str, shape: Shape = TINY, seed: int = 0) -> Path:
     head_dim = shape.n_embd // shape.n_head
     n_embd_kv = head_dim * shape.n_head_kv
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"anyad-test-{shape.n_embd}x{shape.n_layer}")
     w.add_context_length(shape.n_ctx)
     w.add_embedding_length(shape.n_embd)

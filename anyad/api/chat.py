@@ -10,7 +10,7 @@ from aiohttp import web
 from anyad.encoders import DONE, OpenAIEncoder, sse_error
 from anyad.errors import AnyadError, BackendError
 from anyad.schemas import parse_chat_request
-from anyad.server import DAEMON, read_json
+from anyad.server import DAEMON, REQUEST_ID, read_json
 from anyad.stream import Chunk, Usage
 
 log = logging.getLogger("anyad.chat")
@@ -24,7 +24,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat_request(await read_json(request))
     backend = daemon.router.resolve(chat.model)
     enc = OpenAIEncoder(chat.model, include_usage=chat.include_usage)
-    headers = {"X-Anyad-Backend": backend.kind, "X-Request-Id": request["request_id"]}
+    headers = {"X-Anyad-Backend": backend.kind, "X-Request-Id": request[REQUEST_ID]}
 
     async with aclosing(backend.chat(chat)) as stream:
         # Wait for the first chunk before answering: a queue, context or load
@@ -70,12 +70,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 raise BackendError(f"model {chat.model!r} ended the reply without a finish reason")
         except AnyadError as exc:
             # Headers are gone already: report in-band, as OpenAI does, and end the stream.
-            log.warning("request %s: stream failed: %s", request["request_id"], exc.message)
+            log.warning("request %s: stream failed: %s", request[REQUEST_ID], exc.message)
             try:
                 await resp.write(sse_error(exc.body()))
             except ConnectionError:
                 pass
         except ConnectionError:
             # The client went away; closing the stream cancels generation in the worker.
-            log.info("request %s: client disconnected mid-stream", request["request_id"])
+            log.info("request %s: client disconnected mid-stream", request[REQUEST_ID])
         return resp

@@ -72,10 +72,10 @@ class LlamaCppBackend(Backend):
 
     def ready(self) -> bool:
         # A model that is not preloaded is usable as soon as its file checks out.
-        return self.worker.alive or not self.preload
+        return self.worker.loaded or not self.preload
 
     def status(self) -> dict[str, Any]:
-        return {"loaded": self.worker.alive, "pid": self.worker.pid, "n_ctx": self.n_ctx,
+        return {"loaded": self.worker.loaded, "pid": self.worker.pid, "n_ctx": self.n_ctx,
                 "n_threads": self.n_threads, "queue": {"active": self.queue.active, "waiting": self.queue.waiting}}
 
     async def chat(self, request: ChatRequest) -> ChunkStream:  # type: ignore[override]

@@ -44,11 +44,13 @@ class Engine:
             """Counts sampled tokens: llama-cpp-python reports no usage when streaming."""
 
             sampled = 0
+            sampled_total = 0
             last_token = -1
 
             def generate(self, *args: Any, **kwargs: Any):  # type: ignore[override]
                 for token in super().generate(*args, **kwargs):
                     self.sampled += 1
+                    self.sampled_total += 1
                     self.last_token = token
                     yield token
 
@@ -97,7 +99,7 @@ class Engine:
                                "response_format") from None
 
     def chat(self, rid: int, messages: list[dict[str, Any]], params: dict[str, Any], cancelled: set[int],
-             out: IO[bytes]) -> None:
+             out: Output) -> None:
         llm = self.llm
         try:
             fmt = self.formatter(messages=messages)
@@ -137,17 +139,30 @@ class Engine:
                 break
             choice = chunk["choices"][0]
             if choice["text"]:
-                protocol.write_frame_sync(out, {"t": "delta", "id": rid, "text": choice["text"]})
+                out.write({"t": "delta", "id": rid, "text": choice["text"]})
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
         completion = llm.sampled
         if completion and finish == "stop" and self.llama_cpp.llama_vocab_is_eog(llm._model.vocab, llm.last_token):
             completion -= 1  # the end-of-turn token is not part of the reply
-        protocol.write_frame_sync(out, {"t": "end", "id": rid, "finish_reason": finish,
+        out.write({"t": "end", "id": rid, "finish_reason": finish,
                                         "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion}})
 
 
-def _reader(inp: IO[bytes], ops: "queue.Queue[dict[str, Any]]", cancelled: set[int]) -> None:
+class Output:
+    """Frames to the daemon, from the generating thread and the reader thread alike."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._lock = threading.Lock()
+
+    def write(self, obj: dict[str, Any]) -> None:
+        with self._lock:
+            protocol.write_frame_sync(self._f, obj)
+
+
+def _reader(inp: IO[bytes], ops: "queue.Queue[dict[str, Any]]", cancelled: set[int], out: Output,
+            engine: Engine, busy: list[int]) -> None:
     while True:
         frame = protocol.read_frame_sync(inp)
         if frame is None or frame.get("op") == "shutdown":
@@ -158,49 +173,56 @@ def _reader(inp: IO[bytes], ops: "queue.Queue[dict[str, Any]]", cancelled: set[i
             return
         if frame.get("op") == "cancel":
             cancelled.add(frame["id"])
+        elif frame.get("op") == "stats":
+            # Answered here, not queued: stats must not wait behind a generation.
+            out.write({"t": "stats", "id": frame["id"], "busy": bool(busy),
+                       "tokens_generated": engine.llm.sampled_total})
         else:
             ops.put(frame)
 
 
 def main() -> int:
     # Keep fd 1 for frames only: anything native code prints goes to stderr.
-    out = os.fdopen(os.dup(1), "wb")
+    out = Output(os.fdopen(os.dup(1), "wb"))
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     inp = sys.stdin.buffer
 
-    protocol.write_frame_sync(out, {"t": "hello", "version": protocol.PROTOCOL_VERSION, "pid": os.getpid()})
+    out.write({"t": "hello", "version": protocol.PROTOCOL_VERSION, "pid": os.getpid()})
     load = protocol.read_frame_sync(inp)
     if load is None:
         return 0
     try:
         engine = Engine(load)
     except Exception as exc:
-        protocol.write_frame_sync(out, {"t": "fatal", "message": f"{type(exc).__name__}: {exc}"})
+        out.write({"t": "fatal", "message": f"{type(exc).__name__}: {exc}"})
         return 1
-    protocol.write_frame_sync(out, {"t": "ready", **engine.facts()})
+    out.write({"t": "ready", **engine.facts()})
 
     ops: queue.Queue[dict[str, Any]] = queue.Queue()
     cancelled: set[int] = set()
-    threading.Thread(target=_reader, args=(inp, ops, cancelled), daemon=True).start()
+    busy: list[int] = []
+    threading.Thread(target=_reader, args=(inp, ops, cancelled, out, engine, busy), daemon=True).start()
     while True:
         op = ops.get()
         if op["op"] == "shutdown":
             return 0
         rid = op["id"]
+        busy.append(rid)
         try:
             if rid not in cancelled:
                 engine.chat(rid, op["messages"], op.get("params") or {}, cancelled, out)
             else:
-                protocol.write_frame_sync(out, {"t": "end", "id": rid, "finish_reason": "cancelled", "usage": None})
+                out.write({"t": "end", "id": rid, "finish_reason": "cancelled", "usage": None})
         except RequestError as exc:
-            protocol.write_frame_sync(out, {"t": "error", "id": rid, "code": exc.code, "message": exc.message,
+            out.write({"t": "error", "id": rid, "code": exc.code, "message": exc.message,
                                             "param": exc.param})
         except Exception as exc:
             traceback.print_exc()
-            protocol.write_frame_sync(out, {"t": "error", "id": rid, "code": "internal",
+            out.write({"t": "error", "id": rid, "code": "internal",
                                             "message": f"{type(exc).__name__}: {exc}"})
         finally:
+            busy.clear()
             cancelled.discard(rid)
 
 
