@@ -75,7 +75,7 @@ class LlamaCppBackend(Backend):
         return self.worker.loaded or not self.preload
 
     def status(self) -> dict[str, Any]:
-        return {"loaded": self.worker.loaded, "pid": self.worker.pid, "n_ctx": self.n_ctx,
+        return {"loaded": self.worker.loaded, "pid": self.worker.pid, "n_ctx": self.worker.facts.get("n_ctx", self.n_ctx),
                 "n_threads": self.n_threads, "queue": {"active": self.queue.active, "waiting": self.queue.waiting}}
 
     async def chat(self, request: ChatRequest) -> ChunkStream:  # type: ignore[override]
