@@ -1,0 +1,90 @@
+"""``anyad serve`` as a real process: it listens, says so, serves, and stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import urllib.request
+
+import psutil
+import pytest
+
+from conftest import MODEL_ID, anyad_cmd, clean_env, free_port, wait_http
+
+
+def start(tmp_path, *args, env_extra=None):
+    env = clean_env(tmp_path)
+    env.update(env_extra or {})
+    return subprocess.Popen(anyad_cmd("serve", *args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_model_flag_reaches_health_and_stops_on_signal(tiny_model, tmp_path, sig):
+    port = free_port()
+    proc = start(tmp_path, "--model", str(tiny_model), "--port", str(port))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health", proc=proc)
+        wait_http(base + "/ready", proc=proc)
+        req = urllib.request.Request(base + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({"model": MODEL_ID, "max_tokens": 3, "messages": [
+                                         {"role": "user", "content": "hi"}]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.load(r)["usage"]["completion_tokens"] == 3
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert workers, "the model should run in a child process"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    listening = [l for l in err.splitlines() if "listening on" in l]
+    assert len(listening) == 1
+    assert f"http://127.0.0.1:{port}" in listening[0] and MODEL_ID in listening[0]
+    for w in workers:
+        assert not w.is_running() or w.status() == psutil.STATUS_ZOMBIE, "worker outlived the daemon"
+
+
+def test_env_port_and_default_host(tiny_model, tmp_path):
+    port = free_port()
+    proc = start(tmp_path, "--model", str(tiny_model), env_extra={"ANYAD_PORT": str(port)})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+def test_worker_exits_when_the_daemon_is_killed(tiny_model, tmp_path):
+    port = free_port()
+    proc = start(tmp_path, "--model", str(tiny_model), "--port", str(port))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", proc=proc)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert workers
+        proc.kill()  # no chance to clean up
+        proc.communicate(timeout=10)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, "a worker outlived a killed daemon"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_port_in_use_is_a_clear_error(tiny_model, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run(anyad_cmd("serve", "--model", str(tiny_model), "--port", str(port)),
+                           env=clean_env(tmp_path), capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2
+    assert "cannot listen on" in p.stderr and "Traceback" not in p.stderr
