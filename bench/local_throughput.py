@@ -7,7 +7,8 @@ by ``tests/ggufmaker.py`` on first use; nothing is downloaded.
     .venv/bin/pip install 'llama-cpp-python[server]'      # for the llama_cpp.server contender only
     .venv/bin/python bench/local_throughput.py --reps 5 --max-tokens 128
 
-Every prompt starts with a unique tag, so no contender gets a KV-cache prefix hit.
+Every prompt starts with a unique tag of the same length, so no contender gets a
+KV-cache prefix hit and all read the same number of tokens.
 TTFT is request sent → first content byte; decode tok/s counts content chunks (one
 per token with this model) after the first, over the time after the first.
 """
@@ -33,7 +34,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-PROMPT = ("Summarise the following notes for a colleague who missed the meeting. " * 12).strip()
+# About 200 tokens with the test tokenizer (byte-level, few merges: ~1 token per character).
+PROMPT = ("Summarise these notes for a colleague who missed the meeting: budget approved, "
+          "launch moved to May, two hires planned, office move postponed until the lease ends.")
 
 
 def free_port() -> int:
@@ -42,34 +45,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def messages(tag: str) -> list[dict]:
+SHORT_PROMPT = "Hi, who are you?"
+# The same sampling for every contender, spelled out: the engines' defaults differ
+# (llama-cpp-python's chat handler defaults to repeat_penalty 1.1, which costs time per token).
+SAMPLING = {"temperature": 0, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+
+
+def messages(tag: str, prompt: str) -> list[dict]:
     return [{"role": "system", "content": f"[{tag}] You are a helpful assistant."},
-            {"role": "user", "content": PROMPT}]
+            {"role": "user", "content": prompt}]
+
+
+def raw_child(model: str, n_threads: int, n_ctx: int) -> None:
+    """The raw contender's own process: llama-cpp-python in-process, timing itself.
+
+    It runs apart from this script so that every contender is one process with its own
+    thread pool and nothing else in it; requests and results are JSON lines on stdin/stdout.
+    """
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    for line in sys.stdin:
+        req = json.loads(line)
+        t0 = time.perf_counter()
+        first = last = None
+        n = 0
+        for chunk in llm.create_chat_completion(messages(req["tag"], req["prompt"]), max_tokens=req["max_tokens"],
+                                                stream=True, **SAMPLING):
+            if chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+                n += 1
+        print(json.dumps([first - t0, (n - 1) / (last - first) if n > 1 else 0.0, n]), flush=True)
 
 
 class Raw:
     name = "raw llama-cpp-python"
 
     def __init__(self, model: Path, n_threads: int, n_ctx: int) -> None:
-        import llama_cpp
+        self.proc = subprocess.Popen([sys.executable, __file__, "--raw-child", str(model), str(n_threads), str(n_ctx)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-        self.llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                                   verbose=False)
-
-    async def run(self, tag: str, max_tokens: int) -> tuple[float, float, int]:
-        t0 = time.perf_counter()
-        first = last = None
-        n = 0
-        for chunk in self.llm.create_chat_completion(messages(tag), max_tokens=max_tokens, temperature=0,
-                                                     stream=True):
-            if chunk["choices"][0]["delta"].get("content"):
-                last = time.perf_counter()
-                first = first or last
-                n += 1
-        return first - t0, (n - 1) / (last - first), n
+    async def run(self, tag: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+        self.proc.stdin.write(json.dumps({"tag": tag, "prompt": prompt, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return tuple(json.loads(await asyncio.to_thread(self.proc.stdout.readline)))
 
     def close(self) -> None:
-        self.llm.close()
+        self.proc.stdin.close()
+        self.proc.wait(20)
 
 
 class HTTPContender:
@@ -77,15 +101,20 @@ class HTTPContender:
         self.name = name
         self.port = port
         self.model_id = model_id
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # Logs go to a file: a chatty server (llama_cpp.server is verbose by default) would
+        # block on a full pipe.
+        self.log = Path(f"/tmp/anyad-bench/{name.replace(' ', '_')}.log")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
         self.session: aiohttp.ClientSession | None = None
 
     async def wait_ready(self, path: str, timeout: float = 120) -> None:
-        self.session = aiohttp.ClientSession()
+        # A new connection per request for every contender: uvicorn drops idle keep-alive
+        # connections after 5 s, less than the time the other contenders take.
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
             try:
                 async with self.session.get(f"http://127.0.0.1:{self.port}{path}") as r:
                     if r.status == 200:
@@ -95,9 +124,9 @@ class HTTPContender:
             await asyncio.sleep(0.2)
         raise RuntimeError(f"{self.name} not ready after {timeout}s")
 
-    async def run(self, tag: str, max_tokens: int) -> tuple[float, float, int]:
-        body = {"model": self.model_id, "messages": messages(tag), "max_tokens": max_tokens, "temperature": 0,
-                "stream": True}
+    async def run(self, tag: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+        body = {"model": self.model_id, "messages": messages(tag, prompt), "max_tokens": max_tokens, "stream": True,
+                **SAMPLING}
         t0 = time.perf_counter()
         first = last = None
         n = 0
@@ -111,7 +140,7 @@ class HTTPContender:
                     last = time.perf_counter()
                     first = first or last
                     n += 1
-        return first - t0, (n - 1) / (last - first), n
+        return first - t0, (n - 1) / (last - first) if n > 1 else 0.0, n
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -143,8 +172,9 @@ async def main() -> None:
 
     contenders: list = [Raw(args.model, threads, args.n_ctx)]
     port = free_port()
-    anyad = HTTPContender("anyad", [sys.executable, "-m", "anyad", "serve", "--model", str(args.model),
-                                    "--port", str(port)], port, model_id)
+    cfg = Path("/tmp/anyad-bench/anyad.toml")
+    cfg.write_text(f'[server]\nport = {port}\n[models."{model_id}"]\npath = "{args.model}"\nn_ctx = {args.n_ctx}\n')
+    anyad = HTTPContender("anyad", [sys.executable, "-m", "anyad", "serve", "--config", str(cfg)], port, model_id)
     await anyad.wait_ready("/ready")
     contenders.append(anyad)
     if not args.no_server:
@@ -156,18 +186,32 @@ async def main() -> None:
         await srv.wait_ready("/v1/models")
         contenders.append(srv)
 
-    samples: dict[str, list[tuple[float, float, int]]] = {c.name: [] for c in contenders}
+    async with anyad.session.post(f"http://127.0.0.1:{anyad.port}/v1/chat/completions",
+                                  json={"model": model_id, "messages": messages("c-9-0000", PROMPT), "max_tokens": 1}) as r:
+        prompt_tokens = (await r.json())["usage"]["prompt_tokens"]
+    async with anyad.session.post(f"http://127.0.0.1:{anyad.port}/v1/chat/completions",
+                                  json={"model": model_id, "messages": messages("c-9-0000", SHORT_PROMPT),
+                                        "max_tokens": 1}) as r:
+        short_tokens = (await r.json())["usage"]["prompt_tokens"]
+
+    # Two interleaved series: "ttft" (short prompt, 2 tokens: the fixed cost of a request)
+    # and "decode" (long prompt, max_tokens tokens: prompt reading and steady decoding).
+    series = {"ttft": (SHORT_PROMPT, 2, args.reps * 3), "decode": (PROMPT, args.max_tokens, args.reps)}
+    samples: dict[str, dict[str, list[tuple[float, float, int]]]] = {
+        k: {c.name: [] for c in contenders} for k in series}
     try:
         for c in contenders:  # warm-up: page the weights in, build graphs
-            await c.run(f"warm-{c.name}", 8)
-        for rep in range(args.reps):
-            order = contenders[:]
-            random.Random(rep).shuffle(order)
-            for c in order:
-                s = await c.run(f"rep{rep}-{c.name}", args.max_tokens)
-                samples[c.name].append(s)
-                print(f"rep {rep} {c.name:22s} ttft {s[0]*1000:7.1f} ms  decode {s[1]:6.2f} tok/s  ({s[2]} tokens)",
-                      flush=True)
+            await c.run(f"w-{contenders.index(c)}-0000", PROMPT, 8)
+        for kind, (prompt, max_tokens, reps) in series.items():
+            for rep in range(reps):
+                order = contenders[:]
+                random.Random(rep).shuffle(order)
+                for c in order:
+                    # Same-length tags for all: with a byte-level tokenizer every character is a token.
+                    s = await c.run(f"{kind[0]}-{contenders.index(c)}-{rep:04d}", prompt, max_tokens)
+                    samples[kind][c.name].append(s)
+                    print(f"{kind} {rep} {c.name:22s} ttft {s[0]*1000:7.1f} ms  decode {s[1]:6.2f} tok/s "
+                          f"({s[2]} tokens)", flush=True)
     finally:
         for c in contenders:
             if isinstance(c, HTTPContender):
@@ -175,24 +219,29 @@ async def main() -> None:
                     await c.session.close()
             c.close()
 
-    raw = samples[contenders[0].name]
-    raw_ttft = statistics.median(s[0] for s in raw)
-    raw_tps = statistics.median(s[1] for s in raw)
+    def med(kind: str, name: str, i: int) -> float:
+        return statistics.median(x[i] for x in samples[kind][name])
+
+    raw = contenders[0].name
     print()
     print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {threads} threads, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB; Python {platform.python_version()}")
-    print(f"model: {args.model.name} ({args.model.stat().st_size / 2**20:.0f} MiB); prompt + template "
-          f"~{len(PROMPT.split()) * 1.3:.0f} tokens; {args.max_tokens} new tokens; {args.reps} reps, medians")
+    print(f"model: {args.model.name} ({args.model.stat().st_size / 2**20:.0f} MiB); medians of interleaved runs; "
+          f"short prompt {short_tokens} tokens x{args.reps * 3}, long prompt {prompt_tokens} tokens + "
+          f"{args.max_tokens} new x{args.reps}")
     print()
-    print("| contender | TTFT ms | vs raw | decode tok/s | vs raw |")
-    print("|---|---:|---:|---:|---:|")
+    print("| contender | TTFT short prompt ms | vs raw | TTFT long prompt ms | vs raw | decode tok/s | vs raw |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for c in contenders:
-        ttft = statistics.median(s[0] for s in samples[c.name])
-        tps = statistics.median(s[1] for s in samples[c.name])
-        print(f"| {c.name} | {ttft*1000:.1f} | {(ttft-raw_ttft)*1000:+.1f} ms | {tps:.2f} | {tps/raw_tps*100:.1f} % |")
+        t_s, t_l, tps = med("ttft", c.name, 0), med("decode", c.name, 0), med("decode", c.name, 1)
+        print(f"| {c.name} | {t_s*1000:.1f} | {(t_s - med('ttft', raw, 0))*1000:+.1f} ms | {t_l*1000:.1f} | "
+              f"{(t_l - med('decode', raw, 0))*1000:+.1f} ms | {tps:.2f} | {tps / med('decode', raw, 1)*100:.1f} % |")
     if args.json:
         args.json.write_text(json.dumps(samples, indent=1))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if len(sys.argv) == 5 and sys.argv[1] == "--raw-child":
+        raw_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        asyncio.run(main())
