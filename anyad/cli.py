@@ -13,6 +13,8 @@ from anyad.errors import ConfigError
 
 log = logging.getLogger("anyad")
 
+SHUTDOWN_GRACE_S = 5.0
+
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
@@ -30,7 +32,9 @@ async def _serve(settings) -> int:
     app = build_app(daemon)
     # handler_cancellation: a client that hangs up cancels its request, which
     # stops generation in the worker instead of finishing a reply nobody reads.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # shutdown_timeout: on SIGTERM, replies in flight get a few seconds, then are cancelled
+    # (which stops their generation), well inside systemd's stop timeout.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     host, port = settings.server.host, settings.server.port
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -66,11 +70,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvloop
 
-        uvloop.install()
+        run = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is optional outside Linux/macOS
-        pass
+        run = asyncio.run
     try:
-        return asyncio.run(_serve(settings))
+        return run(_serve(settings))
     except ConfigError as exc:
         print(f"anyad: {exc}", file=sys.stderr)
         return 2

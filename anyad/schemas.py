@@ -114,6 +114,9 @@ class ChatCompletionRequest(_Open):
         )
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def param_path(loc: tuple[Any, ...]) -> str:
     """pydantic's location tuple as OpenAI writes a param: ``messages[0].role``."""
     out = ""
@@ -134,9 +137,9 @@ def parse_chat_request(data: Any) -> ChatRequest:
         req = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        # Union members report under their type name (e.g. "str"); drop those from the path.
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in
-                    {"str", "list[ContentPart]", "list[str]", "function-after[_has_schema(), dict[str,any]]"})))
+        # A union reports each failed member under its type's name ("str", "list[str]");
+        # those are not fields, so they are left out of the path.
+        loc = tuple(p for p in err["loc"] if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_NAMES))
         param = param_path(loc)
         raise InvalidRequest(f"{param}: {err['msg']}", param=param or None) from None
     return req.to_internal()

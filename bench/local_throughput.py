@@ -155,7 +155,10 @@ async def main() -> None:
     import psutil
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=Path("/tmp/anyad-bench/half-b-q8_0.gguf"))
+    ap.add_argument("--shape", choices=["half-b", "tiny"], default="half-b",
+                    help="half-b: realistic speed; tiny: engine time near zero, so what remains is "
+                         "each server's own per-request and per-token cost")
+    ap.add_argument("--model", type=Path, help="GGUF to use (default: generated for --shape)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--n-ctx", type=int, default=2048)
@@ -163,10 +166,13 @@ async def main() -> None:
     ap.add_argument("--json", type=Path, help="write raw samples here")
     args = ap.parse_args()
 
+    shape = ggufmaker.HALF_B if args.shape == "half-b" else ggufmaker.TINY
+    if args.model is None:
+        args.model = Path(f"/tmp/anyad-bench/{args.shape}.gguf")
     if not args.model.exists():
         args.model.parent.mkdir(parents=True, exist_ok=True)
-        print(f"writing {args.model} (random weights, ~0.5B params, Q8_0) …", flush=True)
-        ggufmaker.write_model(args.model, ggufmaker.HALF_B)
+        print(f"writing {args.model} (random weights, {shape}) …", flush=True)
+        ggufmaker.write_model(args.model, shape)
     threads = psutil.cpu_count(logical=False) or os.cpu_count()
     model_id = args.model.stem
 

@@ -34,20 +34,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             raise BackendError(f"model {chat.model!r} ended the reply without a finish reason")
 
         if not chat.stream:
-            parts: list[str] = []
-            last: Chunk = first
-            for_chunk = first
-            while True:
-                parts.append(for_chunk.text)
-                last = for_chunk
-                if for_chunk.finish_reason:
-                    break
+            parts = [first.text]
+            last = first
+            while not last.finish_reason:
                 nxt = await anext(stream, None)
                 if nxt is None:
-                    break
-                for_chunk = nxt
-            if not last.finish_reason:
-                raise BackendError(f"model {chat.model!r} ended the reply without a finish reason")
+                    raise BackendError(f"model {chat.model!r} ended the reply without a finish reason")
+                parts.append(nxt.text)
+                last = nxt
             body = enc.completion("".join(parts), last.finish_reason, last.usage or Usage())
             return web.json_response(body, headers=headers)
 

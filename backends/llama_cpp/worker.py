@@ -166,6 +166,7 @@ def _reader(inp: IO[bytes], ops: "queue.Queue[dict[str, Any]]", cancelled: set[i
     while True:
         frame = protocol.read_frame_sync(inp)
         if frame is None or frame.get("op") == "shutdown":
+            cancelled.update(busy)  # stop a running generation at the next token
             ops.put({"op": "shutdown"})
             if frame is None:
                 # The daemon is gone; nobody will read what we generate.
