@@ -205,3 +205,19 @@ async def test_default_threads_are_physical_cores(client):
     expected = psutil.cpu_count(logical=False) or psutil.cpu_count()
     assert backend.n_threads == expected
     assert backend.worker.facts["n_threads"] == expected  # what llama.cpp was really given
+
+
+async def test_context_defaults_to_trained_length_capped_by_config(make_client, tiny_model, tmp_path):
+    from anyad.config import parse_settings
+
+    # The tiny model was trained for 2048 tokens.
+    s = parse_settings({"defaults": {"max_context": 1024}, "models": {
+        "capped": {"path": str(tiny_model)},
+        "asked-too-much": {"path": str(tiny_model), "n_ctx": 8192},
+        "asked-less": {"path": str(tiny_model), "n_ctx": 512}}})
+    c = await make_client(s)
+    ctx = {m["id"]: m["context_length"] for m in (await (await c.get("/v1/models")).json())["data"]}
+    assert ctx == {"capped": 1024, "asked-too-much": 2048, "asked-less": 512}
+    for b in c.daemon.backends:
+        await b.worker.ensure_started()
+        assert b.worker.facts["n_ctx"] == ctx[b.model_id]  # what llama.cpp really allocated

@@ -50,7 +50,9 @@ async def test_client_disconnect_stops_generation_and_frees_the_model(client):
         resp.close()  # hang up mid-stream
     stats = await wait_idle(worker)
     spent = stats["tokens_generated"] - before
-    assert 3 <= spent < LONG // 4, f"worker generated {spent} tokens after the client left"
+    # What was generated includes tokens already in flight in pipes and socket buffers
+    # when the client hung up (~30 here, each ~1 ms with this tiny model); far from LONG.
+    assert 3 <= spent < 200, f"worker generated {spent} tokens for a client that left"
     # The model is free: the next request is served normally, by the same worker.
     pid = worker.pid
     r = await client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": MSGS, "max_tokens": 4})
