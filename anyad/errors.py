@@ -14,6 +14,9 @@ class AnyadError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    # May another target of a route answer instead? True for failures of the target
+    # (down, overloaded, crashed); False for the client's own mistakes.
+    retryable: bool = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -69,6 +72,7 @@ class QueueFull(AnyadError):
     status = 429
     type = "rate_limit_error"
     code = "queue_full"
+    retryable = True
 
     def __init__(self, message: str, *, retry_after: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
@@ -80,12 +84,42 @@ class BackendError(AnyadError):
     status = 502
     type = "server_error"
     code = "backend_error"
+    retryable = True
+
+
+class NetworkError(BackendError):
+    """The provider could not be reached at all (refused, DNS, connect timeout): counts towards offline."""
+
+    code = "network_error"
+
+
+class UpstreamError(AnyadError):
+    """A provider answered with an error: its status and message reach the client as they came."""
+
+    def __init__(self, status: int, message: str, *, type_: str | None = None, param: str | None = None,
+                 code: str | None = None, retry_after: float | None = None) -> None:
+        headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.status = status
+        self.type = type_ or ("server_error" if status >= 500 else "invalid_request_error")
+        self.retry_after = retry_after
+        # 5xx and 429 are the provider's trouble; so is a rejected provider key (401/403),
+        # which anyad holds, not the client. 400/404/422 are about the request itself.
+        self.retryable = status >= 500 or status in (401, 403, 408, 429)
+
+
+class Timeout(AnyadError):
+    status = 504
+    type = "server_error"
+    code = "timeout"
+    retryable = True
 
 
 class Unavailable(AnyadError):
     status = 503
     type = "server_error"
     code = "unavailable"
+    retryable = True
 
 
 class ConfigError(Exception):

@@ -28,20 +28,6 @@ class ChatMessage(_Open):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
-    def flat(self) -> dict[str, Any]:
-        """The message with its content as one string, as chat templates expect."""
-        out = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):
-            texts = []
-            for i, part in enumerate(self.content):
-                if part.type != "text" or part.text is None:
-                    raise InvalidRequest(f"content part type {part.type!r} is not supported; only 'text' parts are",
-                                         param=f"content[{i}].type")
-                texts.append(part.text)
-            out["content"] = "".join(texts)
-        elif self.content is None:
-            out["content"] = ""
-        return out
 
 
 class StreamOptions(_Open):
@@ -87,7 +73,7 @@ class ChatCompletionRequest(_Open):
             raise ValueError("at most 16 stop sequences")
         return v
 
-    def to_internal(self) -> ChatRequest:
+    def to_internal(self, body: dict[str, Any]) -> ChatRequest:
         if self.n not in (None, 1):
             raise InvalidRequest("n other than 1 is not supported: ask once per completion", param="n")
         if self.response_format is not None and self.response_format.type == "json_schema" \
@@ -106,11 +92,11 @@ class ChatCompletionRequest(_Open):
         )
         return ChatRequest(
             model=self.model,
-            messages=[m.flat() for m in self.messages],
+            messages=body["messages"],
             params=params,
             stream=self.stream,
             include_usage=bool(self.stream_options and self.stream_options.include_usage),
-            extra=dict(self.model_extra or {}),
+            body=body,
         )
 
 
@@ -142,4 +128,4 @@ def parse_chat_request(data: Any) -> ChatRequest:
         loc = tuple(p for p in err["loc"] if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_NAMES))
         param = param_path(loc)
         raise InvalidRequest(f"{param}: {err['msg']}", param=param or None) from None
-    return req.to_internal()
+    return req.to_internal(data)

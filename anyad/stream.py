@@ -50,21 +50,28 @@ class SamplingParams:
 @dataclass(slots=True)
 class ChatRequest:
     model: str
+    # As the client sent them (content parts included); a local backend flattens them.
     messages: list[dict[str, Any]]
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     include_usage: bool = False
-    # Fields anyad does not interpret (tools, user, …), kept for backends that relay them.
-    extra: dict[str, Any] = field(default_factory=dict)
+    # The whole validated request body: relaying backends send it on with the fields
+    # anyad does not interpret (tools, tool_choice, logprobs, user, …) unchanged.
+    body: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class Chunk:
-    """One piece of a reply: text, or (last) the finish reason with the usage."""
+    """One piece of a reply: text and/or tool-call deltas, or (last) the finish reason with the usage."""
 
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    # OpenAI tool-call deltas ({"index", "id", "type", "function": {"name", "arguments"}}).
+    tool_calls: list[dict[str, Any]] | None = None
+    # Delta fields anyad does not interpret (reasoning_content, refusal, …), relayed as they came.
+    extra: dict[str, Any] | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 ChunkStream = AsyncIterator[Chunk]

@@ -39,6 +39,27 @@ def context_size(model_id: str, info: GGUFInfo, settings: ModelSettings, default
     return min(trained or defaults.max_context, defaults.max_context)
 
 
+def flatten_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with their content as one string, as chat templates expect.
+
+    Text parts are joined; any other part (an image, audio) is refused, since a
+    text-only model would otherwise answer as if it had seen it.
+    """
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidRequest(f"content part type {part.get('type')!r} is not supported by this local "
+                                         "model; only 'text' parts are", param=f"messages[{i}].content[{j}].type")
+                texts.append(part["text"])
+            content = "".join(texts)
+        out.append({**m, "content": content or ""})
+    return out
+
+
 class LlamaCppBackend(Backend):
     kind = "llama_cpp"
 
@@ -79,9 +100,9 @@ class LlamaCppBackend(Backend):
                 "n_threads": self.n_threads, "queue": {"active": self.queue.active, "waiting": self.queue.waiting}}
 
     async def chat(self, request: ChatRequest) -> ChunkStream:  # type: ignore[override]
+        op = {"op": "chat", "messages": flatten_messages(request.messages), "params": request.params.as_dict()}
         async with self.queue.slot():
             await self.worker.ensure_started()
-            op = {"op": "chat", "messages": request.messages, "params": request.params.as_dict()}
             async with aclosing(self.worker.request(op)) as frames:
                 async for frame in frames:
                     t = frame["t"]
