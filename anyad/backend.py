@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
-from anyad.config import ModelDefaults, ModelSettings
+from anyad.config import ModelDefaults, ModelSettings, ProviderSettings
 from anyad.errors import ConfigError
 from anyad.stream import ChatRequest, ChunkStream
 
@@ -30,19 +30,31 @@ class ModelInfo:
 
 class Backend(abc.ABC):
     kind: ClassVar[str]
+    # Remote backends get circuit breakers, first-byte timeouts and offline detection.
+    remote: ClassVar[bool] = False
+    first_byte_timeout_s: float | None = None
 
     @classmethod
-    @abc.abstractmethod
-    def from_settings(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults) -> "Backend":
-        """Build from config; raise ConfigError for a setting or file that cannot work."""
+    def from_model(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults) -> "Backend":
+        """Build for one local model file; raise ConfigError for a setting or file that cannot work."""
+        raise ConfigError(f"backend {cls.kind!r} does not run local model files")
+
+    @classmethod
+    def from_provider(cls, name: str, settings: ProviderSettings) -> "Backend":
+        """Build for one remote provider, serving the models addressed as ``name/<model>``."""
+        raise ConfigError(f"backend {cls.kind!r} is not a remote provider")
 
     @abc.abstractmethod
     def models(self) -> list[ModelInfo]:
-        """The model ids this backend answers for."""
+        """The model ids this backend lists in /v1/models."""
 
     @abc.abstractmethod
-    def chat(self, request: ChatRequest) -> ChunkStream:
-        """Stream the reply; the last chunk carries ``finish_reason`` and ``usage``."""
+    def chat(self, request: ChatRequest, model: str) -> ChunkStream:
+        """Stream the reply of ``model`` (the backend's own name for it).
+
+        The last chunk with ``finish_reason`` may be followed by one carrying the usage.
+        Errors before the first chunk are ``AnyadError``s the router may fall back on.
+        """
 
     async def start(self) -> None:
         """Prepare at daemon start (e.g. preload a model); must not block the loop."""
@@ -50,6 +62,10 @@ class Backend(abc.ABC):
     def ready(self) -> bool:
         """True when a request would be served without a load failure."""
         return True
+
+    def probe_address(self) -> tuple[str, int] | None:
+        """Where a remote backend's network is, for the offline probe."""
+        return None
 
     def status(self) -> dict[str, Any]:
         return {}

@@ -9,11 +9,12 @@ override the file; command-line flags override both. Every failure becomes a
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from anyad.errors import ConfigError
 
@@ -56,11 +57,61 @@ class ModelSettings(_Strict):
     preload: bool | None = None
 
 
+SECRET_REF = re.compile(r"^(env|keyring|cred):.+$")
+
+
+class ProviderSettings(_Strict):
+    """A remote service; its models are addressed as ``<provider>/<model>``."""
+
+    backend: str = "openai"
+    base_url: str
+    # A reference, never the key itself: "env:VAR", "keyring:NAME" or "cred:NAME".
+    api_key: str | None = None
+    headers: dict[str, str] = {}
+    models: list[str] = []
+    connect_timeout_s: float = Field(5.0, gt=0)
+    first_byte_timeout_s: float = Field(60.0, gt=0)
+    read_timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(1, ge=0, le=10)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_literal_key(cls, v: str | None) -> str | None:
+        if v is not None and not SECRET_REF.match(v):
+            raise ValueError('a literal key is refused here: keep it out of the config file and refer to it, '
+                             'e.g. api_key = "env:OPENAI_API_KEY" or api_key = "keyring:openai" '
+                             '(stored with: anyad secrets set openai)')
+        return v
+
+
+class RouterSettings(_Strict):
+    backoff_base_s: float = Field(0.25, ge=0)
+    backoff_cap_s: float = Field(2.0, ge=0)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_cooldown_s: float = Field(30.0, gt=0)
+    offline_probe_interval_s: float = Field(10.0, gt=0)
+
+
+class RouteSettings(_Strict):
+    name: str = Field(min_length=1)
+    targets: list[str] = Field(min_length=1)
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     data_dir: Path | None = None
     defaults: ModelDefaults = ModelDefaults()
     models: dict[str, ModelSettings] = {}
+    providers: dict[str, ProviderSettings] = {}
+    routes: list[RouteSettings] = []
+    router: RouterSettings = RouterSettings()
     # Where the settings came from, for log lines and relative paths; not a TOML key.
     source: Path | None = Field(None, exclude=True)
 
@@ -106,6 +157,8 @@ def parse_settings(data: dict[str, Any], source: Path | None = None) -> Settings
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
+            elif err["type"] == "value_error":
+                msg = msg.removeprefix("Value error, ")
             elif "input" in err and not isinstance(err["input"], dict):
                 msg = f"{msg} (got {err['input']!r})"
             problems.append(f"{_loc(err['loc'])}: {msg}")

@@ -7,6 +7,7 @@ import logging
 
 from anyad.backend import Backend, backend_class
 from anyad.config import Settings
+from anyad.errors import ConfigError
 from anyad.router import Router
 
 log = logging.getLogger("anyad")
@@ -16,11 +17,17 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         """Build every backend; raises ConfigError (a missing model file, an unknown backend…)."""
         self.settings = settings
-        self.backends: list[Backend] = []
+        local: dict[str, Backend] = {}
         for model_id, ms in settings.models.items():
-            cls = backend_class(ms.backend)
-            self.backends.append(cls.from_settings(model_id, ms, settings.defaults))
-        self.router = Router(self.backends)
+            local[model_id] = backend_class(ms.backend).from_model(model_id, ms, settings.defaults)
+        providers: dict[str, Backend] = {}
+        for name, ps in settings.providers.items():
+            if name in local:
+                raise ConfigError(f"providers.{name}: the name is already a model id")
+            providers[name] = backend_class(ps.backend).from_provider(name, ps)
+        self.backends: list[Backend] = [*local.values(), *providers.values()]
+        self.local = local
+        self.router = Router(local, providers, settings.routes, settings.router)
         self._starting: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -36,10 +43,15 @@ class Daemon:
             log.error("%s", getattr(exc, "message", exc))
 
     def ready(self) -> tuple[bool, dict[str, bool]]:
-        states = {info.id: b.ready() for b in self.backends for info in b.models()}
+        """Ready when every local model is usable; remote ones answer for themselves."""
+        states = {model_id: b.ready() for model_id, b in self.local.items()}
         return all(states.values()), states
+
+    def status(self) -> dict:
+        return {"models": {model_id: b.status() for model_id, b in self.local.items()}, **self.router.status()}
 
     async def close(self) -> None:
         for t in self._starting:
             t.cancel()
+        await self.router.close()
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from anyad.stream import Usage
+from anyad.stream import Chunk, Usage
 
 DONE = b"data: [DONE]\n\n"
 
@@ -47,6 +47,17 @@ class OpenAIEncoder:
     def delta(self, text: str) -> bytes:
         return self._delta_head + _dumps(text).encode() + self._delta_tail
 
+    def chunk(self, chunk: Chunk) -> bytes:
+        """Any chunk with content for the client; plain text takes the fast path."""
+        if chunk.tool_calls is None and chunk.extra is None and chunk.logprobs is None:
+            return self.delta(chunk.text)
+        delta: dict[str, Any] = dict(chunk.extra or {})
+        if chunk.text:
+            delta["content"] = chunk.text
+        if chunk.tool_calls is not None:
+            delta["tool_calls"] = chunk.tool_calls
+        return self._event([{"index": 0, "delta": delta, "logprobs": chunk.logprobs, "finish_reason": None}])
+
     def finish(self, reason: str) -> bytes:
         return self._event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
 
@@ -54,14 +65,60 @@ class OpenAIEncoder:
         """OpenAI's extra last chunk for ``stream_options.include_usage``: no choices, the usage."""
         return self._event([], usage, with_usage=True)
 
-    def completion(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+    def completion(self, reply: "Reply") -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "refusal": None, **reply.extra,
+                                   "content": reply.text if reply.text or not reply.tool_calls else None}
+        if reply.tool_calls:
+            message["tool_calls"] = [reply.tool_calls[i] for i in sorted(reply.tool_calls)]
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage.as_dict(),
+            "choices": [{"index": 0, "message": message, "logprobs": reply.logprobs,
+                         "finish_reason": reply.finish_reason}],
+            "usage": (reply.usage or Usage()).as_dict(),
         }
+
+
+class Reply:
+    """A whole reply gathered from chunks, for non-streaming answers: tool-call deltas are
+    merged by index (arguments concatenated), as OpenAI's SDKs do."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.extra: dict[str, Any] = {}
+        self.logprobs: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def add(self, chunk: Chunk) -> None:
+        if chunk.text:
+            self.parts.append(chunk.text)
+        for tc in chunk.tool_calls or ():
+            i = tc.get("index", len(self.tool_calls))
+            cur = self.tool_calls.get(i)
+            if cur is None:
+                cur = self.tool_calls[i] = {"id": tc.get("id"), "type": tc.get("type", "function"),
+                                            "function": {"name": "", "arguments": ""}}
+            if tc.get("id"):
+                cur["id"] = tc["id"]
+            fn = tc.get("function") or {}
+            cur["function"]["name"] += fn.get("name") or ""
+            cur["function"]["arguments"] += fn.get("arguments") or ""
+        for k, v in (chunk.extra or {}).items():
+            self.extra[k] = self.extra.get(k, "") + v if isinstance(v, str) and isinstance(self.extra.get(k, ""), str) else v
+        if chunk.logprobs:
+            if self.logprobs is None:
+                self.logprobs = {"content": []}
+            self.logprobs["content"].extend(chunk.logprobs.get("content") or [])
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+        if chunk.usage is not None:
+            self.usage = chunk.usage
 
 
 def sse_error(body: dict[str, Any]) -> bytes:

@@ -1,31 +1,208 @@
-"""Model name → the backend that answers it.
+"""Model name → an ordered list of targets, and the walk along it (fallback).
 
-Today a name maps to one configured model; fallback chains across backends
-hang off this same lookup.
+A name is a route alias (``[[routes]]``), a local model id, or ``provider/model``.
+``Router.open`` tries the targets in order until one produces its first chunk:
+a target that fails in a way that is not the client's fault (down, refusing,
+overloaded, timing out, crashed) is retried with exponential backoff and jitter,
+then skipped for the next. Remote targets sit behind circuit breakers, and all
+of them are skipped at once while the machine is offline. Once the first chunk
+exists, the reply belongs to that target: a later failure is the client's to
+see, never a silent switch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
+import re
+from contextlib import aclosing
+from dataclasses import dataclass
+
 from anyad.backend import Backend, ModelInfo
-from anyad.errors import ModelNotFound
+from anyad.breaker import Breaker
+from anyad.config import RouterSettings, RouteSettings
+from anyad.errors import AnyadError, BackendError, ConfigError, ModelNotFound, NetworkError, Timeout, Unavailable
+from anyad.offline import Connectivity
+from anyad.stream import ChatRequest, Chunk, ChunkStream
+
+log = logging.getLogger("anyad.router")
+
+
+@dataclass(slots=True)
+class Target:
+    name: str  # what clients ask for, and what X-Anyad-Backend reports
+    backend: Backend
+    model: str  # the backend's own name for it
+
+
+@dataclass(slots=True)
+class Opened:
+    target: Target
+    first: Chunk
+    rest: ChunkStream
+    skipped: list[str]
+
+    @property
+    def skipped_header(self) -> str:
+        return _header_safe("; ".join(self.skipped))
+
+
+def _header_safe(text: str) -> str:
+    return re.sub(r"[^\x20-\x7e]", " ", text)[:300]
 
 
 class Router:
-    def __init__(self, backends: list[Backend]) -> None:
-        self._by_model: dict[str, Backend] = {}
-        self._infos: list[ModelInfo] = []
-        for b in backends:
-            for info in b.models():
-                self._by_model[info.id] = b
-                self._infos.append(info)
+    def __init__(self, local: dict[str, Backend], providers: dict[str, Backend],
+                 routes: list[RouteSettings] | None = None, settings: RouterSettings | None = None) -> None:
+        self.local = local
+        self.providers = providers
+        self.settings = settings or RouterSettings()
+        self.routes: dict[str, list[str]] = {}
+        for i, r in enumerate(routes or []):
+            if r.name in local or r.name in self.routes:
+                raise ConfigError(f"routes[{i}].name: {r.name!r} is already a model or route name")
+            for j, t in enumerate(r.targets):
+                try:
+                    self._direct(t)
+                except ModelNotFound:
+                    raise ConfigError(f"routes[{i}].targets[{j}]: {t!r} is neither a configured model nor "
+                                      "<provider>/<model> of a configured provider") from None
+            self.routes[r.name] = list(r.targets)
+        self.connectivity = Connectivity(self.settings.offline_probe_interval_s)
+        self.connectivity.addresses = [a for b in providers.values() if (a := b.probe_address())]
+        self.breakers: dict[str, Breaker] = {}
 
-    def resolve(self, model: str) -> Backend:
-        try:
-            return self._by_model[model]
-        except KeyError:
-            known = ", ".join(sorted(self._by_model)) or "none"
-            raise ModelNotFound(f"The model '{model}' does not exist (served here: {known})",
-                                param="model") from None
+    def _direct(self, name: str) -> Target:
+        if name in self.local:
+            return Target(name, self.local[name], name)
+        provider, sep, model = name.partition("/")
+        if sep and model and provider in self.providers:
+            return Target(name, self.providers[provider], model)
+        known = sorted([*self.local, *self.routes, *(m.id for b in self.providers.values() for m in b.models())])
+        raise ModelNotFound(f"The model '{name}' does not exist (served here: {', '.join(known) or 'none'}; "
+                            f"remote providers take <provider>/<model>: {', '.join(self.providers) or 'none'})",
+                            param="model")
+
+    def resolve(self, name: str) -> list[Target]:
+        if name in self.routes:
+            return [self._direct(t) for t in self.routes[name]]
+        return [self._direct(name)]
 
     def models(self) -> list[ModelInfo]:
-        return list(self._infos)
+        infos = [m for b in self.local.values() for m in b.models()]
+        infos += [m for b in self.providers.values() for m in b.models()]
+        infos += [ModelInfo(id=name, owned_by="anyad-route", created=0, meta={"targets": targets})
+                  for name, targets in self.routes.items()]
+        return infos
+
+    def breaker(self, target: Target) -> Breaker:
+        b = self.breakers.get(target.name)
+        if b is None:
+            b = self.breakers[target.name] = Breaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s)
+        return b
+
+    def _backoff(self, attempt: int, exc: AnyadError) -> float | None:
+        """Seconds to wait before retrying the same target, or None to move on instead."""
+        cap = self.settings.backoff_cap_s
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return float(retry_after) if retry_after <= cap else None
+        return min(cap, self.settings.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+    async def _first(self, stream: ChunkStream, target: Target) -> Chunk:
+        try:
+            if target.backend.first_byte_timeout_s is None:
+                return await anext(stream)
+            return await asyncio.wait_for(anext(stream), target.backend.first_byte_timeout_s)
+        except StopAsyncIteration:
+            raise BackendError(f"{target.name} ended its reply before it began") from None
+        except asyncio.TimeoutError:
+            raise Timeout(f"{target.name} sent nothing within {target.backend.first_byte_timeout_s:g} s") from None
+
+    async def open(self, request: ChatRequest) -> Opened:
+        targets = self.resolve(request.model)
+        skipped: list[str] = []
+        last: AnyadError | None = None
+        remote_outcomes: list[bool] = []  # per remote target tried: did it fail at the network level?
+        for target in targets:
+            remote = target.backend.remote
+            if remote and self.connectivity.offline:
+                skipped.append(f"{target.name}: offline")
+                continue
+            breaker = self.breaker(target) if remote else None
+            if breaker is not None and not breaker.allow():
+                skipped.append(f"{target.name}: circuit open")
+                continue
+            attempts = 1 + (getattr(target.backend, "max_retries", 0) if remote else 0)
+            for attempt in range(attempts):
+                stream = target.backend.chat(request, target.model)
+                try:
+                    first = await self._first(stream, target)
+                except AnyadError as exc:
+                    await stream.aclose()
+                    if not exc.retryable:
+                        if breaker is not None:
+                            breaker.release()
+                        self._annotate(exc, skipped)
+                        raise
+                    last = exc
+                    if breaker is not None:
+                        breaker.failure(exc.message)
+                    retry = attempt + 1 < attempts and (breaker is None or breaker.state == "closed")
+                    delay = self._backoff(attempt, exc) if retry else None
+                    if delay is not None:
+                        log.info("%s failed (%s); retrying in %.2f s", target.name, exc.message, delay)
+                        await asyncio.sleep(delay)
+                        continue
+                    if remote:
+                        remote_outcomes.append(isinstance(exc, NetworkError))
+                    skipped.append(f"{target.name}: {exc.status} {exc.message}")
+                    break
+                except BaseException:
+                    await stream.aclose()
+                    if breaker is not None:
+                        breaker.release()
+                    raise
+                if breaker is not None:
+                    breaker.success()
+                if remote:
+                    self.connectivity.came_online()
+                else:
+                    self._check_offline(remote_outcomes, skipped)
+                if skipped:
+                    log.info("request for %s answered by %s after: %s", request.model, target.name, "; ".join(skipped))
+                return Opened(target, first, self._watch(stream, breaker), skipped)
+        self._check_offline(remote_outcomes, skipped)
+        if last is None:
+            last = Unavailable(f"no target can answer {request.model!r} now: {'; '.join(skipped)}")
+        self._annotate(last, skipped)
+        raise last
+
+    def _check_offline(self, remote_outcomes: list[bool], skipped: list[str]) -> None:
+        """Every remote target tried failed at the network level: the machine is offline."""
+        if remote_outcomes and all(remote_outcomes):
+            self.connectivity.went_offline("; ".join(skipped))
+
+    @staticmethod
+    def _annotate(exc: AnyadError, skipped: list[str]) -> None:
+        if skipped:
+            exc.headers["X-Anyad-Fallback"] = _header_safe("; ".join(skipped))
+
+    async def _watch(self, stream: ChunkStream, breaker: Breaker | None) -> ChunkStream:
+        """The rest of the reply; a failure mid-stream counts against the target's breaker."""
+        async with aclosing(stream):
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except AnyadError as exc:
+                if breaker is not None:
+                    breaker.failure(exc.message)
+                raise
+
+    def status(self) -> dict:
+        return {"offline": self.connectivity.snapshot(),
+                "breakers": {name: b.snapshot() for name, b in sorted(self.breakers.items())}}
+
+    async def close(self) -> None:
+        await self.connectivity.close()

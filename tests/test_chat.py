@@ -40,7 +40,7 @@ async def sse_events(resp) -> list:
 async def test_non_stream_shape_and_usage(client):
     r = await post(client, max_tokens=12, temperature=0)
     assert r.status == 200
-    assert r.headers["X-Anyad-Backend"] == "llama_cpp"
+    assert r.headers["X-Anyad-Backend"] == MODEL_ID
     assert r.headers["X-Request-Id"]
     body = await r.json()
     assert body["object"] == "chat.completion"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from anyad.config import ModelDefaults, ModelSettings, ServerSettings, Settings, find_config, load_settings
+from anyad.config import (ModelDefaults, ModelSettings, ProviderSettings, RouterSettings, RouteSettings,
+                          ServerSettings, Settings, find_config, load_settings)
 from anyad.errors import ConfigError
 from conftest import anyad_cmd, clean_env
 
@@ -37,9 +38,9 @@ def test_example_loads_as_it_stands_and_documents_every_key(env):
     assert "qwen2.5-0.5b-instruct" in s.models
     text = EXAMPLE.read_text()
     keys = set(Settings.model_fields) - {"source"}
-    for model in (ServerSettings, ModelDefaults, ModelSettings):
+    for model in (ServerSettings, ModelDefaults, ModelSettings, ProviderSettings, RouterSettings, RouteSettings):
         keys |= set(model.model_fields)
-    undocumented = [k for k in sorted(keys) if not re.search(rf"^#?\s*(\[)?{k}\b", text, re.M)]
+    undocumented = [k for k in sorted(keys) if not re.search(rf"^#?\s*(\[+)?{k}\b", text, re.M)]
     assert not undocumented, f"config.example.toml does not document {undocumented}"
 
 
@@ -87,12 +88,16 @@ def test_relative_model_path_is_relative_to_the_config_file(env, tmp_path):
     ("[models.m]\nn_ctx = 4096\n", "models.m.path: Field required"),
     ("[models.m]\npath = \"x.gguf\"\nn_ctx = 2\n", "models.m.n_ctx"),
     ("[server\nport = 1\n", "not valid TOML"),
+    ('[providers.p]\nbase_url = "http://x"\napi_key = "sk-live-abc"\n', "providers.p.api_key: a literal key is refused"),
+    ('[providers.p]\nbase_url = "ftp://x"\n', "providers.p.base_url: must be an http"),
+    ('[[routes]]\nname = "r"\ntargets = []\n', "routes.0.targets"),
 ])
 def test_invalid_config_names_the_key(env, tmp_path, text, needle):
     cfg = write(tmp_path / "bad.toml", text)
     with pytest.raises(ConfigError) as e:
         load_settings(cfg)
     assert needle in str(e.value) and str(cfg) in str(e.value)
+    assert "sk-live-abc" not in str(e.value)  # a refused key is never echoed
 
 
 def run_serve(tmp_path, *args, timeout=30):

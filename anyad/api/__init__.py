@@ -11,3 +11,4 @@ def register_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", system.list_models)
     app.router.add_get("/health", system.health)
     app.router.add_get("/ready", system.ready)
+    app.router.add_get("/api/status", system.status)

@@ -7,11 +7,11 @@ from contextlib import aclosing
 
 from aiohttp import web
 
-from anyad.encoders import DONE, OpenAIEncoder, sse_error
+from anyad.encoders import DONE, OpenAIEncoder, Reply, sse_error
 from anyad.errors import AnyadError, BackendError
 from anyad.schemas import parse_chat_request
 from anyad.server import DAEMON, REQUEST_ID, read_json
-from anyad.stream import Chunk, Usage
+from anyad.stream import Usage
 
 log = logging.getLogger("anyad.chat")
 
@@ -22,54 +22,53 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
     chat = parse_chat_request(await read_json(request))
-    backend = daemon.router.resolve(chat.model)
-    enc = OpenAIEncoder(chat.model, include_usage=chat.include_usage)
-    headers = {"X-Anyad-Backend": backend.kind, "X-Request-Id": request[REQUEST_ID]}
+    # The router waits for a target's first chunk before we answer: until then a
+    # failure can still fall back, or get its own HTTP status.
+    opened = await daemon.router.open(chat)
+    headers = {"X-Anyad-Backend": opened.target.name, "X-Request-Id": request[REQUEST_ID]}
+    if opened.skipped:
+        headers["X-Anyad-Fallback"] = opened.skipped_header
+    enc = OpenAIEncoder(opened.target.name, include_usage=chat.include_usage)
 
-    async with aclosing(backend.chat(chat)) as stream:
-        # Wait for the first chunk before answering: a queue, context or load
-        # error still gets its own HTTP status instead of an in-band error.
-        first = await anext(stream, None)
-        if first is None:
-            raise BackendError(f"model {chat.model!r} ended the reply without a finish reason")
-
+    async with aclosing(opened.rest) as rest:
         if not chat.stream:
-            parts = [first.text]
-            last = first
-            while not last.finish_reason:
-                nxt = await anext(stream, None)
-                if nxt is None:
-                    raise BackendError(f"model {chat.model!r} ended the reply without a finish reason")
-                parts.append(nxt.text)
-                last = nxt
-            body = enc.completion("".join(parts), last.finish_reason, last.usage or Usage())
-            return web.json_response(body, headers=headers)
+            reply = Reply()
+            reply.add(opened.first)
+            async for chunk in rest:
+                reply.add(chunk)
+            if reply.finish_reason is None:
+                raise BackendError(f"{opened.target.name} ended the reply without a finish reason")
+            return web.json_response(enc.completion(reply), headers=headers)
 
         resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
         await resp.prepare(request)
+        usage: Usage | None = None
+        finished = False
         try:
             await resp.write(enc.role())
-            chunk: Chunk | None = first
+            chunk = opened.first
             while chunk is not None:
-                if chunk.text:
-                    await resp.write(enc.delta(chunk.text))
-                if chunk.finish_reason:
+                if chunk.text or chunk.tool_calls or chunk.extra:
+                    await resp.write(enc.chunk(chunk))
+                if chunk.finish_reason and not finished:
+                    finished = True
                     await resp.write(enc.finish(chunk.finish_reason))
-                    if chat.include_usage:
-                        await resp.write(enc.usage(chunk.usage or Usage()))
-                    await resp.write(DONE)
-                    break
-                chunk = await anext(stream, None)
-            else:
-                raise BackendError(f"model {chat.model!r} ended the reply without a finish reason")
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                chunk = await anext(rest, None)
+            if not finished:
+                raise BackendError(f"{opened.target.name} ended the reply without a finish reason")
+            if chat.include_usage:
+                await resp.write(enc.usage(usage or Usage()))
+            await resp.write(DONE)
         except AnyadError as exc:
-            # Headers are gone already: report in-band, as OpenAI does, and end the stream.
+            # Headers are gone already: report in-band, as OpenAI does, and end without [DONE].
             log.warning("request %s: stream failed: %s", request[REQUEST_ID], exc.message)
             try:
                 await resp.write(sse_error(exc.body()))
             except ConnectionError:
                 pass
         except ConnectionError:
-            # The client went away; closing the stream cancels generation in the worker.
+            # The client went away; closing the stream cancels generation.
             log.info("request %s: client disconnected mid-stream", request[REQUEST_ID])
         return resp

@@ -21,3 +21,8 @@ async def list_models(request: web.Request) -> web.Response:
     data = [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by, **m.meta}
             for m in request.app[DAEMON].router.models()]
     return web.json_response({"object": "list", "data": data})
+
+
+async def status(request: web.Request) -> web.Response:
+    """Loaded models and their queues, circuit breakers, offline state."""
+    return web.json_response(request.app[DAEMON].status())

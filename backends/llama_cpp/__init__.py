@@ -80,7 +80,7 @@ class LlamaCppBackend(Backend):
         self._created = int(info.path.stat().st_mtime)
 
     @classmethod
-    def from_settings(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults) -> "LlamaCppBackend":
+    def from_model(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults) -> "LlamaCppBackend":
         return cls(model_id, read_gguf_info(settings.path), settings, defaults)
 
     def models(self) -> list[ModelInfo]:
@@ -99,7 +99,7 @@ class LlamaCppBackend(Backend):
         return {"loaded": self.worker.loaded, "pid": self.worker.pid, "n_ctx": self.worker.facts.get("n_ctx", self.n_ctx),
                 "n_threads": self.n_threads, "queue": {"active": self.queue.active, "waiting": self.queue.waiting}}
 
-    async def chat(self, request: ChatRequest) -> ChunkStream:  # type: ignore[override]
+    async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
         op = {"op": "chat", "messages": flatten_messages(request.messages), "params": request.params.as_dict()}
         async with self.queue.slot():
             await self.worker.ensure_started()

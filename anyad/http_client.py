@@ -1,0 +1,112 @@
+"""What every remote backend shares: one pooled HTTP session, and failures mapped to our errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from anyad import __version__, secrets
+from anyad.config import ProviderSettings
+from anyad.errors import AnyadError, BackendError, ConfigError, NetworkError, Timeout, Unavailable, UpstreamError
+
+
+class ProviderClient:
+    """One keep-alive connection pool per provider, created in the running loop on first use."""
+
+    def __init__(self, name: str, settings: ProviderSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.base_url = settings.base_url
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            s = self.settings
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=60, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
+                                              sock_read=s.read_timeout_s),
+                headers={"User-Agent": f"anyad/{__version__}"},
+            )
+        return self._session
+
+    def api_key(self) -> str | None:
+        if self.settings.api_key is None:
+            return None
+        try:
+            return secrets.resolve(self.settings.api_key)
+        except ConfigError as exc:
+            # The provider is unusable, not the request: another target may answer.
+            raise Unavailable(f"{self.name}: {exc}") from None
+
+    def probe_address(self) -> tuple[str, int] | None:
+        url = URL(self.base_url)
+        return (url.host, url.port) if url.host and url.port else None
+
+    async def post(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """POST and return the response once its headers are in; every failure is an AnyadError."""
+        try:
+            resp = await self.session().post(self.base_url + path, json=body, headers=headers)
+        except aiohttp.ConnectionTimeoutError:
+            raise NetworkError(f"{self.name}: connecting timed out after {self.settings.connect_timeout_s:g} s") \
+                from None
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.os_error.strerror if exc.os_error and exc.os_error.strerror else str(exc.os_error or exc)
+            raise NetworkError(f"{self.name}: cannot connect to {exc.host}:{exc.port}: {reason}") from None
+        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+            raise Timeout(f"{self.name}: no answer within {self.settings.read_timeout_s:g} s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise BackendError(f"{self.name}: request failed: {type(exc).__name__}: {exc}") from None
+        if resp.status >= 400:
+            async with resp:
+                raise await upstream_error(self.name, resp)
+        return resp
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def mid_stream(name: str, exc: BaseException) -> AnyadError:
+    """A failure after the reply started."""
+    if isinstance(exc, AnyadError):
+        return exc
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return Timeout(f"{name}: the reply stalled mid-stream")
+    return BackendError(f"{name}: connection lost mid-reply ({type(exc).__name__})")
+
+
+async def upstream_error(name: str, resp: aiohttp.ClientResponse) -> UpstreamError:
+    """The provider's error as ours: its status and message, in OpenAI's shape, never its HTML."""
+    retry_after = None
+    ra = resp.headers.get("Retry-After")
+    if ra:
+        try:
+            retry_after = float(ra)
+        except ValueError:
+            retry_after = None
+    try:
+        text = (await resp.text(errors="replace"))[:4000]
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        text = ""
+    message, type_, code, param = None, None, None, None
+    try:
+        err = json.loads(text).get("error")
+        if isinstance(err, dict):
+            message, type_, code, param = err.get("message"), err.get("type"), err.get("code"), err.get("param")
+        elif isinstance(err, str):
+            message = err
+    except (ValueError, AttributeError):
+        pass
+    if not message:
+        plain = re.sub(r"<[^>]+>", " ", text)
+        plain = re.sub(r"\s+", " ", plain).strip()[:200]
+        message = f"{resp.status} {resp.reason or ''}".strip() + (f": {plain}" if plain else "")
+    return UpstreamError(resp.status, f"{name}: {message}", type_=type_ if isinstance(type_, str) else None,
+                         code=str(code) if code is not None else None,
+                         param=param if isinstance(param, str) else None, retry_after=retry_after)

@@ -1,0 +1,114 @@
+"""Every service that speaks the OpenAI API: OpenAI, OpenRouter, Groq, Together, Mistral,
+DeepSeek, vLLM, llama-server, LM Studio, Ollama's /v1.
+
+The request goes on as the client sent it (unknown fields included) with the model
+name replaced; a streamed reply is relayed event by event as it arrives.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from anyad.backend import Backend, ModelInfo
+from anyad.config import ProviderSettings
+from anyad.errors import AnyadError, BackendError
+from anyad.http_client import ProviderClient, mid_stream
+from anyad.sse import sse_events
+from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
+
+_KNOWN_DELTA = {"role", "content", "tool_calls"}
+
+
+def _usage(obj: dict[str, Any] | None) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    return Usage(int(obj.get("prompt_tokens") or 0), int(obj.get("completion_tokens") or 0))
+
+
+def chunk_from_event(ev: dict[str, Any]) -> Chunk | None:
+    """One upstream ``chat.completion.chunk`` → our chunk (None when it carries nothing)."""
+    choices = ev.get("choices") or []  # null or [] in usage-only chunks
+    usage = _usage(ev.get("usage"))
+    if not choices:
+        return Chunk(usage=usage) if usage else None
+    choice = choices[0]
+    delta = choice.get("delta") or {}
+    extra = {k: v for k, v in delta.items() if k not in _KNOWN_DELTA and v is not None}
+    return Chunk(text=delta.get("content") or "", finish_reason=choice.get("finish_reason"), usage=usage,
+                 tool_calls=delta.get("tool_calls") or None, extra=extra or None,
+                 logprobs=choice.get("logprobs"))
+
+
+def chunk_from_completion(data: dict[str, Any]) -> Chunk:
+    """A whole upstream ``chat.completion`` → one final chunk."""
+    choice = (data.get("choices") or [{}])[0]
+    msg = choice.get("message") or {}
+    tool_calls = [{"index": i, **tc} for i, tc in enumerate(msg.get("tool_calls") or [])] or None
+    extra = {k: v for k, v in msg.items() if k not in _KNOWN_DELTA and v is not None}
+    return Chunk(text=msg.get("content") or "", finish_reason=choice.get("finish_reason") or "stop",
+                 usage=_usage(data.get("usage")), tool_calls=tool_calls, extra=extra or None,
+                 logprobs=choice.get("logprobs"))
+
+
+class OpenAIBackend(Backend):
+    kind = "openai"
+    remote = True
+
+    def __init__(self, name: str, settings: ProviderSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.client = ProviderClient(name, settings)
+        self.first_byte_timeout_s = settings.first_byte_timeout_s
+        self.max_retries = settings.max_retries
+
+    @classmethod
+    def from_provider(cls, name: str, settings: ProviderSettings) -> "OpenAIBackend":
+        return cls(name, settings)
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(id=f"{self.name}/{m}", owned_by=self.name, created=0) for m in self.settings.models]
+
+    def probe_address(self) -> tuple[str, int] | None:
+        return self.client.probe_address()
+
+    def headers(self) -> dict[str, str]:
+        h = dict(self.settings.headers)
+        key = self.client.api_key()
+        if key:
+            h["Authorization"] = f"Bearer {key}"
+        return h
+
+    async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
+        body = {**request.body, "model": model, "messages": request.messages}
+        resp = await self.client.post("/chat/completions", body, self.headers())
+        async with resp:
+            try:
+                if not request.stream:
+                    try:
+                        data = await resp.json(content_type=None)
+                    except ValueError:
+                        raise BackendError(f"{self.name}: the reply is not JSON") from None
+                    yield chunk_from_completion(data)
+                    return
+                async for _event, payload in sse_events(resp.content):
+                    if payload.strip() == "[DONE]":
+                        return
+                    try:
+                        ev = json.loads(payload)
+                    except ValueError:
+                        raise BackendError(f"{self.name}: malformed event in the stream") from None
+                    if isinstance(ev, dict) and ev.get("error"):
+                        err = ev["error"]
+                        msg = err.get("message") if isinstance(err, dict) else str(err)
+                        raise BackendError(f"{self.name}: {msg}")
+                    chunk = chunk_from_event(ev)
+                    if chunk is not None:
+                        yield chunk
+            except AnyadError:
+                raise
+            except Exception as exc:  # aiohttp payload/connection errors, read timeouts
+                raise mid_stream(self.name, exc) from None
+
+    async def close(self) -> None:
+        await self.client.close()

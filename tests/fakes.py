@@ -1,0 +1,94 @@
+"""Fake remote providers: real aiohttp servers on 127.0.0.1 that behave well or badly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+REPLY = "Hello from the fake provider."
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible upstream. ``mode`` picks the behaviour and may change mid-test:
+    ok | 500 | 429 | 400 | hang | reset (mid-stream) | html502."""
+
+    def __init__(self, mode: str = "ok", retry_after: int = 7) -> None:
+        self.mode = mode
+        self.retry_after = retry_after
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        mode = self.mode
+        if mode == "500":
+            return web.json_response({"error": {"message": "upstream exploded", "type": "server_error"}}, status=500)
+        if mode == "html502":
+            return web.Response(text="<html><body><h1>502 Bad Gateway</h1></body></html>", status=502,
+                                content_type="text/html")
+        if mode == "429":
+            return web.json_response({"error": {"message": "slow down", "type": "rate_limit_error"}}, status=429,
+                                     headers={"Retry-After": str(self.retry_after)})
+        if mode == "400":
+            return web.json_response({"error": {"message": "messages[0].content is too spicy", "type":
+                                                "invalid_request_error", "param": "messages", "code": "spicy"}},
+                                     status=400)
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        tools = bool(body.get("tools"))
+        if not body.get("stream"):
+            msg: dict = {"role": "assistant", "content": None if tools else REPLY}
+            if tools:
+                msg["tool_calls"] = [{"id": "call_1", "type": "function",
+                                      "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+            return web.json_response({
+                "id": "up-1", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+                "choices": [{"index": 0, "message": msg, "finish_reason": "tool_calls" if tools else "stop"}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        def ev(obj: dict, space: bool = True) -> bytes:
+            # CRLF line ends, and "data:" sometimes without its space: both seen in the wild.
+            return (b"data: " if space else b"data:") + json.dumps(obj).encode() + b"\r\n\r\n"
+
+        base = {"id": "up-1", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
+        await resp.write(b": ping\r\n\r\n")
+        if tools:
+            parts = [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                                                "arguments": ""}},
+                     {"index": 0, "function": {"arguments": '{"city": '}},
+                     {"index": 0, "function": {"arguments": '"Oslo"}'}}]
+            for i, tc in enumerate(parts):
+                delta = {"tool_calls": [tc]}
+                if i == 0:
+                    delta["role"] = "assistant"
+                await resp.write(ev({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
+            finish = "tool_calls"
+        else:
+            words = REPLY.split(" ")
+            for i, w in enumerate(words):
+                text = w if i == 0 else " " + w
+                # No role in the first delta, as some servers do.
+                await resp.write(ev({**base, "choices": [{"index": 0, "delta": {"content": text},
+                                                          "finish_reason": None}]}, space=i % 2 == 0))
+                if mode == "reset" and i == 1:
+                    request.transport.close()  # drop the connection mid-stream
+                    return resp
+            finish = "stop"
+        await resp.write(ev({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(ev({**base, "choices": None,
+                                 "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}))
+        await resp.write(b"data: [DONE]\r\n\r\n")
+        return resp
