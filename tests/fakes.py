@@ -92,3 +92,56 @@ class FakeOpenAI:
                                  "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}))
         await resp.write(b"data: [DONE]\r\n\r\n")
         return resp
+
+
+class FakeAnthropic:
+    """An Anthropic Messages API upstream: text replies, or a tool_use when tools are offered."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/messages", self.messages)
+        return app
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        if body.get("max_tokens", 0) > 100000:
+            return web.json_response({"type": "error", "error": {"type": "invalid_request_error",
+                                                                 "message": "max_tokens: too large"}}, status=400)
+        tools = bool(body.get("tools"))
+        if not body.get("stream"):
+            content = ([{"type": "text", "text": "Let me check."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]
+                       if tools else [{"type": "text", "text": REPLY}])
+            return web.json_response({"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                                      "content": content, "stop_reason": "tool_use" if tools else "end_turn",
+                                      "usage": {"input_tokens": 21, "output_tokens": 9}})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def ev(name: str, obj: dict) -> None:
+            await resp.write(f"event: {name}\ndata: {json.dumps({'type': name, **obj})}\n\n".encode())
+
+        await ev("message_start", {"message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [],
+                                               "usage": {"input_tokens": 21, "output_tokens": 1}}})
+        await ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        await ev("ping", {})
+        for w in (["Let me check."] if tools else [REPLY[:5], REPLY[5:]]):
+            await ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": w}})
+        await ev("content_block_stop", {"index": 0})
+        if tools:
+            await ev("content_block_start", {"index": 1, "content_block": {"type": "tool_use", "id": "toolu_1",
+                                                                           "name": "get_weather", "input": {}}})
+            for part in ('{"city":', ' "Oslo"}'):
+                await ev("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta",
+                                                                       "partial_json": part}})
+            await ev("content_block_stop", {"index": 1})
+        await ev("message_delta", {"delta": {"stop_reason": "tool_use" if tools else "end_turn"},
+                                   "usage": {"output_tokens": 9}})
+        await ev("message_stop", {})
+        return resp
