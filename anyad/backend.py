@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from anyad.config import ModelDefaults, ModelSettings, ProviderSettings
-from anyad.errors import ConfigError
+from anyad.errors import ConfigError, InvalidRequest
 from anyad.stream import ChatRequest, ChunkStream
 
 ENTRY_POINT_GROUP = "anyad.backends"
@@ -26,6 +26,12 @@ class ModelInfo:
     owned_by: str
     created: int
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 class Backend(abc.ABC):
@@ -55,6 +61,11 @@ class Backend(abc.ABC):
         The last chunk with ``finish_reason`` may be followed by one carrying the usage.
         Errors before the first chunk are ``AnyadError``s the router may fall back on.
         """
+
+    async def embed(self, inputs: list[str] | list[list[int]], model: str,
+                    options: dict[str, Any] | None = None) -> "Embeddings":
+        """One vector per input, in order. ``options``: further request fields (dimensions, user)."""
+        raise InvalidRequest(f"{self.kind} models do not make embeddings", param="model")
 
     async def start(self) -> None:
         """Prepare at daemon start (e.g. preload a model); must not block the loop."""

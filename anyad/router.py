@@ -18,8 +18,9 @@ import random
 import re
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Awaitable, Callable, TypeVar
 
-from anyad.backend import Backend, ModelInfo
+from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.breaker import Breaker
 from anyad.config import RouterSettings, RouteSettings
 from anyad.errors import AnyadError, BackendError, ConfigError, ModelNotFound, NetworkError, Timeout, Unavailable
@@ -27,6 +28,7 @@ from anyad.offline import Connectivity
 from anyad.stream import ChatRequest, Chunk, ChunkStream
 
 log = logging.getLogger("anyad.router")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -43,13 +45,11 @@ class Opened:
     rest: ChunkStream
     skipped: list[str]
 
-    @property
-    def skipped_header(self) -> str:
-        return _header_safe("; ".join(self.skipped))
 
 
-def _header_safe(text: str) -> str:
-    return re.sub(r"[^\x20-\x7e]", " ", text)[:300]
+def fallback_header(skipped: list[str]) -> str:
+    """X-Anyad-Fallback: the targets skipped and why, as a safe header value."""
+    return re.sub(r"[^\x20-\x7e]", " ", "; ".join(skipped))[:300]
 
 
 class Router:
@@ -110,18 +110,19 @@ class Router:
             return float(retry_after) if retry_after <= cap else None
         return min(cap, self.settings.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1.0)
 
-    async def _first(self, stream: ChunkStream, target: Target) -> Chunk:
+    async def _attempt(self, target: Target, call: Callable[[Target], Awaitable[T]]) -> T:
+        timeout = target.backend.first_byte_timeout_s
+        if timeout is None:
+            return await call(target)
         try:
-            if target.backend.first_byte_timeout_s is None:
-                return await anext(stream)
-            return await asyncio.wait_for(anext(stream), target.backend.first_byte_timeout_s)
-        except StopAsyncIteration:
-            raise BackendError(f"{target.name} ended its reply before it began") from None
+            return await asyncio.wait_for(call(target), timeout)
         except asyncio.TimeoutError:
-            raise Timeout(f"{target.name} sent nothing within {target.backend.first_byte_timeout_s:g} s") from None
+            raise Timeout(f"{target.name} sent nothing within {timeout:g} s") from None
 
-    async def open(self, request: ChatRequest) -> Opened:
-        targets = self.resolve(request.model)
+    async def _walk(self, name: str, call: Callable[[Target], Awaitable[T]]) -> tuple[Target, T, list[str],
+                                                                                     Breaker | None]:
+        """Try the targets of ``name`` in order; the first success wins, client errors end the walk."""
+        targets = self.resolve(name)
         skipped: list[str] = []
         last: AnyadError | None = None
         remote_outcomes: list[bool] = []  # per remote target tried: did it fail at the network level?
@@ -136,11 +137,9 @@ class Router:
                 continue
             attempts = 1 + (getattr(target.backend, "max_retries", 0) if remote else 0)
             for attempt in range(attempts):
-                stream = target.backend.chat(request, target.model)
                 try:
-                    first = await self._first(stream, target)
+                    result = await self._attempt(target, call)
                 except AnyadError as exc:
-                    await stream.aclose()
                     if not exc.retryable:
                         if breaker is not None:
                             breaker.release()
@@ -160,7 +159,6 @@ class Router:
                     skipped.append(f"{target.name}: {exc.status} {exc.message}")
                     break
                 except BaseException:
-                    await stream.aclose()
                     if breaker is not None:
                         breaker.release()
                     raise
@@ -171,13 +169,35 @@ class Router:
                 else:
                     self._check_offline(remote_outcomes, skipped)
                 if skipped:
-                    log.info("request for %s answered by %s after: %s", request.model, target.name, "; ".join(skipped))
-                return Opened(target, first, self._watch(stream, breaker), skipped)
+                    log.info("request for %s answered by %s after: %s", name, target.name, "; ".join(skipped))
+                return target, result, skipped, breaker
         self._check_offline(remote_outcomes, skipped)
         if last is None:
-            last = Unavailable(f"no target can answer {request.model!r} now: {'; '.join(skipped)}")
+            last = Unavailable(f"no target can answer {name!r} now: {'; '.join(skipped)}")
         self._annotate(last, skipped)
         raise last
+
+    async def open(self, request: ChatRequest) -> Opened:
+        """Start the reply: returns once a target has produced its first chunk."""
+
+        async def start(target: Target) -> tuple[Chunk, ChunkStream]:
+            stream = target.backend.chat(request, target.model)
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                raise BackendError(f"{target.name} ended its reply before it began") from None
+            except BaseException:
+                await stream.aclose()
+                raise
+            return first, stream
+
+        target, (first, stream), skipped, breaker = await self._walk(request.model, start)
+        return Opened(target, first, self._watch(stream, breaker), skipped)
+
+    async def embed(self, model: str, inputs: list[str] | list[list[int]],
+                    options: dict | None = None) -> tuple[Target, Embeddings, list[str]]:
+        target, result, skipped, _ = await self._walk(model, lambda t: t.backend.embed(inputs, t.model, options))
+        return target, result, skipped
 
     def _check_offline(self, remote_outcomes: list[bool], skipped: list[str]) -> None:
         """Every remote target tried failed at the network level: the machine is offline."""
@@ -187,7 +207,7 @@ class Router:
     @staticmethod
     def _annotate(exc: AnyadError, skipped: list[str]) -> None:
         if skipped:
-            exc.headers["X-Anyad-Fallback"] = _header_safe("; ".join(skipped))
+            exc.headers["X-Anyad-Fallback"] = fallback_header(skipped)
 
     async def _watch(self, stream: ChunkStream, breaker: Breaker | None) -> ChunkStream:
         """The rest of the reply; a failure mid-stream counts against the target's breaker."""

@@ -6,12 +6,15 @@ many vendor-specific fields, and remote backends may relay them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from anyad.errors import InvalidRequest
 from anyad.stream import ChatRequest, SamplingParams
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Open(BaseModel):
@@ -103,6 +106,33 @@ class ChatCompletionRequest(_Open):
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
+class EmbeddingsRequest(_Open):
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, v: Any) -> Any:
+        if v == "" or v == [] or (isinstance(v, list) and any(x == "" or x == [] for x in v)):
+            raise ValueError("input must not be empty")
+        if isinstance(v, list) and len(v) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        return v
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        if isinstance(self.input, str):
+            return [self.input]
+        if self.input and isinstance(self.input[0], int):
+            return [self.input]  # type: ignore[list-item]  # one token array
+        return self.input  # type: ignore[return-value]
+
+    def options(self) -> dict[str, Any]:
+        return {k: v for k, v in {"dimensions": self.dimensions, "user": self.user}.items() if v is not None}
+
+
 def param_path(loc: tuple[Any, ...]) -> str:
     """pydantic's location tuple as OpenAI writes a param: ``messages[0].role``."""
     out = ""
@@ -116,16 +146,21 @@ def param_path(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def parse_chat_request(data: Any) -> ChatRequest:
+def validate(model: type[M], data: Any) -> M:
+    """The body as ``model``, or a 400 whose ``param`` names the first field at fault."""
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
-        req = ChatCompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         # A union reports each failed member under its type's name ("str", "list[str]");
         # those are not fields, so they are left out of the path.
         loc = tuple(p for p in err["loc"] if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_NAMES))
         param = param_path(loc)
-        raise InvalidRequest(f"{param}: {err['msg']}", param=param or None) from None
-    return req.to_internal(data)
+        msg = err["msg"].removeprefix("Value error, ")
+        raise InvalidRequest(f"{param}: {msg}", param=param or None) from None
+
+
+def parse_chat_request(data: Any) -> ChatRequest:
+    return validate(ChatCompletionRequest, data).to_internal(data)

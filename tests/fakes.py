@@ -24,7 +24,19 @@ class FakeOpenAI:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         return app
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        if self.mode != "ok":
+            return web.json_response({"error": {"message": "embeddings down"}}, status=503)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [float(len(str(x))), 0.5, -1.0]}
+                for i, x in enumerate(inputs)]
+        return web.json_response({"object": "list", "data": list(reversed(data)), "model": body["model"],
+                                  "usage": {"prompt_tokens": 5 * len(inputs), "total_tokens": 5 * len(inputs)}})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

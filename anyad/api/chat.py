@@ -9,6 +9,7 @@ from aiohttp import web
 
 from anyad.encoders import DONE, OpenAIEncoder, Reply, sse_error
 from anyad.errors import AnyadError, BackendError
+from anyad.router import fallback_header
 from anyad.schemas import parse_chat_request
 from anyad.server import DAEMON, REQUEST_ID, read_json
 from anyad.stream import Usage
@@ -27,7 +28,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     opened = await daemon.router.open(chat)
     headers = {"X-Anyad-Backend": opened.target.name, "X-Request-Id": request[REQUEST_ID]}
     if opened.skipped:
-        headers["X-Anyad-Fallback"] = opened.skipped_header
+        headers["X-Anyad-Fallback"] = fallback_header(opened.skipped)
     enc = OpenAIEncoder(opened.target.name, include_usage=chat.include_usage)
 
     async with aclosing(opened.rest) as rest:

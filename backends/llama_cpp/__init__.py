@@ -9,7 +9,7 @@ from typing import Any
 
 import psutil
 
-from anyad.backend import Backend, ModelInfo
+from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.config import ModelDefaults, ModelSettings
 from anyad.errors import BackendError, ContextLengthExceeded, InvalidRequest
 from anyad.gguf_meta import GGUFInfo, read_gguf_info
@@ -113,12 +113,29 @@ class LlamaCppBackend(Backend):
                         yield Chunk(finish_reason=frame["finish_reason"],
                                     usage=Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)))
                     elif t == "error":
-                        code, msg = frame.get("code"), frame.get("message", "generation failed")
-                        if code == "context_length_exceeded":
-                            raise ContextLengthExceeded(msg, param=frame.get("param"))
-                        if code == "invalid_request":
-                            raise InvalidRequest(msg, param=frame.get("param"))
-                        raise BackendError(f"model {self.model_id!r}: {msg}")
+                        self._raise(frame)
+
+    async def embed(self, inputs: list[str] | list[list[int]], model: str,
+                    options: dict[str, Any] | None = None) -> Embeddings:
+        if (options or {}).get("dimensions") is not None:
+            raise InvalidRequest("dimensions is not supported by local models", param="dimensions")
+        if any(not isinstance(x, str) for x in inputs):
+            raise InvalidRequest("this local model embeds text; send strings, not token arrays", param="input")
+        async with self.queue.slot():
+            await self.worker.ensure_started()
+            async for frame in self.worker.request({"op": "embed", "input": inputs}):
+                if frame["t"] == "error":
+                    self._raise(frame)
+                return Embeddings(frame["embeddings"], frame["usage"]["prompt_tokens"])
+        raise BackendError(f"model {self.model_id!r}: no embeddings")  # pragma: no cover
+
+    def _raise(self, frame: dict[str, Any]) -> None:
+        code, msg = frame.get("code"), frame.get("message", "the worker failed")
+        if code == "context_length_exceeded":
+            raise ContextLengthExceeded(msg, param=frame.get("param"))
+        if code == "invalid_request":
+            raise InvalidRequest(msg, param=frame.get("param"))
+        raise BackendError(f"model {self.model_id!r}: {msg}")
 
     async def close(self) -> None:
         await self.worker.stop()

@@ -77,6 +77,36 @@ class Engine:
             stop_token_ids=[eos_id] if eos_id != -1 else None,
         )
 
+        self.load = load
+        self._embedder = None
+
+    def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+        """Unit-length vectors, one per input, from a second context in embedding mode.
+
+        It shares the memory-mapped weights with the generating one, so only its own
+        context costs memory; it is made on the first embedding request.
+        """
+        llama_cpp = self.llama_cpp
+        if self._embedder is None:
+            arch = self.llm.metadata.get("general.architecture", "")
+            # Models that declare their pooling (embedding models) keep it; decoders get mean pooling.
+            pooling = (llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if f"{arch}.pooling_type" in self.llm.metadata
+                       else llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+            self._embedder = llama_cpp.Llama(
+                model_path=self.load["path"], n_ctx=self.load["n_ctx"], n_batch=max(self.load.get("n_batch", 512),
+                                                                                     self.load["n_ctx"]),
+                n_ubatch=max(self.load.get("n_batch", 512), self.load["n_ctx"]), n_threads=self.load["n_threads"],
+                n_threads_batch=self.load["n_threads"], n_gpu_layers=self.load.get("n_gpu_layers", 0),
+                embedding=True, pooling_type=pooling, verbose=False)
+        n_ctx = self._embedder.n_ctx()
+        for i, text in enumerate(inputs):
+            n = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if n > n_ctx:
+                raise RequestError("context_length_exceeded", f"input[{i}] is {n} tokens; this model embeds at "
+                                   f"most {n_ctx}", "input")
+        vectors, tokens = self._embedder.embed(inputs, normalize=True, truncate=False, return_count=True)
+        return vectors, tokens
+
     def facts(self) -> dict[str, Any]:
         return {"n_ctx": self.llm.n_ctx(), "n_threads": self.llm.n_threads, "load_s": round(self.load_s, 3),
                 "chat_template": self.template_source}
@@ -211,7 +241,10 @@ def main() -> int:
         rid = op["id"]
         busy.append(rid)
         try:
-            if rid not in cancelled:
+            if op["op"] == "embed":
+                vectors, tokens = engine.embed(op["input"])
+                out.write({"t": "end", "id": rid, "embeddings": vectors, "usage": {"prompt_tokens": tokens}})
+            elif rid not in cancelled:
                 engine.chat(rid, op["messages"], op.get("params") or {}, cancelled, out)
             else:
                 out.write({"t": "end", "id": rid, "finish_reason": "cancelled", "usage": None})

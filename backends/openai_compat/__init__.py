@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from anyad.backend import Backend, ModelInfo
+from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.config import ProviderSettings
 from anyad.errors import AnyadError, BackendError
 from anyad.http_client import ProviderClient, mid_stream
@@ -109,6 +109,24 @@ class OpenAIBackend(Backend):
                 raise
             except Exception as exc:  # aiohttp payload/connection errors, read timeouts
                 raise mid_stream(self.name, exc) from None
+
+    async def embed(self, inputs: list[str] | list[list[int]], model: str,
+                    options: dict[str, Any] | None = None) -> Embeddings:
+        # Floats from upstream whatever the client asked: the edge encodes for the client.
+        body = {**(options or {}), "model": model, "input": inputs, "encoding_format": "float"}
+        resp = await self.client.post("/embeddings", body, self.headers())
+        async with resp:
+            try:
+                data = await resp.json(content_type=None)
+                rows = sorted(data["data"], key=lambda d: d.get("index", 0))
+                vectors = [r["embedding"] for r in rows]
+            except (ValueError, KeyError, TypeError):
+                raise BackendError(f"{self.name}: the embeddings reply is not in OpenAI's shape") from None
+            except Exception as exc:
+                raise mid_stream(self.name, exc) from None
+        if len(vectors) != len(inputs):
+            raise BackendError(f"{self.name}: sent {len(inputs)} inputs, got {len(vectors)} embeddings")
+        return Embeddings(vectors, int((data.get("usage") or {}).get("prompt_tokens") or 0))
 
     async def close(self) -> None:
         await self.client.close()
