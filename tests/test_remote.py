@@ -279,3 +279,63 @@ async def test_route_to_unknown_target_is_a_config_error(tiny_model):
 
     with pytest.raises(ConfigError, match=r"routes\[0\]\.targets\[1\]: 'ghost'"):
         Daemon(gateway_settings(tiny_model, {}, [{"name": "chat", "targets": [MODEL_ID, "ghost"]}]))
+
+
+@pytest.fixture
+def blackhole_port():
+    """A loopback port where connecting hangs (a listener whose backlog is full), like a dead network."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(s)
+    yield port
+    for s in fillers:
+        s.close()
+    srv.close()
+
+
+async def test_offline_after_connect_timeouts_then_no_more_waiting(make_client, tiny_model, blackhole_port):
+    url = f"http://127.0.0.1:{blackhole_port}/v1"
+    c = await make_client(gateway_settings(tiny_model, {"up": {"base_url": url, "connect_timeout_s": 0.3}},
+                                           [{"name": "chat", "targets": ["up/big", MODEL_ID]}],
+                                           offline_probe_interval_s=60))
+    r = await post(c, "chat", max_tokens=2)
+    assert r.headers["X-Anyad-Backend"] == MODEL_ID
+    assert "connecting timed out" in r.headers["X-Anyad-Fallback"]
+    # Now offline: the remote target is skipped without another connect attempt (and its timeout).
+    for stream in (False, True):
+        r = await post(c, "chat", max_tokens=2, stream=stream)
+        assert r.status == 200 and r.headers["X-Anyad-Fallback"] == "up/big: offline"
+    # A direct request for the remote model says so clearly instead of hanging.
+    r = await post(c, "up/big")
+    assert r.status == 503 and "offline" in (await r.json())["error"]["message"]
+
+
+async def test_provider_key_never_reaches_logs_or_status(make_client, tiny_model, start_fake, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    secret = "sk-super-secret-value-42"
+    monkeypatch.setenv("UP_KEY", secret)
+    fake, url = await start_fake("500")
+    c = await make_client(gateway_settings(tiny_model, {"up": {"base_url": url, "api_key": "env:UP_KEY"}},
+                                           [{"name": "chat", "targets": ["up/big", MODEL_ID]}]))
+    await post(c, "chat", max_tokens=2)
+    fake.mode = "ok"
+    await post(c, "up/big", stream=True)
+    status = await (await c.get("/api/status")).text()
+    models = await (await c.get("/v1/models")).text()
+    assert fake.headers[-1]["Authorization"] == f"Bearer {secret}"  # it was used…
+    for text in (caplog.text, status, models):  # …and shown nowhere
+        assert secret not in text
