@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
+import os
 from typing import Any
 
 from anyad.stream import Chunk, Usage
@@ -22,7 +22,7 @@ def _dumps(obj: Any) -> str:
 
 class OpenAIEncoder:
     def __init__(self, model: str, *, include_usage: bool = False) -> None:
-        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.id = "chatcmpl-" + os.urandom(12).hex()
         self.model = model
         self.created = int(time.time())
         self.include_usage = include_usage

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import random
 import re
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
@@ -27,6 +26,7 @@ from anyad.errors import AnyadError, BackendError, ConfigError, ModelNotFound, N
 from anyad.offline import Connectivity
 from anyad.stream import ChatRequest, Chunk, ChunkStream
 
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 log = logging.getLogger("anyad.router")
 T = TypeVar("T")
 
@@ -44,6 +44,12 @@ class Opened:
     first: Chunk
     rest: ChunkStream
     skipped: list[str]
+    breaker: Breaker | None = None
+
+    def failed(self, exc: AnyadError) -> None:
+        """The reply broke after it began: it counts against the target's breaker."""
+        if self.breaker is not None:
+            self.breaker.failure(exc.message)
 
 
 
@@ -115,6 +121,9 @@ class Router:
         if timeout is None:
             return await call(target)
         try:
+            if _timeout is not None:  # no extra task per request, unlike wait_for
+                async with _timeout(timeout):
+                    return await call(target)
             return await asyncio.wait_for(call(target), timeout)
         except asyncio.TimeoutError:
             raise Timeout(f"{target.name} sent nothing within {timeout:g} s") from None
@@ -192,7 +201,7 @@ class Router:
             return first, stream
 
         target, (first, stream), skipped, breaker = await self._walk(request.model, start)
-        return Opened(target, first, self._watch(stream, breaker), skipped)
+        return Opened(target, first, stream, skipped, breaker)
 
     async def embed(self, model: str, inputs: list[str] | list[list[int]],
                     options: dict | None = None) -> tuple[Target, Embeddings, list[str]]:
@@ -208,17 +217,6 @@ class Router:
     def _annotate(exc: AnyadError, skipped: list[str]) -> None:
         if skipped:
             exc.headers["X-Anyad-Fallback"] = fallback_header(skipped)
-
-    async def _watch(self, stream: ChunkStream, breaker: Breaker | None) -> ChunkStream:
-        """The rest of the reply; a failure mid-stream counts against the target's breaker."""
-        async with aclosing(stream):
-            try:
-                async for chunk in stream:
-                    yield chunk
-            except AnyadError as exc:
-                if breaker is not None:
-                    breaker.failure(exc.message)
-                raise
 
     def status(self) -> dict:
         return {"offline": self.connectivity.snapshot(),

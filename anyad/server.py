@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
+import os
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -50,7 +50,7 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> errors.AnyadErro
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    rid = request.headers.get("X-Request-Id") or os.urandom(12).hex()
     request[REQUEST_ID] = rid
     try:
         resp = await handler(request)

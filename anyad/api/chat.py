@@ -44,25 +44,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
         await resp.prepare(request)
         usage: Usage | None = None
-        finished = False
+        finish: bytes = b""
         try:
-            await resp.write(enc.role())
+            out = [enc.role()]  # the role goes out with the first piece, in one write
             chunk = opened.first
             while chunk is not None:
                 if chunk.text or chunk.tool_calls or chunk.extra:
-                    await resp.write(enc.chunk(chunk))
-                if chunk.finish_reason and not finished:
-                    finished = True
-                    await resp.write(enc.finish(chunk.finish_reason))
+                    out.append(enc.chunk(chunk))
+                if chunk.finish_reason and not finish:
+                    # Held back until the stream ends (the usage chunk and [DONE] follow at
+                    # once), so the tail of the reply is one write.
+                    finish = enc.finish(chunk.finish_reason)
                 if chunk.usage is not None:
                     usage = chunk.usage
+                if out:
+                    await resp.write(b"".join(out))
+                    out = []
                 chunk = await anext(rest, None)
-            if not finished:
+            if not finish:
                 raise BackendError(f"{opened.target.name} ended the reply without a finish reason")
+            tail = [finish]
             if chat.include_usage:
-                await resp.write(enc.usage(usage or Usage()))
-            await resp.write(DONE)
+                tail.append(enc.usage(usage or Usage()))
+            tail.append(DONE)
+            await resp.write(b"".join(tail))
         except AnyadError as exc:
+            opened.failed(exc)
             # Headers are gone already: report in-band, as OpenAI does, and end without [DONE].
             log.warning("request %s: stream failed: %s", request[REQUEST_ID], exc.message)
             try:
