@@ -6,18 +6,15 @@ JSON-encoded text spliced in: the per-token cost stays a few microseconds.
 
 from __future__ import annotations
 
-import json
-import time
 import os
+import time
 from typing import Any
+
+from anyad.jsoncodec import dumpb
 
 from anyad.stream import Chunk, Usage
 
 DONE = b"data: [DONE]\n\n"
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 class OpenAIEncoder:
@@ -28,7 +25,7 @@ class OpenAIEncoder:
         self.include_usage = include_usage
         head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": model,
                 "system_fingerprint": None}
-        head_json = _dumps(head)[:-1]
+        head_json = dumpb(head).decode()[:-1]
         self._usage_tail = ',"usage":null' if include_usage else ""
         self._delta_head = (f'data: {head_json},"choices":[{{"index":0,"delta":{{"content":').encode()
         self._delta_tail = (f'}},"logprobs":null,"finish_reason":null}}]{self._usage_tail}}}\n\n').encode()
@@ -38,14 +35,14 @@ class OpenAIEncoder:
         obj = {**self._head, "choices": choices}
         if self.include_usage or with_usage:
             obj["usage"] = usage.as_dict() if usage else None
-        return b"data: " + _dumps(obj).encode() + b"\n\n"
+        return b"data: " + dumpb(obj) + b"\n\n"
 
     def role(self) -> bytes:
         return self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}])
 
     def delta(self, text: str) -> bytes:
-        return self._delta_head + _dumps(text).encode() + self._delta_tail
+        return self._delta_head + dumpb(text) + self._delta_tail
 
     def chunk(self, chunk: Chunk) -> bytes:
         """Any chunk with content for the client; plain text takes the fast path."""
@@ -122,4 +119,4 @@ class Reply:
 
 
 def sse_error(body: dict[str, Any]) -> bytes:
-    return b"data: " + _dumps(body).encode() + b"\n\n"
+    return b"data: " + dumpb(body) + b"\n\n"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Any
 
@@ -11,6 +10,7 @@ import aiohttp
 from yarl import URL
 
 from anyad import __version__, secrets
+from anyad.jsoncodec import dumps, loads
 from anyad.config import ProviderSettings
 from anyad.errors import AnyadError, BackendError, ConfigError, NetworkError, Timeout, Unavailable, UpstreamError
 
@@ -31,7 +31,7 @@ class ProviderClient:
                 connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=60, ttl_dns_cache=300),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
                                               sock_read=s.read_timeout_s),
-                headers={"User-Agent": f"anyad/{__version__}"},
+                headers={"User-Agent": f"anyad/{__version__}"}, json_serialize=dumps,
             )
         return self._session
 
@@ -96,7 +96,7 @@ async def upstream_error(name: str, resp: aiohttp.ClientResponse) -> UpstreamErr
         text = ""
     message, type_, code, param = None, None, None, None
     try:
-        err = json.loads(text).get("error")
+        err = loads(text).get("error")
         if isinstance(err, dict):
             message, type_, code, param = err.get("message"), err.get("type"), err.get("code"), err.get("param")
         elif isinstance(err, str):

@@ -16,9 +16,10 @@ worker → daemon: ``{"t": "hello", "version", "pid"}``, ``{"t": "ready", ...mod
 from __future__ import annotations
 
 import asyncio
-import json
 import struct
 from typing import IO, Any
+
+from anyad.jsoncodec import dumpb, loads
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">I")
@@ -26,7 +27,7 @@ MAX_FRAME = 64 * 1024 * 1024
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    body = dumpb(obj)
     return _HEADER.pack(len(body)) + body
 
 
@@ -35,7 +36,7 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
     (n,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
     if n > MAX_FRAME:
         raise ValueError(f"frame of {n} bytes is over the limit")
-    return json.loads(await reader.readexactly(n))
+    return loads(await reader.readexactly(n))
 
 
 def read_frame_sync(f: IO[bytes]) -> dict[str, Any] | None:
@@ -47,7 +48,7 @@ def read_frame_sync(f: IO[bytes]) -> dict[str, Any] | None:
     body = f.read(n)
     if len(body) < n:
         return None
-    return json.loads(body)
+    return loads(body)
 
 
 def write_frame_sync(f: IO[bytes], obj: dict[str, Any]) -> None:

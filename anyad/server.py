@@ -7,7 +7,6 @@ HTML page ever reaches a client.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Awaitable, Callable
@@ -16,6 +15,7 @@ from aiohttp import web
 
 from anyad import errors
 from anyad.daemon import Daemon
+from anyad.jsoncodec import dumps, loads
 
 log = logging.getLogger("anyad.server")
 
@@ -29,7 +29,7 @@ def error_response(exc: errors.AnyadError, request_id: str | None = None) -> web
     headers = dict(exc.headers)
     if request_id:
         headers["X-Request-Id"] = request_id
-    return web.json_response(exc.body(), status=exc.status, headers=headers)
+    return web.json_response(exc.body(), status=exc.status, headers=headers, dumps=dumps)
 
 
 def _from_http(exc: web.HTTPException, request: web.Request) -> errors.AnyadError:
@@ -74,8 +74,8 @@ async def read_json(request: web.Request) -> object:
     """The request body as JSON; malformed JSON is a 400, an oversized body a 413."""
     raw = await request.read()
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return loads(raw)
+    except ValueError as exc:
         raise errors.InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from anyad.encoders import DONE, OpenAIEncoder, Reply, sse_error
 from anyad.errors import AnyadError, BackendError
+from anyad.jsoncodec import dumps
 from anyad.router import fallback_header
 from anyad.schemas import parse_chat_request
 from anyad.server import DAEMON, REQUEST_ID, read_json
@@ -39,7 +40,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 reply.add(chunk)
             if reply.finish_reason is None:
                 raise BackendError(f"{opened.target.name} ended the reply without a finish reason")
-            return web.json_response(enc.completion(reply), headers=headers)
+            return web.json_response(enc.completion(reply), headers=headers, dumps=dumps)
 
         resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
         await resp.prepare(request)

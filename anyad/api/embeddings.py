@@ -8,6 +8,7 @@ from array import array
 
 from aiohttp import web
 
+from anyad.jsoncodec import dumps
 from anyad.router import fallback_header
 from anyad.schemas import EmbeddingsRequest, validate
 from anyad.server import DAEMON, REQUEST_ID, read_json
@@ -33,4 +34,4 @@ async def embeddings(request: web.Request) -> web.Response:
     headers = {"X-Anyad-Backend": target.name, "X-Request-Id": request[REQUEST_ID]}
     if skipped:
         headers["X-Anyad-Fallback"] = fallback_header(skipped)
-    return web.json_response(body, headers=headers)
+    return web.json_response(body, headers=headers, dumps=dumps)

@@ -7,17 +7,18 @@ name replaced; a streamed reply is relayed event by event as it arrives.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.config import ProviderSettings
 from anyad.errors import AnyadError, BackendError
 from anyad.http_client import ProviderClient, mid_stream
+from anyad.jsoncodec import loads
 from anyad.sse import sse_batches
 from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
 
 _KNOWN_DELTA = {"role", "content", "tool_calls"}
+_TEXT_DELTA = {"role", "content"}
 
 
 def _usage(obj: dict[str, Any] | None) -> Usage | None:
@@ -34,6 +35,9 @@ def chunk_from_event(ev: dict[str, Any]) -> Chunk | None:
         return Chunk(usage=usage) if usage else None
     choice = choices[0]
     delta = choice.get("delta") or {}
+    if usage is None and choice.get("finish_reason") is None and choice.get("logprobs") is None \
+            and delta.keys() <= _TEXT_DELTA:
+        return Chunk(text=delta.get("content") or "")  # the common case: plain text
     extra = {k: v for k, v in delta.items() if k not in _KNOWN_DELTA and v is not None}
     return Chunk(text=delta.get("content") or "", finish_reason=choice.get("finish_reason"), usage=usage,
                  tool_calls=delta.get("tool_calls") or None, extra=extra or None,
@@ -91,7 +95,7 @@ class OpenAIBackend(Backend):
             try:
                 if not request.stream:
                     try:
-                        data = await resp.json(content_type=None)
+                        data = loads(await resp.read())
                     except ValueError:
                         raise BackendError(f"{self.name}: the reply is not JSON") from None
                     yield chunk_from_completion(data)
@@ -106,7 +110,7 @@ class OpenAIBackend(Backend):
                                 yield pending
                             return
                         try:
-                            ev = json.loads(payload)
+                            ev = loads(payload)
                         except ValueError:
                             raise BackendError(f"{self.name}: malformed event in the stream") from None
                         if isinstance(ev, dict) and ev.get("error"):
@@ -136,7 +140,7 @@ class OpenAIBackend(Backend):
         resp = await self.client.post("/embeddings", body, self.headers())
         async with resp:
             try:
-                data = await resp.json(content_type=None)
+                data = loads(await resp.read())
                 rows = sorted(data["data"], key=lambda d: d.get("index", 0))
                 vectors = [r["embedding"] for r in rows]
             except (ValueError, KeyError, TypeError):
