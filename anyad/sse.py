@@ -12,44 +12,41 @@ from typing import AsyncIterator
 
 from aiohttp import StreamReader
 
-Event = tuple[str | None, str]  # (event name or None, data)
+Event = tuple[str | None, bytes]  # (event name or None, data as UTF-8 bytes)
 
 
 class _Parser:
     def __init__(self) -> None:
         self.buf = b""
         self.event: str | None = None
-        self.data: list[str] = []
+        self.data: list[bytes] = []
 
     def feed(self, block: bytes, out: list[Event]) -> None:
-        buf = self.buf + block
-        start = 0
-        while (i := buf.find(b"\n", start)) >= 0:
-            self.line(buf[start:i].rstrip(b"\r"), out)
-            start = i + 1
-        self.buf = buf[start:]
-
-    def line(self, line: bytes, out: list[Event]) -> None:
-        if not line:
-            if self.data:
-                out.append((self.event, "\n".join(self.data)))
-            self.event, self.data = None, []
-            return
-        if line[:1] == b":":
-            return
-        name, _, value = line.partition(b":")
-        if value[:1] == b" ":
-            value = value[1:]
-        if name == b"data":
-            self.data.append(value.decode("utf-8", errors="replace"))
-        elif name == b"event":
-            self.event = value.decode("utf-8", errors="replace")
+        # One split per network read and the per-line work inlined: this loop runs for
+        # every event a relay passes on.
+        lines = (self.buf + block).split(b"\n")
+        self.buf = lines.pop()
+        data = self.data
+        for line in lines:
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if not line:
+                if data:
+                    out.append((self.event, data[0] if len(data) == 1 else b"\n".join(data)))
+                    data = []
+                self.event = None
+            elif line[:5] == b"data:":
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line[:1] == b":":
+                continue
+            else:
+                name, _, value = line.partition(b":")
+                if name == b"event":
+                    self.event = (value[1:] if value[:1] == b" " else value).decode("utf-8", errors="replace")
+        self.data = data
 
     def finish(self, out: list[Event]) -> None:
-        if self.buf:
-            self.line(self.buf.rstrip(b"\r"), out)
-            self.buf = b""
-        self.line(b"", out)
+        self.feed(b"\n\n" if self.buf else b"\n", out)
 
 
 async def sse_batches(content: StreamReader) -> AsyncIterator[list[Event]]:

@@ -105,7 +105,7 @@ class OpenAIBackend(Backend):
                     # text, no later, with a fraction of the per-chunk work and writes.
                     pending: Chunk | None = None
                     for _event, payload in batch:
-                        if payload.strip() == "[DONE]":
+                        if payload.strip() == b"[DONE]":
                             if pending is not None:
                                 yield pending
                             return
