@@ -15,7 +15,7 @@ from aiohttp import StreamReader
 Event = tuple[str | None, bytes]  # (event name or None, data as UTF-8 bytes)
 
 
-class _Parser:
+class SSEParser:
     def __init__(self) -> None:
         self.buf = b""
         self.event: str | None = None
@@ -50,7 +50,7 @@ class _Parser:
 
 
 async def sse_batches(content: StreamReader) -> AsyncIterator[list[Event]]:
-    parser = _Parser()
+    parser = SSEParser()
     async for block in content.iter_any():
         out: list[Event] = []
         parser.feed(block, out)

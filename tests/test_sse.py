@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from anyad.sse import _Parser
+from anyad.sse import SSEParser
 
 STREAM = (b": ping\r\n\r\n"
           b"data: {\"a\": 1}\r\n\r\n"
@@ -15,7 +15,7 @@ STREAM = (b": ping\r\n\r\n"
 
 
 def parse(blocks: list[bytes]) -> list:
-    p, out = _Parser(), []
+    p, out = SSEParser(), []
     for b in blocks:
         p.feed(b, out)
     p.finish(out)

@@ -14,7 +14,7 @@ from anyad.config import ProviderSettings
 from anyad.errors import AnyadError, BackendError
 from anyad.http_client import ProviderClient, mid_stream
 from anyad.jsoncodec import loads
-from anyad.sse import sse_batches
+from anyad.sse import SSEParser
 from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
 
 _KNOWN_DELTA = {"role", "content", "tool_calls"}
@@ -100,34 +100,20 @@ class OpenAIBackend(Backend):
                         raise BackendError(f"{self.name}: the reply is not JSON") from None
                     yield chunk_from_completion(data)
                     return
-                async for batch in sse_batches(resp.content):
-                    # Text deltas that arrived in one read go on as one chunk: the same
-                    # text, no later, with a fraction of the per-chunk work and writes.
-                    pending: Chunk | None = None
-                    for _event, payload in batch:
-                        if payload.strip() == b"[DONE]":
-                            if pending is not None:
-                                yield pending
-                            return
-                        try:
-                            ev = loads(payload)
-                        except ValueError:
-                            raise BackendError(f"{self.name}: malformed event in the stream") from None
-                        if isinstance(ev, dict) and ev.get("error"):
-                            err = ev["error"]
-                            msg = err.get("message") if isinstance(err, dict) else str(err)
-                            raise BackendError(f"{self.name}: {msg}")
-                        chunk = chunk_from_event(ev)
-                        if chunk is None:
-                            continue
-                        if pending is not None and is_plain(pending) and is_plain(chunk):
-                            pending.text += chunk.text
-                            continue
-                        if pending is not None:
-                            yield pending
-                        pending = chunk
-                    if pending is not None:
-                        yield pending
+                parser = SSEParser()
+                batch: list = []
+                async for block in resp.content.iter_any():
+                    batch.clear()
+                    parser.feed(block, batch)
+                    chunks, done = self._chunks(batch)
+                    for chunk in chunks:
+                        yield chunk
+                    if done:
+                        return
+                batch.clear()
+                parser.finish(batch)  # an upstream that ends without a last blank line
+                for chunk in self._chunks(batch)[0]:
+                    yield chunk
             except AnyadError:
                 raise
             except Exception as exc:  # aiohttp payload/connection errors, read timeouts
@@ -150,6 +136,33 @@ class OpenAIBackend(Backend):
         if len(vectors) != len(inputs):
             raise BackendError(f"{self.name}: sent {len(inputs)} inputs, got {len(vectors)} embeddings")
         return Embeddings(vectors, int((data.get("usage") or {}).get("prompt_tokens") or 0))
+
+    def _chunks(self, batch: list) -> tuple[list[Chunk], bool]:
+        """The events of one network read as chunks, and whether [DONE] was among them.
+
+        Text deltas that arrived together go on as one chunk: the same text, no later,
+        with a fraction of the per-chunk work and writes.
+        """
+        out: list[Chunk] = []
+        for _event, payload in batch:
+            if payload.strip() == b"[DONE]":
+                return out, True
+            try:
+                ev = loads(payload)
+            except ValueError:
+                raise BackendError(f"{self.name}: malformed event in the stream") from None
+            if isinstance(ev, dict) and ev.get("error"):
+                err = ev["error"]
+                msg = err.get("message") if isinstance(err, dict) else str(err)
+                raise BackendError(f"{self.name}: {msg}")
+            chunk = chunk_from_event(ev)
+            if chunk is None:
+                continue
+            if out and is_plain(out[-1]) and is_plain(chunk):
+                out[-1].text += chunk.text
+            else:
+                out.append(chunk)
+        return out, False
 
     async def close(self) -> None:
         await self.client.close()
