@@ -31,7 +31,8 @@ class ProviderClient:
                 connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=60, ttl_dns_cache=300),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
                                               sock_read=s.read_timeout_s),
-                headers={"User-Agent": f"anyad/{__version__}"}, json_serialize=dumps,
+                # Static headers live on the session, so a request merges only what varies.
+                headers={"User-Agent": f"anyad/{__version__}", **s.headers}, json_serialize=dumps,
             )
         return self._session
 
@@ -48,7 +49,8 @@ class ProviderClient:
         url = URL(self.base_url)
         return (url.host, url.port) if url.host and url.port else None
 
-    async def post(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def post(self, path: str, body: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
         """POST and return the response once its headers are in; every failure is an AnyadError."""
         try:
             resp = await self.session().post(self.base_url + path, json=body, headers=headers)

@@ -149,7 +149,9 @@ class AnthropicBackend(Backend):
         return self.client.probe_address()
 
     def headers(self) -> dict[str, str]:
-        h = {"anthropic-version": API_VERSION, **self.settings.headers}
+        # A configured anthropic-version (e.g. for a beta) rides on the session's headers.
+        h = {} if any(k.lower() == "anthropic-version" for k in self.settings.headers) else \
+            {"anthropic-version": API_VERSION}
         key = self.client.api_key()
         if key:
             h["x-api-key"] = key

@@ -81,12 +81,9 @@ class OpenAIBackend(Backend):
     def probe_address(self) -> tuple[str, int] | None:
         return self.client.probe_address()
 
-    def headers(self) -> dict[str, str]:
-        h = dict(self.settings.headers)
+    def headers(self) -> dict[str, str] | None:
         key = self.client.api_key()
-        if key:
-            h["Authorization"] = f"Bearer {key}"
-        return h
+        return {"Authorization": f"Bearer {key}"} if key else None
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
         body = {**request.body, "model": model, "messages": request.messages}
