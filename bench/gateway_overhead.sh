@@ -4,6 +4,7 @@
 # same fake upstream on 127.0.0.1, direct and through the gateway interleaved.
 #
 #   bench/gateway_overhead.sh [--duration 5] [--reps 3] [--gateways "anyad minproxy litellm"]
+#                             [--concurrency "1 32"] [--modes "nonstream stream"]
 #
 # Needs /tmp/bench-venv (aiohttp uvloop) and /tmp/litellm-venv ('litellm[proxy]' uvloop);
 # it creates them when missing. Results: /tmp/gwbench/results/<gateway>; one table at the end.
@@ -12,12 +13,14 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(dirname "$HERE")"
 H="${GWBENCH:-$ROOT/../shared/bench/gateway-overhead}"
 H="$(cd "$H" && pwd)"
-DURATION=5; REPS=3; GATEWAYS="anyad minproxy litellm"
+DURATION=5; REPS=3; GATEWAYS="anyad minproxy litellm"; CONCS="1 32"; MODES="nonstream stream"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2;;
     --reps) REPS="$2"; shift 2;;
     --gateways) GATEWAYS="$2"; shift 2;;
+    --concurrency) CONCS="$2"; shift 2;;
+    --modes) MODES="$2"; shift 2;;
     *) echo "unknown arg $1" >&2; exit 2;;
   esac
 done
@@ -73,7 +76,7 @@ for gw in $GATEWAYS; do
   echo "=== $gw (pid $GW_PID) ===" >&2
   args=(--gateway "http://127.0.0.1:$GW_PORT" --model "$model" --upstream "http://127.0.0.1:$UP_PORT"
         --label "$gw" --duration "$DURATION" --reps "$REPS" --gateway-pid "$GW_PID" --upstream-pid "$UP_PID"
-        --python "$PY" --out "$RESULTS/$gw")
+        --python "$PY" --out "$RESULTS/$gw" --concurrency "$CONCS" --modes "$MODES")
   [[ -n "$key" ]] && args+=(--api-key "$key")
   "$H/run.sh" "${args[@]}" "${meta[@]+"${meta[@]}"}"
   stop_pid "$GW_PID"; GW_PID=""
