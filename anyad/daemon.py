@@ -8,6 +8,7 @@ import logging
 from anyad.backend import Backend, backend_class
 from anyad.config import Settings
 from anyad.errors import ConfigError
+from anyad.resources import DeviceProbe
 from anyad.router import Router
 
 log = logging.getLogger("anyad")
@@ -29,8 +30,12 @@ class Daemon:
         self.local = local
         self.router = Router(local, providers, settings.routes, settings.router)
         self._starting: list[asyncio.Task[None]] = []
+        self.probe: DeviceProbe | None = None
 
     async def start(self) -> None:
+        # NVML and the engine's GPU support are read once, off the event loop.
+        self.probe = await asyncio.to_thread(DeviceProbe)
+        await asyncio.to_thread(self.probe.log_once)
         # Preloading runs in the background: the listener answers /health at once
         # and /ready says when the models are usable.
         for b in self.backends:
@@ -48,10 +53,14 @@ class Daemon:
         return all(states.values()), states
 
     def status(self) -> dict:
-        return {"models": {model_id: b.status() for model_id, b in self.local.items()}, **self.router.status()}
+        devices = self.probe.snapshot().as_dict() if self.probe is not None else None
+        return {"devices": devices, "models": {model_id: b.status() for model_id, b in self.local.items()},
+                **self.router.status()}
 
     async def close(self) -> None:
         for t in self._starting:
             t.cancel()
         await self.router.close()
+        if self.probe is not None:
+            self.probe.close()
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)

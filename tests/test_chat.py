@@ -221,3 +221,12 @@ async def test_context_defaults_to_trained_length_capped_by_config(make_client, 
     for b in c.daemon.backends:
         await b.worker.ensure_started()
         assert b.worker.facts["n_ctx"] == ctx[b.model_id]  # what llama.cpp really allocated
+
+
+async def test_status_shows_devices_and_models(client):
+    body = await (await client.get("/api/status")).json()
+    dev = body["devices"]
+    assert dev["ram_total_bytes"] > 0 and dev["cpu_logical"] >= 1 and isinstance(dev["gpus"], list)
+    m = body["models"][MODEL_ID]
+    assert m["loaded"] is True and m["pid"] == client.daemon.backends[0].worker.pid
+    assert m["queue"] == {"active": 0, "waiting": 0}

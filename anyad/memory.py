@@ -1,0 +1,131 @@
+"""How much memory a GGUF model needs, from its own metadata, without loading it.
+
+For a model with ``L`` blocks, context ``n_ctx`` and micro-batch ``n_ubatch``::
+
+    W_i      = bytes of the tensors blk.i.*                     (weights of block i)
+    W_out    = bytes of output.weight (token_embd.weight when tied) + output_norm.weight
+    W_in     = bytes of token_embd.weight                       (always in host RAM)
+    KV_i     = n_ctx * (n_head_kv * key_length + n_head_kv * value_length) * b(cache type)
+               with b(f16) = 2, b(q8_0) = 34/32, b(q4_0) = 18/32, b(f32) = 4
+    compute  = 4 * ( n_vocab                                    (logits of one token)
+                   + n_ubatch * (3 * n_ff + 4 * n_embd)         (feed-forward activations)
+                   + n_ubatch * n_ctx * n_head )                (attention scores)
+               + 16 MiB                                         (graph and scratch allowance)
+
+    all on the CPU:   RAM  = W_in + Σ W_i + W_out + Σ KV_i + compute
+    k blocks on GPU:  VRAM = Σ_{i ≥ L-k} (W_i + KV_i) + compute  (+ W_out when k = L)
+                      RAM  = W_in + the rest
+
+The tensor sizes are exact (read from the tensor table); the compute term is an
+upper-leaning allowance, so the estimate errs towards too much rather than an
+out-of-memory crash. ``bench/`` compares it with measured memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+            "q5_0": 22 / 32, "q5_1": 24 / 32}
+SCRATCH = 16 * 2 ** 20
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    key_length: int
+    value_length: int
+    n_vocab: int
+    layer_bytes: tuple[int, ...]
+    output_bytes: int
+    input_bytes: int
+    trained_ctx: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    shape: ModelShape
+    n_ctx: int
+    kv_layer_bytes: int
+    compute_bytes: int
+
+    def ram_bytes(self, gpu_layers: int = 0) -> int:
+        s = self.shape
+        k = max(0, min(gpu_layers, s.n_layer))
+        cpu_layers = s.n_layer - k
+        ram = s.input_bytes + sum(s.layer_bytes[:cpu_layers]) + cpu_layers * self.kv_layer_bytes
+        if k < s.n_layer:
+            ram += s.output_bytes
+        return ram + (self.compute_bytes if k == 0 else SCRATCH)
+
+    def vram_bytes(self, gpu_layers: int) -> int:
+        s = self.shape
+        k = max(0, min(gpu_layers, s.n_layer))
+        if k == 0:
+            return 0
+        vram = sum(s.layer_bytes[s.n_layer - k:]) + k * self.kv_layer_bytes + self.compute_bytes
+        return vram + (s.output_bytes if k == s.n_layer else 0)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.ram_bytes(0)
+
+
+def read_shape(path: Path) -> ModelShape:
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+
+    def val(key: str, default=None):
+        f = r.fields.get(key)
+        if f is None or not f.data:
+            return default
+        v = f.parts[f.data[0]]
+        return v.tolist()[0] if hasattr(v, "tolist") else v
+
+    arch = bytes(r.fields["general.architecture"].parts[r.fields["general.architecture"].data[0]]).decode()
+    n_layer = int(val(f"{arch}.block_count"))
+    n_embd = int(val(f"{arch}.embedding_length"))
+    n_head = int(val(f"{arch}.attention.head_count"))
+    n_head_kv = int(val(f"{arch}.attention.head_count_kv", n_head))
+    head_dim = n_embd // n_head
+    layer = [0] * n_layer
+    out = inp = 0
+    out_weight = False
+    n_vocab = 0
+    for t in r.tensors:
+        name, size = t.name, int(t.n_bytes)
+        if name.startswith("blk."):
+            layer[int(name.split(".")[1])] += size
+        elif name == "token_embd.weight":
+            inp += size
+            n_vocab = int(t.shape[-1])
+        elif name.startswith("output"):
+            out += size
+            out_weight = out_weight or name == "output.weight"
+        else:
+            inp += size  # position embeddings and the like stay with the input
+    if not out_weight:  # tied embeddings: the output layer reuses token_embd
+        out += inp
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        n_vocab = len(tokens.data)
+    return ModelShape(
+        n_layer=n_layer, n_embd=n_embd, n_ff=int(val(f"{arch}.feed_forward_length", 4 * n_embd)), n_head=n_head,
+        n_head_kv=n_head_kv, key_length=int(val(f"{arch}.attention.key_length", head_dim)),
+        value_length=int(val(f"{arch}.attention.value_length", head_dim)), n_vocab=n_vocab,
+        layer_bytes=tuple(layer), output_bytes=out, input_bytes=inp,
+        trained_ctx=val(f"{arch}.context_length"))
+
+
+def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, cache_type: str = "f16") -> Estimate:
+    per_elem = KV_BYTES[cache_type]
+    kv = int(n_ctx * shape.n_head_kv * (shape.key_length + shape.value_length) * per_elem)
+    ub = min(n_ubatch, n_ctx)
+    compute = 4 * (shape.n_vocab + ub * (3 * shape.n_ff + 4 * shape.n_embd) + ub * n_ctx * shape.n_head) + SCRATCH
+    return Estimate(shape=shape, n_ctx=n_ctx, kv_layer_bytes=kv, compute_bytes=compute)

@@ -1,0 +1,90 @@
+"""Where a model goes: all on one GPU, partly offloaded, or on the CPU.
+
+A pure function of the model's memory estimate, a device snapshot and the
+model's ``gpu`` setting, so every decision can be tested against recorded
+machines. Eviction and waiting for memory to come back are the scheduler's;
+this module only says what fits now, or why nothing does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from anyad.errors import Unavailable
+from anyad.memory import Estimate
+from anyad.resources import Snapshot
+
+GpuSetting = Literal["auto", "cpu", "full"] | int
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    gpu_layers: int  # 0: CPU only
+    gpu_index: int | None
+    vram_bytes: int
+    ram_bytes: int
+    reason: str
+
+    @property
+    def kind(self) -> str:
+        if self.gpu_layers == 0:
+            return "cpu"
+        return "partial" if self.reason.startswith("partial") else "gpu"
+
+
+class InsufficientMemory(Unavailable):
+    code = "insufficient_memory"
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def plan(est: Estimate, snap: Snapshot, gpu: GpuSetting = "auto", *, vram_reserve: int = 512 * 2 ** 20,
+         ram_reserve: int = 512 * 2 ** 20) -> Placement:
+    """The placement for this model on this machine now; raises InsufficientMemory saying
+    how much was needed and how much was there."""
+    n_layer = est.shape.n_layer
+    ram_free = max(0, snap.ram_available_bytes - ram_reserve)
+    gpus = sorted(snap.usable_gpus, key=lambda g: g.free_bytes, reverse=True)
+
+    def on_cpu(why: str) -> Placement:
+        need = est.ram_bytes(0)
+        if need > ram_free:
+            raise InsufficientMemory(f"not enough memory to load the model on the CPU: needs {_gib(need)}, "
+                                     f"{_gib(ram_free)} of RAM available (after a {_gib(ram_reserve)} reserve)")
+        return Placement(0, None, 0, need, why)
+
+    if gpu == "cpu" or (gpu == "auto" and not gpus):
+        return on_cpu("configured for the CPU" if gpu == "cpu" else "no usable GPU")
+    if not gpus:
+        raise InsufficientMemory(f"gpu = {gpu!r} asks for a GPU, but none is usable here")
+    best = gpus[0]
+    vram_free = max(0, best.free_bytes - vram_reserve)
+
+    def fits(k: int) -> bool:
+        return est.vram_bytes(k) <= vram_free and est.ram_bytes(k) <= ram_free
+
+    if gpu == "full" or isinstance(gpu, int) and not isinstance(gpu, bool):
+        k = n_layer if gpu == "full" else max(0, min(int(gpu), n_layer))
+        if k == 0:
+            return on_cpu("gpu = 0 layers")
+        if not fits(k):
+            raise InsufficientMemory(
+                f"{k} layers on GPU {best.index} ({best.name}) need {_gib(est.vram_bytes(k))} of VRAM and "
+                f"{_gib(est.ram_bytes(k))} of RAM; {_gib(vram_free)} VRAM and {_gib(ram_free)} RAM are free")
+        return Placement(k, best.index, est.vram_bytes(k), est.ram_bytes(k),
+                         "all layers on the GPU" if k == n_layer else f"partial: {k} of {n_layer} layers as set")
+    # auto: everything on the GPU, else as many layers as fit, else the CPU.
+    if fits(n_layer):
+        return Placement(n_layer, best.index, est.vram_bytes(n_layer), est.ram_bytes(n_layer),
+                         "all layers on the GPU")
+    k = n_layer - 1
+    while k > 0 and not fits(k):
+        k -= 1
+    if k > 0:
+        return Placement(k, best.index, est.vram_bytes(k), est.ram_bytes(k),
+                         f"partial: {k} of {n_layer} layers fit in {_gib(vram_free)} of free VRAM")
+    return on_cpu(f"the GPU has {_gib(vram_free)} free, less than one layer needs")

@@ -1,0 +1,139 @@
+"""What the machine has right now: GPUs through NVML, RAM and CPUs through psutil.
+
+The probe never raises: no NVIDIA driver, no GPU, no ``pynvml``, or a
+llama-cpp-python built without GPU support all give a CPU-only snapshot, with
+the reason said once in the log at start. The NVML module is a parameter so
+tests can hand in a recorded one; nothing else in anyad touches NVML.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+log = logging.getLogger("anyad.resources")
+
+
+@dataclass(frozen=True, slots=True)
+class GPU:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    used_bytes: int
+    utilization_pct: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    gpus: tuple[GPU, ...]
+    ram_total_bytes: int
+    ram_available_bytes: int
+    cpu_logical: int
+    cpu_physical: int
+    load_1m: float
+    # GPUs exist but models cannot use them (e.g. llama-cpp-python built for the CPU only).
+    gpu_offload: bool = True
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def usable_gpus(self) -> tuple[GPU, ...]:
+        return self.gpus if self.gpu_offload else ()
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gpus"] = [asdict(g) for g in self.gpus]
+        d["notes"] = list(self.notes)
+        return d
+
+
+def _llama_gpu_offload() -> bool:
+    try:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception:  # an engine that cannot even say so cannot offload
+        return False
+
+
+class DeviceProbe:
+    def __init__(self, nvml: Any = None, gpu_offload: bool | None = None) -> None:
+        self._nvml = nvml
+        self._nvml_ok = False
+        self._reason: str | None = None
+        if self._nvml is None:
+            try:
+                import pynvml
+
+                self._nvml = pynvml
+            except ImportError:
+                self._reason = "nvidia-ml-py is not installed"
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlInit()
+                self._nvml_ok = True
+            except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, …
+                self._reason = f"no NVIDIA driver ({type(exc).__name__}: {exc})"
+        self.gpu_offload = _llama_gpu_offload() if gpu_offload is None else gpu_offload
+
+    def _gpus(self) -> tuple[list[GPU], list[str]]:
+        if not self._nvml_ok:
+            return [], [self._reason] if self._reason else []
+        nv = self._nvml
+        gpus, notes = [], []
+        try:
+            for i in range(nv.nvmlDeviceGetCount()):
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                name = nv.nvmlDeviceGetName(h)
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                mem = nv.nvmlDeviceGetMemoryInfo(h)
+                try:
+                    util = int(nv.nvmlDeviceGetUtilizationRates(h).gpu)
+                except Exception:
+                    util = None
+                gpus.append(GPU(i, name, int(mem.total), int(mem.free), int(mem.used), util))
+        except Exception as exc:
+            notes.append(f"NVML query failed ({type(exc).__name__}: {exc}); treating the machine as CPU-only")
+            return [], notes
+        if not gpus:
+            notes.append("NVML sees no GPU")
+        return gpus, notes
+
+    def snapshot(self) -> Snapshot:
+        gpus, notes = self._gpus()
+        if gpus and not self.gpu_offload:
+            notes.append("llama-cpp-python was built without GPU support: models run on the CPU "
+                         "(see the README for a CUDA build)")
+        vm = psutil.virtual_memory()
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+        logical = psutil.cpu_count() or 1
+        return Snapshot(gpus=tuple(gpus), ram_total_bytes=int(vm.total), ram_available_bytes=int(vm.available),
+                        cpu_logical=logical, cpu_physical=psutil.cpu_count(logical=False) or logical,
+                        load_1m=load, gpu_offload=self.gpu_offload, notes=tuple(notes))
+
+    def log_once(self) -> Snapshot:
+        snap = self.snapshot()
+        gib = 2 ** 30
+        if snap.usable_gpus:
+            for g in snap.usable_gpus:
+                log.info("GPU %d: %s, %.1f of %.1f GiB free", g.index, g.name, g.free_bytes / gib,
+                         g.total_bytes / gib)
+        else:
+            log.info("CPU only (%s); %d cores, %.1f of %.1f GiB RAM available", "; ".join(snap.notes) or "no GPU",
+                     snap.cpu_physical, snap.ram_available_bytes / gib, snap.ram_total_bytes / gib)
+        return snap
+
+    def close(self) -> None:
+        if self._nvml_ok:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                pass
+            self._nvml_ok = False

@@ -1,0 +1,147 @@
+"""Placement and the device probe over recorded machines (the only place a stand-in is
+used: this machine has no GPU, so NVML is fed recorded answers at the probe's boundary)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from anyad.memory import ModelShape, estimate, read_shape
+from anyad.placement import InsufficientMemory, plan
+from anyad.resources import GPU, DeviceProbe, Snapshot
+
+GIB = 2 ** 30
+MIB = 2 ** 20
+
+# About Qwen2-0.5B at Q8_0: 24 blocks of ~15 MiB, a 138 MiB output layer.
+SHAPE = ModelShape(n_layer=24, n_embd=896, n_ff=4864, n_head=14, n_head_kv=2, key_length=64, value_length=64,
+                   n_vocab=151936, layer_bytes=(15 * MIB,) * 24, output_bytes=138 * MIB, input_bytes=138 * MIB,
+                   trained_ctx=32768)
+EST = estimate(SHAPE, 4096)
+
+
+def machine(*gpus_free_total: tuple[float, float], ram_gib: float = 16, offload: bool = True) -> Snapshot:
+    gpus = tuple(GPU(i, f"GPU{i}", int(t * GIB), int(f * GIB), int((t - f) * GIB), 0)
+                 for i, (f, t) in enumerate(gpus_free_total))
+    return Snapshot(gpus=gpus, ram_total_bytes=int(ram_gib * GIB), ram_available_bytes=int(ram_gib * GIB),
+                    cpu_logical=8, cpu_physical=4, load_1m=0.1, gpu_offload=offload)
+
+
+def test_no_gpu_goes_to_cpu():
+    p = plan(EST, machine())
+    assert (p.kind, p.gpu_layers, p.vram_bytes) == ("cpu", 0, 0)
+    assert p.ram_bytes == EST.total_bytes
+
+
+def test_large_gpu_takes_everything():
+    p = plan(EST, machine((20, 24)))
+    assert p.kind == "gpu" and p.gpu_layers == 24 and p.gpu_index == 0
+    assert p.vram_bytes == EST.vram_bytes(24) and p.ram_bytes < 200 * MIB  # only the input embeddings stay
+
+
+def test_small_gpu_gets_as_many_layers_as_fit():
+    free = 0.5 + (EST.compute_bytes + 10 * (15 * MIB + EST.kv_layer_bytes)) / GIB  # reserve + ~10 layers
+    p = plan(EST, machine((free, 2)))
+    assert p.kind == "partial" and 9 <= p.gpu_layers <= 10
+    assert p.vram_bytes <= free * GIB - 512 * MIB
+    assert plan(EST, machine((free, 2))).gpu_layers == p.gpu_layers  # deterministic
+
+
+def test_two_gpus_picks_the_one_with_most_free_memory():
+    p = plan(EST, machine((1, 8), (6, 8)))
+    assert p.gpu_index == 1 and p.gpu_layers == 24
+
+
+def test_nearly_full_gpu_falls_back_to_cpu():
+    p = plan(EST, machine((0.55, 24)))
+    assert p.kind == "cpu" and "less than one layer" in p.reason
+
+
+def test_explicit_settings():
+    assert plan(EST, machine((20, 24)), "cpu").kind == "cpu"
+    assert plan(EST, machine((20, 24)), 5).gpu_layers == 5
+    assert plan(EST, machine((20, 24)), 99).gpu_layers == 24
+    with pytest.raises(InsufficientMemory, match="need .* of VRAM"):
+        plan(EST, machine((0.7, 24)), "full")
+    with pytest.raises(InsufficientMemory, match="none is usable"):
+        plan(EST, machine(), "full")
+
+
+def test_gpu_unusable_by_the_engine_means_cpu():
+    assert plan(EST, machine((20, 24), offload=False)).kind == "cpu"
+
+
+def test_refusal_says_needed_and_available():
+    with pytest.raises(InsufficientMemory) as e:
+        plan(EST, machine(ram_gib=0.6))
+    assert e.value.status == 503
+    assert "needs 0." in e.value.message and "available" in e.value.message
+
+
+def test_estimate_of_a_real_file(tiny_model):
+    shape = read_shape(tiny_model)
+    assert (shape.n_layer, shape.n_embd, shape.n_head, shape.n_head_kv) == (2, 64, 4, 2)
+    assert shape.n_vocab == 265 and shape.trained_ctx == 2048
+    est = estimate(shape, 2048)
+    assert est.kv_layer_bytes == 2048 * 2 * (16 + 16) * 2  # f16 K and V for 2 KV heads of 16
+    assert est.total_bytes > sum(shape.layer_bytes) + shape.output_bytes
+
+
+class RecordedNVML:
+    """Answers as pynvml does, from a recorded machine."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus=None, fail_init=False):
+        self.gpus = gpus or []
+        self.fail_init = fail_init
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise self.NVMLError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self.gpus[i]
+
+    def nvmlDeviceGetName(self, h):
+        return h["name"].encode()
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return SimpleNamespace(total=h["total"], free=h["free"], used=h["total"] - h["free"])
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return SimpleNamespace(gpu=h["util"])
+
+
+def test_probe_with_a_recorded_gpu():
+    nv = RecordedNVML([{"name": "NVIDIA RTX 4090", "total": 24 * GIB, "free": 20 * GIB, "util": 7}])
+    snap = DeviceProbe(nv, gpu_offload=True).snapshot()
+    assert snap.gpus == (GPU(0, "NVIDIA RTX 4090", 24 * GIB, 20 * GIB, 4 * GIB, 7),)
+    assert snap.ram_total_bytes > 0 and snap.cpu_logical >= 1
+
+
+def test_probe_without_driver_or_engine_support_is_cpu_only(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    snap = DeviceProbe(RecordedNVML(fail_init=True), gpu_offload=True).log_once()
+    assert snap.gpus == () and "no NVIDIA driver" in snap.notes[0]
+    assert "CPU only" in caplog.text
+    nv = RecordedNVML([{"name": "T4", "total": 16 * GIB, "free": 15 * GIB, "util": 0}])
+    snap = DeviceProbe(nv, gpu_offload=False).snapshot()
+    assert snap.gpus and not snap.usable_gpus and "without GPU support" in snap.notes[0]
+
+
+def test_real_probe_on_this_machine_never_raises():
+    snap = DeviceProbe().snapshot()  # the real pynvml and llama-cpp-python
+    assert snap.ram_available_bytes > 0
+    if not snap.gpus:
+        assert snap.notes
