@@ -10,6 +10,7 @@ import aiohttp
 from yarl import URL
 
 from anyad import __version__, secrets
+from anyad.backend import Backend, ModelInfo
 from anyad.jsoncodec import dumps, loads
 from anyad.config import ProviderSettings
 from anyad.errors import AnyadError, BackendError, ConfigError, NetworkError, Timeout, Unavailable, UpstreamError
@@ -112,3 +113,30 @@ async def upstream_error(name: str, resp: aiohttp.ClientResponse) -> UpstreamErr
     return UpstreamError(resp.status, f"{name}: {message}", type_=type_ if isinstance(type_, str) else None,
                          code=str(code) if code is not None else None,
                          param=param if isinstance(param, str) else None, retry_after=retry_after)
+
+
+class RemoteBackend(Backend):
+    """What every remote provider's backend shares: its pooled client, its listed models,
+    its timeouts and retries, and where the offline probe should knock."""
+
+    remote = True
+
+    def __init__(self, name: str, settings: ProviderSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.client = ProviderClient(name, settings)
+        self.first_byte_timeout_s = settings.first_byte_timeout_s
+        self.max_retries = settings.max_retries
+
+    @classmethod
+    def from_provider(cls, name: str, settings: ProviderSettings) -> "RemoteBackend":
+        return cls(name, settings)
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(id=f"{self.name}/{m}", owned_by=self.name, created=0) for m in self.settings.models]
+
+    def probe_address(self) -> tuple[str, int] | None:
+        return self.client.probe_address()
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from anyad.backend import Backend, ModelInfo
-from anyad.config import ProviderSettings
 from anyad.errors import AnyadError, BackendError, InvalidRequest
-from anyad.http_client import ProviderClient, mid_stream
+from anyad.http_client import RemoteBackend, mid_stream
 from anyad.sse import sse_events
 from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
 
@@ -127,26 +125,8 @@ def chunk_from_message(data: dict[str, Any]) -> Chunk:
                  usage=Usage(int(u.get("input_tokens") or 0), int(u.get("output_tokens") or 0)))
 
 
-class AnthropicBackend(Backend):
+class AnthropicBackend(RemoteBackend):
     kind = "anthropic"
-    remote = True
-
-    def __init__(self, name: str, settings: ProviderSettings) -> None:
-        self.name = name
-        self.settings = settings
-        self.client = ProviderClient(name, settings)
-        self.first_byte_timeout_s = settings.first_byte_timeout_s
-        self.max_retries = settings.max_retries
-
-    @classmethod
-    def from_provider(cls, name: str, settings: ProviderSettings) -> "AnthropicBackend":
-        return cls(name, settings)
-
-    def models(self) -> list[ModelInfo]:
-        return [ModelInfo(id=f"{self.name}/{m}", owned_by=self.name, created=0) for m in self.settings.models]
-
-    def probe_address(self) -> tuple[str, int] | None:
-        return self.client.probe_address()
 
     def headers(self) -> dict[str, str]:
         # A configured anthropic-version (e.g. for a beta) rides on the session's headers.
@@ -209,5 +189,3 @@ class AnthropicBackend(Backend):
             except Exception as exc:
                 raise mid_stream(self.name, exc) from None
 
-    async def close(self) -> None:
-        await self.client.close()

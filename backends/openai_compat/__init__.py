@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from anyad.backend import Backend, Embeddings, ModelInfo
-from anyad.config import ProviderSettings
+from anyad.backend import Embeddings
 from anyad.errors import AnyadError, BackendError
-from anyad.http_client import ProviderClient, mid_stream
+from anyad.http_client import RemoteBackend, mid_stream
 from anyad.jsoncodec import loads
 from anyad.sse import SSEParser
 from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
@@ -60,26 +59,8 @@ def chunk_from_completion(data: dict[str, Any]) -> Chunk:
                  logprobs=choice.get("logprobs"))
 
 
-class OpenAIBackend(Backend):
+class OpenAIBackend(RemoteBackend):
     kind = "openai"
-    remote = True
-
-    def __init__(self, name: str, settings: ProviderSettings) -> None:
-        self.name = name
-        self.settings = settings
-        self.client = ProviderClient(name, settings)
-        self.first_byte_timeout_s = settings.first_byte_timeout_s
-        self.max_retries = settings.max_retries
-
-    @classmethod
-    def from_provider(cls, name: str, settings: ProviderSettings) -> "OpenAIBackend":
-        return cls(name, settings)
-
-    def models(self) -> list[ModelInfo]:
-        return [ModelInfo(id=f"{self.name}/{m}", owned_by=self.name, created=0) for m in self.settings.models]
-
-    def probe_address(self) -> tuple[str, int] | None:
-        return self.client.probe_address()
 
     def headers(self) -> dict[str, str] | None:
         key = self.client.api_key()
@@ -161,5 +142,3 @@ class OpenAIBackend(Backend):
                 out.append(chunk)
         return out, False
 
-    async def close(self) -> None:
-        await self.client.close()
