@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from anyad.errors import ConfigError
 
@@ -20,6 +21,17 @@ class GGUFInfo:
     embedding_length: int | None
     chat_template: str | None
     size_bytes: int
+
+
+def gguf_scalar(reader: Any, key: str, default: Any = None) -> Any:
+    """One metadata value of a ``gguf.GGUFReader`` as a Python str/int/float (or ``default``)."""
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return default
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0].name == "STRING":
+        return bytes(value).decode("utf-8", errors="replace")
+    return value.tolist()[0] if hasattr(value, "tolist") else value
 
 
 def read_gguf_info(path: Path) -> GGUFInfo:
@@ -44,13 +56,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         raise ConfigError(f"model file {path} is a damaged GGUF file: {exc}") from None
 
     def scalar(key: str):
-        field = reader.fields.get(key)
-        if field is None or not field.data:
-            return None
-        value = field.parts[field.data[0]]
-        if field.types and field.types[0].name == "STRING":
-            return bytes(value).decode("utf-8", errors="replace")
-        return value.tolist()[0] if hasattr(value, "tolist") else value
+        return gguf_scalar(reader, key)
 
     arch = scalar("general.architecture")
     if not arch:

@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from anyad.gguf_meta import gguf_scalar
+
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
             "q5_0": 22 / 32, "q5_1": 24 / 32}
 SCRATCH = 16 * 2 ** 20
@@ -82,13 +84,9 @@ def read_shape(path: Path) -> ModelShape:
     r = GGUFReader(str(path))
 
     def val(key: str, default=None):
-        f = r.fields.get(key)
-        if f is None or not f.data:
-            return default
-        v = f.parts[f.data[0]]
-        return v.tolist()[0] if hasattr(v, "tolist") else v
+        return gguf_scalar(r, key, default)
 
-    arch = bytes(r.fields["general.architecture"].parts[r.fields["general.architecture"].data[0]]).decode()
+    arch = val("general.architecture")
     n_layer = int(val(f"{arch}.block_count"))
     n_embd = int(val(f"{arch}.embedding_length"))
     n_head = int(val(f"{arch}.attention.head_count"))
