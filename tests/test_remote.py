@@ -339,3 +339,17 @@ async def test_provider_key_never_reaches_logs_or_status(make_client, tiny_model
     assert fake.headers[-1]["Authorization"] == f"Bearer {secret}"  # it was used…
     for text in (caplog.text, status, models):  # …and shown nowhere
         assert secret not in text
+
+
+async def test_mid_stream_failure_counts_against_the_breaker(make_client, tiny_model, start_fake):
+    fake, url = await start_fake("reset")
+    c = await make_client(gateway_settings(tiny_model, {"up": {"base_url": url}},
+                                           [{"name": "chat", "targets": ["up/big", MODEL_ID]}],
+                                           breaker_failures=1, breaker_cooldown_s=60))
+    r = await post(c, "chat", stream=True)
+    events, _ = await sse(r)
+    assert "error" in events[-1]
+    status = await (await c.get("/api/status")).json()
+    assert status["breakers"]["up/big"]["state"] == "open"
+    r = await post(c, "chat", max_tokens=2)
+    assert r.headers["X-Anyad-Backend"] == MODEL_ID and r.headers["X-Anyad-Fallback"] == "up/big: circuit open"

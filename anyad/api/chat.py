@@ -36,8 +36,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if not chat.stream:
             reply = Reply()
             reply.add(opened.first)
-            async for chunk in rest:
-                reply.add(chunk)
+            try:
+                async for chunk in rest:
+                    reply.add(chunk)
+            except AnyadError as exc:
+                opened.failed(exc)
+                raise
             if reply.finish_reason is None:
                 raise BackendError(f"{opened.target.name} ended the reply without a finish reason")
             return web.json_response(enc.completion(reply), headers=headers, dumps=dumps)
