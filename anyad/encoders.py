@@ -23,13 +23,17 @@ class OpenAIEncoder:
         self.model = model
         self.created = int(time.time())
         self.include_usage = include_usage
-        head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": model,
-                "system_fingerprint": None}
-        head_json = dumpb(head).decode()[:-1]
-        self._usage_tail = ',"usage":null' if include_usage else ""
+        self._head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": model,
+                      "system_fingerprint": None}
+        self._delta_head = b""
+        self._delta_tail = b""
+
+    def _templates(self) -> None:
+        # Built on the first streamed delta only: a non-streamed reply never needs them.
+        head_json = dumpb(self._head).decode()[:-1]
+        usage_tail = ',"usage":null' if self.include_usage else ""
         self._delta_head = (f'data: {head_json},"choices":[{{"index":0,"delta":{{"content":').encode()
-        self._delta_tail = (f'}},"logprobs":null,"finish_reason":null}}]{self._usage_tail}}}\n\n').encode()
-        self._head = head
+        self._delta_tail = (f'}},"logprobs":null,"finish_reason":null}}]{usage_tail}}}\n\n').encode()
 
     def _event(self, choices: list[dict[str, Any]], usage: Usage | None = None, with_usage: bool = False) -> bytes:
         obj = {**self._head, "choices": choices}
@@ -42,6 +46,8 @@ class OpenAIEncoder:
                              "finish_reason": None}])
 
     def delta(self, text: str) -> bytes:
+        if not self._delta_head:
+            self._templates()
         return self._delta_head + dumpb(text) + self._delta_tail
 
     def chunk(self, chunk: Chunk) -> bytes:

@@ -11,7 +11,9 @@ from yarl import URL
 
 from anyad import __version__, secrets
 from anyad.backend import Backend, ModelInfo
-from anyad.jsoncodec import dumps, loads
+from anyad.jsoncodec import dumpb, loads
+
+JSON_HEADERS = {"Content-Type": "application/json"}
 from anyad.config import ProviderSettings
 from anyad.errors import AnyadError, BackendError, ConfigError, NetworkError, Timeout, Unavailable, UpstreamError
 
@@ -33,7 +35,7 @@ class ProviderClient:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
                                               sock_read=s.read_timeout_s),
                 # Static headers live on the session, so a request merges only what varies.
-                headers={"User-Agent": f"anyad/{__version__}", **s.headers}, json_serialize=dumps,
+                headers={"User-Agent": f"anyad/{__version__}", **s.headers},
             )
         return self._session
 
@@ -54,7 +56,9 @@ class ProviderClient:
                    headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
         """POST and return the response once its headers are in; every failure is an AnyadError."""
         try:
-            resp = await self.session().post(self.base_url + path, json=body, headers=headers)
+            # Bytes straight from orjson: aiohttp's json= would take a str and encode it again.
+            resp = await self.session().post(self.base_url + path, data=dumpb(body),
+                                             headers={**JSON_HEADERS, **headers} if headers else JSON_HEADERS)
         except aiohttp.ConnectionTimeoutError:
             raise NetworkError(f"{self.name}: connecting timed out after {self.settings.connect_timeout_s:g} s") \
                 from None

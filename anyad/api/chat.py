@@ -9,7 +9,7 @@ from aiohttp import web
 
 from anyad.encoders import DONE, OpenAIEncoder, Reply, sse_error
 from anyad.errors import AnyadError, BackendError
-from anyad.jsoncodec import dumps
+from anyad.jsoncodec import dumpb
 from anyad.router import fallback_header
 from anyad.schemas import parse_chat_request
 from anyad.server import DAEMON, REQUEST_ID, read_json
@@ -44,7 +44,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 raise
             if reply.finish_reason is None:
                 raise BackendError(f"{opened.target.name} ended the reply without a finish reason")
-            return web.json_response(enc.completion(reply), headers=headers, dumps=dumps)
+            return web.Response(body=dumpb(enc.completion(reply)), headers=headers, content_type="application/json")
 
         resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
         await resp.prepare(request)
