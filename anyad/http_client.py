@@ -142,5 +142,12 @@ class RemoteBackend(Backend):
     def probe_address(self) -> tuple[str, int] | None:
         return self.client.probe_address()
 
+    async def reply_json(self, resp: aiohttp.ClientResponse) -> Any:
+        """A whole (non-streamed) reply body as JSON."""
+        try:
+            return loads(await resp.read())
+        except ValueError:
+            raise BackendError(f"{self.name}: the reply is not JSON") from None
+
     async def close(self) -> None:
         await self.client.close()

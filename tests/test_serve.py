@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from contextlib import contextmanager
 import subprocess
 import urllib.request
 
@@ -11,6 +12,20 @@ import psutil
 import pytest
 
 from conftest import MODEL_ID, anyad_cmd, clean_env, free_port, wait_http
+
+
+@contextmanager
+def serving(tmp_path, *args, env_extra=None):
+    """A running ``anyad serve`` whose models are loaded: (process, port, its worker processes).
+    Whatever the test does, the daemon is killed if it is still there at the end."""
+    port = free_port()
+    proc = start(tmp_path, *args, "--port", str(port), env_extra=env_extra)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", proc=proc)
+        yield proc, port, psutil.Process(proc.pid).children(recursive=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def start(tmp_path, *args, env_extra=None):
@@ -62,19 +77,12 @@ def test_env_port_and_default_host(tiny_model, tmp_path):
 
 
 def test_worker_exits_when_the_daemon_is_killed(tiny_model, tmp_path):
-    port = free_port()
-    proc = start(tmp_path, "--model", str(tiny_model), "--port", str(port))
-    try:
-        wait_http(f"http://127.0.0.1:{port}/ready", proc=proc)
-        workers = psutil.Process(proc.pid).children(recursive=True)
+    with serving(tmp_path, "--model", str(tiny_model)) as (proc, _, workers):
         assert workers
         proc.kill()  # no chance to clean up
         proc.communicate(timeout=10)
         gone, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive, "a worker outlived a killed daemon"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_port_in_use_is_a_clear_error(tiny_model, tmp_path):
@@ -93,11 +101,7 @@ def test_port_in_use_is_a_clear_error(tiny_model, tmp_path):
 def test_sigterm_during_a_stream_stops_promptly(tiny_model, tmp_path):
     import http.client
 
-    port = free_port()
-    proc = start(tmp_path, "--model", str(tiny_model), "--port", str(port))
-    try:
-        wait_http(f"http://127.0.0.1:{port}/ready", proc=proc)
-        workers = psutil.Process(proc.pid).children(recursive=True)
+    with serving(tmp_path, "--model", str(tiny_model)) as (proc, port, workers):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/v1/chat/completions", body=json.dumps({
             "model": MODEL_ID, "stream": True, "max_tokens": 1900,
@@ -111,9 +115,6 @@ def test_sigterm_during_a_stream_stops_promptly(tiny_model, tmp_path):
             resp.read()  # drained within the grace period, or cut: either way it ends, never hangs
         except http.client.IncompleteRead:
             pass
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     gone, alive = psutil.wait_procs(workers, timeout=10)

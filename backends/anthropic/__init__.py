@@ -7,11 +7,11 @@ OpenAI chunks, usage included, streamed event by event.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from anyad.errors import AnyadError, BackendError, InvalidRequest
 from anyad.http_client import RemoteBackend, mid_stream
+from anyad.jsoncodec import dumps, loads
 from anyad.sse import sse_events
 from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
 
@@ -74,7 +74,7 @@ def to_messages_request(request: ChatRequest, model: str) -> dict[str, Any]:
             for tc in m.get("tool_calls") or []:
                 fn = tc.get("function") or {}
                 try:
-                    args = json.loads(fn.get("arguments") or "{}")
+                    args = loads(fn.get("arguments") or "{}")
                 except ValueError:
                     raise InvalidRequest("tool call arguments are not JSON", param=f"{where}.tool_calls") from None
                 blocks.append({"type": "tool_use", "id": tc.get("id"), "name": fn.get("name"), "input": args})
@@ -118,7 +118,7 @@ def chunk_from_message(data: dict[str, Any]) -> Chunk:
             texts.append(block.get("text", ""))
         elif block.get("type") == "tool_use":
             tools.append({"index": len(tools), "id": block.get("id"), "type": "function",
-                          "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input", {}))}})
+                          "function": {"name": block.get("name"), "arguments": dumps(block.get("input", {}))}})
     u = data.get("usage") or {}
     return Chunk(text="".join(texts), finish_reason=FINISH.get(data.get("stop_reason") or "end_turn", "stop"),
                  tool_calls=tools or None,
@@ -142,17 +142,14 @@ class AnthropicBackend(RemoteBackend):
         async with resp:
             try:
                 if not request.stream:
-                    try:
-                        data = await resp.json(content_type=None)
-                    except ValueError:
-                        raise BackendError(f"{self.name}: the reply is not JSON") from None
+                    data = await self.reply_json(resp)
                     yield chunk_from_message(data)
                     return
                 prompt_tokens = 0
                 tool_index: dict[int, int] = {}  # Anthropic block index → OpenAI tool-call index
                 async for event, payload in sse_events(resp.content):
                     try:
-                        ev = json.loads(payload)
+                        ev = loads(payload)
                     except ValueError:
                         raise BackendError(f"{self.name}: malformed event in the stream") from None
                     kind = ev.get("type") or event

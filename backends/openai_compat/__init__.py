@@ -72,10 +72,7 @@ class OpenAIBackend(RemoteBackend):
         async with resp:
             try:
                 if not request.stream:
-                    try:
-                        data = loads(await resp.read())
-                    except ValueError:
-                        raise BackendError(f"{self.name}: the reply is not JSON") from None
+                    data = await self.reply_json(resp)
                     yield chunk_from_completion(data)
                     return
                 parser = SSEParser()
@@ -104,7 +101,7 @@ class OpenAIBackend(RemoteBackend):
         resp = await self.client.post("/embeddings", body, self.headers())
         async with resp:
             try:
-                data = loads(await resp.read())
+                data = await self.reply_json(resp)
                 rows = sorted(data["data"], key=lambda d: d.get("index", 0))
                 vectors = [r["embedding"] for r in rows]
             except (ValueError, KeyError, TypeError):
