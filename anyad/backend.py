@@ -11,11 +11,14 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from anyad.config import ModelDefaults, ModelSettings, ProviderSettings
 from anyad.errors import ConfigError, InvalidRequest
 from anyad.stream import ChatRequest, ChunkStream
+
+if TYPE_CHECKING:
+    from anyad.scheduler import Scheduler
 
 ENTRY_POINT_GROUP = "anyad.backends"
 
@@ -41,8 +44,14 @@ class Backend(abc.ABC):
     first_byte_timeout_s: float | None = None
 
     @classmethod
-    def from_model(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults) -> "Backend":
-        """Build for one local model file; raise ConfigError for a setting or file that cannot work."""
+    def from_model(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults,
+                   scheduler: "Scheduler") -> "Backend":
+        """Build for one local model file; raise ConfigError for a setting or file that cannot work.
+
+        A backend that holds memory registers its model with ``scheduler`` and asks it
+        (``scheduler.use``) before each request, so that loading, unloading and queueing
+        are decided in one place.
+        """
         raise ConfigError(f"backend {cls.kind!r} does not run local model files")
 
     @classmethod

@@ -8,11 +8,12 @@ override the file; command-line flags override both. Every failure becomes a
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -40,11 +41,62 @@ class ServerSettings(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class ModelDefaults(_Strict):
-    max_context: int = Field(8192, ge=16)
-    queue_size: int = Field(16, ge=0)
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: Any) -> float:
+    """Seconds a model stays loaded after its last request; ``inf`` means for ever.
+
+    Ollama's forms: a number of seconds, or a duration string ("5m", "1h30m", "90s");
+    a negative value keeps the model loaded, 0 unloads it after each request.
+    """
+    if isinstance(value, bool) or value is None:
+        raise ValueError("keep_alive must be a number of seconds or a duration such as \"5m\"")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        try:
+            seconds = sign * float(body)
+        except ValueError:
+            parts = _DURATION.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise ValueError(f"keep_alive {value!r} is not a duration (e.g. \"30s\", \"5m\", \"1h\", -1)") \
+                    from None
+            seconds = sign * sum(float(n) * _UNIT_S[u] for n, u in parts)
+    else:
+        raise ValueError("keep_alive must be a number of seconds or a duration such as \"5m\"")
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError("keep_alive must be finite; use -1 to keep a model loaded")
+    return math.inf if seconds < 0 else seconds
+
+
+GpuSetting = Literal["auto", "cpu", "full"] | Annotated[int, Field(ge=0)]
+
+
+class ModelPolicy(_Strict):
+    """How the scheduler treats a model; set in [defaults], overridden per model."""
+
+    # "auto": all layers on the GPU if they fit, else as many as fit, else the CPU.
+    gpu: GpuSetting = "auto"
+    keep_alive: float = 300.0  # inf: never unloaded for idleness
+    parallel: int = Field(1, ge=1, le=64)
+    max_queue: int = Field(16, ge=0)
+    queue_timeout_s: float = Field(300.0, gt=0)
     load_timeout_s: float = Field(120.0, gt=0)
-    preload: bool = True
+    preload: bool = False
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> float:
+        return parse_keep_alive(v)
+
+
+class ModelDefaults(ModelPolicy):
+    max_context: int = Field(8192, ge=16)
 
 
 class ModelSettings(_Strict):
@@ -53,8 +105,35 @@ class ModelSettings(_Strict):
     n_ctx: int | None = Field(None, ge=16)
     n_threads: int | None = Field(None, ge=1)
     n_batch: int = Field(512, ge=1)
-    queue_size: int | None = Field(None, ge=0)
+    # Unset: the value from [defaults].
+    gpu: GpuSetting | None = None
+    keep_alive: float | None = None
+    parallel: int | None = Field(None, ge=1, le=64)
+    max_queue: int | None = Field(None, ge=0)
+    queue_timeout_s: float | None = Field(None, gt=0)
+    load_timeout_s: float | None = Field(None, gt=0)
     preload: bool | None = None
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> float | None:
+        return None if v is None else parse_keep_alive(v)
+
+    def policy(self, defaults: ModelDefaults) -> ModelPolicy:
+        """This model's scheduling policy: its own values over the defaults."""
+        own = {k: getattr(self, k) for k in ModelPolicy.model_fields if getattr(self, k) is not None}
+        base = {k: getattr(defaults, k) for k in ModelPolicy.model_fields}
+        return ModelPolicy.model_construct(**{**base, **own})
+
+
+class SchedulerSettings(_Strict):
+    # Models loaded at once; an idle one (least recently used first) is unloaded to make room. 0: no limit.
+    max_loaded_models: int = Field(3, ge=0)
+    # Memory kept free for everything else on the machine.
+    gpu_reserve_mib: int = Field(512, ge=0)
+    ram_reserve_mib: int = Field(512, ge=0)
+    # After unloading to make room, how long to wait for the device to report the memory free.
+    memory_wait_s: float = Field(15.0, ge=0)
 
 
 SECRET_REF = re.compile(r"^(env|keyring|cred):.+$")
@@ -112,6 +191,7 @@ class Settings(_Strict):
     providers: dict[str, ProviderSettings] = {}
     routes: list[RouteSettings] = []
     router: RouterSettings = RouterSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
     # Where the settings came from, for log lines and relative paths; not a TOML key.
     source: Path | None = Field(None, exclude=True)
 

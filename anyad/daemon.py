@@ -10,6 +10,7 @@ from anyad.config import Settings
 from anyad.errors import ConfigError
 from anyad.resources import DeviceProbe
 from anyad.router import Router
+from anyad.scheduler import Scheduler
 
 log = logging.getLogger("anyad")
 
@@ -18,9 +19,10 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         """Build every backend; raises ConfigError (a missing model file, an unknown backend…)."""
         self.settings = settings
+        self.scheduler = Scheduler(settings.scheduler)
         local: dict[str, Backend] = {}
         for model_id, ms in settings.models.items():
-            local[model_id] = backend_class(ms.backend).from_model(model_id, ms, settings.defaults)
+            local[model_id] = backend_class(ms.backend).from_model(model_id, ms, settings.defaults, self.scheduler)
         providers: dict[str, Backend] = {}
         for name, ps in settings.providers.items():
             if name in local:
@@ -35,17 +37,19 @@ class Daemon:
     async def start(self) -> None:
         # NVML and the engine's GPU support are read once, off the event loop.
         self.probe = await asyncio.to_thread(DeviceProbe)
+        self.scheduler.probe = self.probe
         await asyncio.to_thread(self.probe.log_once)
         # Preloading runs in the background: the listener answers /health at once
-        # and /ready says when the models are usable.
-        for b in self.backends:
-            self._starting.append(asyncio.create_task(self._start_one(b)))
+        # and /ready says when the models are usable. One after another, in config
+        # order, so that placement sees each load's memory before the next.
+        self._starting.append(asyncio.create_task(self._start_all()))
 
-    async def _start_one(self, backend: Backend) -> None:
-        try:
-            await backend.start()
-        except Exception as exc:  # a failed preload is retried by the first request
-            log.error("%s", getattr(exc, "message", exc))
+    async def _start_all(self) -> None:
+        for backend in self.backends:
+            try:
+                await backend.start()
+            except Exception as exc:  # a failed preload is retried by the first request
+                log.error("%s", getattr(exc, "message", exc))
 
     def ready(self) -> tuple[bool, dict[str, bool]]:
         """Ready when every local model is usable; remote ones answer for themselves."""
@@ -53,14 +57,18 @@ class Daemon:
         return all(states.values()), states
 
     def status(self) -> dict:
+        """Devices, local models (placement, memory, expiry, queues), breakers, offline state."""
         devices = self.probe.snapshot().as_dict() if self.probe is not None else None
         return {"devices": devices, "models": {model_id: b.status() for model_id, b in self.local.items()},
+                "scheduler": {"max_loaded_models": self.settings.scheduler.max_loaded_models,
+                              "loaded": sum(1 for e in self.scheduler.models.values() if e.state == "loaded")},
                 **self.router.status()}
 
     async def close(self) -> None:
         for t in self._starting:
             t.cancel()
         await self.router.close()
+        await self.scheduler.close()
         if self.probe is not None:
             self.probe.close()
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)

@@ -121,6 +121,29 @@ class Unavailable(AnyadError):
     code = "unavailable"
     retryable = True
 
+    def __init__(self, message: str, *, retry_after: int | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+    @property
+    def retry_after(self) -> int | None:
+        return self._retry_after
+
+    @retry_after.setter
+    def retry_after(self, value: int | None) -> None:
+        # Kept in step with the header, since it may be set after construction.
+        self._retry_after = value
+        if value is None:
+            self.headers.pop("Retry-After", None)
+        else:
+            self.headers["Retry-After"] = str(max(1, int(value)))
+
 
 class ConfigError(Exception):
     """Invalid configuration: stops the daemon with one readable message."""
+
+
+class LoadFailed(Unavailable):
+    """A model's engine could not load it as placed (a bad file, out of memory on the device)."""
+
+    code = "model_load_failed"

@@ -12,9 +12,13 @@ For a model with ``L`` blocks, context ``n_ctx`` and micro-batch ``n_ubatch``::
                    + n_ubatch * n_ctx * n_head )                (attention scores)
                + 16 MiB                                         (graph and scratch allowance)
 
-    all on the CPU:   RAM  = W_in + Σ W_i + W_out + Σ KV_i + compute
-    k blocks on GPU:  VRAM = Σ_{i ≥ L-k} (W_i + KV_i) + compute  (+ W_out when k = L)
+    all on the CPU:   RAM  = W_in + Σ W_i + W_out + P * (Σ KV_i + compute)
+    k blocks on GPU:  VRAM = P * (Σ_{i ≥ L-k} (W_i + KV_i) + compute  (+ W_out when k = L))
                       RAM  = W_in + the rest
+
+``P`` is the model's ``parallel`` setting: each slot is a context of its own.
+On the CPU the weights are memory-mapped once and shared by the contexts; on
+a GPU each context holds its own copy of the offloaded layers.
 
 The tensor sizes are exact (read from the tensor table); the compute term is an
 upper-leaning allowance, so the estimate errs towards too much rather than an
@@ -55,15 +59,17 @@ class Estimate:
     n_ctx: int
     kv_layer_bytes: int
     compute_bytes: int
+    parallel: int = 1
 
     def ram_bytes(self, gpu_layers: int = 0) -> int:
         s = self.shape
         k = max(0, min(gpu_layers, s.n_layer))
         cpu_layers = s.n_layer - k
-        ram = s.input_bytes + sum(s.layer_bytes[:cpu_layers]) + cpu_layers * self.kv_layer_bytes
+        ram = s.input_bytes + sum(s.layer_bytes[:cpu_layers])
         if k < s.n_layer:
             ram += s.output_bytes
-        return ram + (self.compute_bytes if k == 0 else SCRATCH)
+        per_context = cpu_layers * self.kv_layer_bytes + (self.compute_bytes if k == 0 else SCRATCH)
+        return ram + self.parallel * per_context
 
     def vram_bytes(self, gpu_layers: int) -> int:
         s = self.shape
@@ -71,7 +77,7 @@ class Estimate:
         if k == 0:
             return 0
         vram = sum(s.layer_bytes[s.n_layer - k:]) + k * self.kv_layer_bytes + self.compute_bytes
-        return vram + (s.output_bytes if k == s.n_layer else 0)
+        return self.parallel * (vram + (s.output_bytes if k == s.n_layer else 0))
 
     @property
     def total_bytes(self) -> int:
@@ -121,9 +127,10 @@ def read_shape(path: Path) -> ModelShape:
         trained_ctx=val(f"{arch}.context_length"))
 
 
-def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, cache_type: str = "f16") -> Estimate:
+def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, cache_type: str = "f16",
+             parallel: int = 1) -> Estimate:
     per_elem = KV_BYTES[cache_type]
     kv = int(n_ctx * shape.n_head_kv * (shape.key_length + shape.value_length) * per_elem)
     ub = min(n_ubatch, n_ctx)
     compute = 4 * (shape.n_vocab + ub * (3 * shape.n_ff + 4 * shape.n_embd) + ub * n_ctx * shape.n_head) + SCRATCH
-    return Estimate(shape=shape, n_ctx=n_ctx, kv_layer_bytes=kv, compute_bytes=compute)
+    return Estimate(shape=shape, n_ctx=n_ctx, kv_layer_bytes=kv, compute_bytes=compute, parallel=parallel)

@@ -9,13 +9,11 @@ this module only says what fits now, or why nothing does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
+from anyad.config import GpuSetting
 from anyad.errors import Unavailable
 from anyad.memory import Estimate
 from anyad.resources import Snapshot
 
-GpuSetting = Literal["auto", "cpu", "full"] | int
 GIB = 2 ** 30
 
 

@@ -118,6 +118,24 @@ class DeviceProbe:
                         cpu_logical=logical, cpu_physical=psutil.cpu_count(logical=False) or logical,
                         load_1m=load, gpu_offload=self.gpu_offload, notes=tuple(notes))
 
+    def process_memory(self, pid: int) -> dict[str, int | None]:
+        """What one process (a model's worker) holds now: resident RAM, and VRAM where NVML tells."""
+        try:
+            rss: int | None = psutil.Process(pid).memory_info().rss
+        except (psutil.Error, OSError):
+            rss = None
+        vram: int | None = None
+        if self._nvml_ok:
+            nv = self._nvml
+            try:
+                for i in range(nv.nvmlDeviceGetCount()):
+                    for p in nv.nvmlDeviceGetComputeRunningProcesses(nv.nvmlDeviceGetHandleByIndex(i)):
+                        if p.pid == pid and p.usedGpuMemory is not None:
+                            vram = (vram or 0) + int(p.usedGpuMemory)
+            except Exception:  # not every driver reports per-process memory (e.g. inside some containers)
+                pass
+        return {"rss_bytes": rss, "vram_bytes": vram}
+
     def log_once(self) -> Snapshot:
         snap = self.snapshot()
         gib = 2 ** 30

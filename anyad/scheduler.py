@@ -1,50 +1,360 @@
-"""Admission to models: per-model slots and bounded wait queues.
+"""The one owner of local models' lifecycle: where they load, when, and who waits.
 
-A local model's worker runs one generation at a time. Requests beyond that wait
-in a queue of bounded length; when it is full the request is refused at once
-with 429 and a ``Retry-After`` estimated from how long requests have recently
-held the slot, rather than piling up unbounded latency.
+Every request for a local model goes through ``Scheduler.use(name)``, which
+
+1. admits it to the model's queue: ``parallel`` requests run at once, up to
+   ``max_queue`` more wait (beyond that: 429 with ``Retry-After``), and a wait
+   longer than ``queue_timeout_s`` is a 503; a client that hangs up while
+   waiting leaves the queue at once;
+2. makes sure the model is loaded: placement is planned from what the devices
+   report now (``anyad.placement``), idle models are unloaded, least recently
+   used first, when the model count limit or memory asks for it, and after such
+   an unload the load waits (bounded) until the device reports the memory free;
+   a load that fails on the GPU is retried with half the layers, then on the CPU;
+3. on release, starts the model's keep-alive clock: ``0`` unloads it at once,
+   ``inf`` never, anything else after that many idle seconds.
+
+Loads and unloads happen one at a time under one lock, so two decisions never
+plan with the same free memory; requests for a model that is already loaded
+never touch that lock. A model that is generating or has requests waiting is
+never unloaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Protocol
 
-from anyad.errors import QueueFull
+from anyad.config import ModelPolicy, SchedulerSettings
+from anyad.errors import AnyadError, LoadFailed, QueueFull, Unavailable
+from anyad.memory import Estimate
+from anyad.placement import InsufficientMemory, Placement, plan
+from anyad.resources import DeviceProbe, Snapshot
+
+log = logging.getLogger("anyad.scheduler")
+
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+MIB = 2 ** 20
+# Poll interval while waiting for a device to report freed memory.
+MEMORY_POLL_S = 0.1
 
 
-class ModelQueue:
-    def __init__(self, name: str, slots: int = 1, max_waiting: int = 16) -> None:
-        self.name = name
-        self.slots = slots
-        self.max_waiting = max_waiting
-        self._sem = asyncio.Semaphore(slots)
-        self.waiting = 0
-        self.active = 0
-        self._avg_hold_s = 5.0  # moving average of slot hold time, for Retry-After
+class Loadable(Protocol):
+    """What a local backend hands the scheduler for one model."""
+
+    name: str
+
+    @property
+    def loaded(self) -> bool: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def estimate(self, parallel: int) -> Estimate: ...
+
+    async def load(self, placement: Placement, *, parallel: int, warm_up: bool) -> None:
+        """Start the engine with this placement; raise ``LoadFailed`` when the engine refuses it."""
+
+    async def unload(self) -> None:
+        """Stop the engine and give its memory back to the OS."""
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    unit: Loadable
+    policy: ModelPolicy
+    slots: asyncio.Semaphore
+    keep_alive: float  # the last request's keep_alive, else the policy's
+    waiting: int = 0
+    active: int = 0
+    state: str = "unloaded"  # unloaded | loading | loaded | unloading
+    placement: Placement | None = None
+    loaded_once: bool = False
+    load_s: float | None = None
+    last_used: float = 0.0
+    expires_at: float | None = None
+    timer: asyncio.TimerHandle | None = None
+    avg_hold_s: float = 5.0  # moving average of slot hold time, for Retry-After
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.unit.name
+
+    @property
+    def busy(self) -> bool:
+        return self.active > 0 or self.waiting > 0
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "loaded" and self.unit.loaded
 
     def retry_after(self) -> int:
-        return max(1, math.ceil(self._avg_hold_s * (self.waiting + 1) / self.slots))
+        return max(1, math.ceil(self.avg_hold_s * (self.waiting + 1) / self.policy.parallel))
+
+
+class Scheduler:
+    def __init__(self, settings: SchedulerSettings | None = None, probe: DeviceProbe | None = None) -> None:
+        self.settings = settings or SchedulerSettings()
+        self.probe = probe
+        self.models: dict[str, ModelEntry] = {}
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def register(self, unit: Loadable, policy: ModelPolicy, notes: list[str] | None = None) -> None:
+        self.models[unit.name] = ModelEntry(unit, policy, asyncio.Semaphore(policy.parallel),
+                                            keep_alive=policy.keep_alive, notes=list(notes or []))
+
+    # -- requests ---------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        if self._sem.locked() and self.waiting >= self.max_waiting:
-            raise QueueFull(f"model {self.name!r} is busy and its queue is full ({self.max_waiting} waiting); "
-                            "retry later", retry_after=self.retry_after())
-        self.waiting += 1
+    async def use(self, name: str, keep_alive: float | None = None, *, warm_up: bool = False) -> AsyncIterator[None]:
+        """Hold one of the model's slots, with the model loaded, for the body of the block."""
+        e = self.models[name]
+        if e.slots.locked() and e.waiting >= e.policy.max_queue:
+            raise QueueFull(f"model {name!r} is busy and its queue is full ({e.policy.max_queue} waiting); "
+                            "retry later", retry_after=e.retry_after())
+        e.waiting += 1
+        self._cancel_timer(e)
         try:
-            await self._sem.acquire()
+            await self._acquire(e)
         finally:
-            self.waiting -= 1
-        self.active += 1
+            e.waiting -= 1
+        e.active += 1
         started = time.monotonic()
         try:
+            if keep_alive is not None:
+                e.keep_alive = keep_alive
+            if not e.usable:
+                await self._ensure_loaded(e, warm_up)
             yield
         finally:
-            self.active -= 1
-            self._avg_hold_s = 0.8 * self._avg_hold_s + 0.2 * (time.monotonic() - started)
-            self._sem.release()
+            e.active -= 1
+            e.slots.release()
+            e.last_used = time.monotonic()
+            e.avg_hold_s = 0.8 * e.avg_hold_s + 0.2 * (e.last_used - started)
+            self._released(e)
+
+    async def _acquire(self, e: ModelEntry) -> None:
+        wait = e.policy.queue_timeout_s
+        try:
+            if _timeout is not None:
+                async with _timeout(wait):
+                    await e.slots.acquire()
+            else:  # pragma: no cover - Python 3.10
+                await asyncio.wait_for(e.slots.acquire(), wait)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"model {e.name!r} stayed busy for {wait:g} s while this request waited "
+                              "(queue_timeout_s); retry later", retry_after=e.retry_after()) from None
+
+    async def load(self, name: str, *, warm_up: bool = True) -> None:
+        """Load a model now (preload, or an explicit request); its keep-alive clock starts after."""
+        async with self.use(name, warm_up=warm_up):
+            pass
+
+    async def unload(self, name: str, why: str = "asked to") -> bool:
+        """Unload a model unless it is busy; True when it was unloaded."""
+        e = self.models[name]
+        async with self._lock:
+            if e.busy or e.state != "loaded":
+                return False
+            await self._unload(e, why)
+            return True
+
+    def ready(self, name: str) -> bool:
+        """Preloaded models are ready once they have loaded; others as soon as they are registered."""
+        e = self.models[name]
+        return e.loaded_once or not e.policy.preload
+
+    # -- keep-alive -------------------------------------------------------------------------
+
+    def _cancel_timer(self, e: ModelEntry) -> None:
+        if e.timer is not None:
+            e.timer.cancel()
+            e.timer = None
+        e.expires_at = None
+
+    def _released(self, e: ModelEntry) -> None:
+        if e.busy or e.state != "loaded":
+            return
+        if e.keep_alive == 0:
+            self._spawn(self._expire(e, "keep_alive is 0"))
+        elif math.isfinite(e.keep_alive):
+            self._cancel_timer(e)
+            e.expires_at = time.time() + e.keep_alive
+            e.timer = asyncio.get_running_loop().call_later(
+                e.keep_alive, lambda: self._spawn(self._expire(e, f"idle for {e.keep_alive:g} s (keep_alive)")))
+
+    async def _expire(self, e: ModelEntry, why: str) -> None:
+        async with self._lock:
+            if not e.busy and e.state == "loaded":
+                await self._unload(e, why)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- loading ----------------------------------------------------------------------------
+
+    async def _ensure_loaded(self, e: ModelEntry, warm_up: bool) -> None:
+        async with self._lock:
+            if e.usable:
+                return
+            if e.state == "loaded":  # the worker died since: start over
+                log.warning("model %s: its worker is gone; loading it again", e.name)
+                e.state, e.placement = "unloaded", None
+            e.state = "loading"
+            try:
+                await self._load(e, warm_up)
+            except BaseException:
+                e.state, e.placement = "unloaded", None
+                raise
+            e.state = "loaded"
+
+    async def _snapshot(self, exclude: ModelEntry) -> Snapshot:
+        if self.probe is None:
+            self.probe = await asyncio.to_thread(DeviceProbe)
+        snap = await asyncio.to_thread(self.probe.snapshot)
+        # Memory-mapped weights count as "available" page cache, so RAM that loaded
+        # models will touch is not subtracted by the OS: subtract their estimates too.
+        committed = sum(m.placement.ram_bytes for m in self.models.values()
+                        if m is not exclude and m.placement is not None)
+        return replace(snap, ram_available_bytes=min(snap.ram_available_bytes,
+                                                     max(0, snap.ram_total_bytes - committed)))
+
+    def _victim(self, e: ModelEntry) -> ModelEntry | None:
+        """The least recently used loaded model that is idle, other than ``e``."""
+        idle = [m for m in self.models.values() if m is not e and m.state == "loaded" and not m.busy]
+        return min(idle, key=lambda m: m.last_used, default=None)
+
+    async def _plan(self, e: ModelEntry, est: Estimate) -> Placement:
+        s = self.settings
+        limit = s.max_loaded_models
+        pending: tuple[int, int] | None = None  # (GPU index, free bytes expected there) after an unload
+        deadline = 0.0
+        while True:
+            others = [m for m in self.models.values() if m is not e and m.state != "unloaded"]
+            if limit and len(others) >= limit:
+                victim = self._victim(e)
+                if victim is None:
+                    raise Unavailable(f"cannot load model {e.name!r}: {len(others)} models are loaded "
+                                      f"(max_loaded_models = {limit}) and all of them are busy; retry later",
+                                      retry_after=e.retry_after())
+                await self._unload(victim, f"to load {e.name} within max_loaded_models = {limit}")
+                continue
+            snap = await self._snapshot(e)
+            try:
+                return plan(est, snap, e.policy.gpu, vram_reserve=s.gpu_reserve_mib * MIB,
+                            ram_reserve=s.ram_reserve_mib * MIB)
+            except InsufficientMemory as exc:
+                if pending is not None and time.monotonic() < deadline and not self._freed(snap, pending):
+                    await asyncio.sleep(MEMORY_POLL_S)
+                    continue
+                victim = self._victim(e)
+                if victim is None:
+                    busy = [m.name for m in self.models.values() if m is not e and m.state == "loaded"]
+                    if busy:
+                        exc.message += f"; the loaded models ({', '.join(busy)}) are busy"
+                    exc.retry_after = e.retry_after() if busy else None
+                    raise
+                pending = self._expected_free(victim, snap)
+                await self._unload(victim, f"to free memory for {e.name} ({exc.message})")
+                deadline = time.monotonic() + s.memory_wait_s
+
+    @staticmethod
+    def _expected_free(victim: ModelEntry, snap: Snapshot) -> tuple[int, int] | None:
+        p = victim.placement
+        if p is None or p.gpu_index is None:
+            return None  # RAM comes back when the process has exited, which unload waits for
+        for g in snap.gpus:
+            if g.index == p.gpu_index:
+                return g.index, g.free_bytes + int(0.8 * p.vram_bytes)
+        return None
+
+    @staticmethod
+    def _freed(snap: Snapshot, pending: tuple[int, int]) -> bool:
+        index, expected = pending
+        return any(g.index == index and g.free_bytes >= expected for g in snap.gpus)
+
+    async def _load(self, e: ModelEntry, warm_up: bool) -> None:
+        est = e.unit.estimate(e.policy.parallel)
+        first = await self._plan(e, est)
+        for placement in self._fallbacks(e, est, first):
+            t0 = time.monotonic()
+            try:
+                await e.unit.load(placement, parallel=e.policy.parallel, warm_up=warm_up)
+            except LoadFailed as exc:
+                if placement.gpu_layers == 0:
+                    raise
+                log.warning("model %s: loading with %d GPU layers failed (%s); trying again with fewer",
+                            e.name, placement.gpu_layers, exc.message)
+                continue
+            e.placement, e.loaded_once, e.load_s = placement, True, time.monotonic() - t0
+            log.info("model %s loaded in %.2f s: %s; estimated %.0f MiB RAM, %.0f MiB VRAM", e.name, e.load_s,
+                     placement.reason, placement.ram_bytes / MIB, placement.vram_bytes / MIB)
+            return
+
+    def _fallbacks(self, e: ModelEntry, est: Estimate, first: Placement) -> list[Placement]:
+        """The planned placement, then half its GPU layers, then the CPU (when RAM allows)."""
+        out = [first]
+        n = est.shape.n_layer
+        if first.gpu_layers > 1:
+            k = first.gpu_layers // 2
+            out.append(Placement(k, first.gpu_index, est.vram_bytes(k), est.ram_bytes(k),
+                                 f"partial: {k} of {n} layers, after {first.gpu_layers} failed to load"))
+        if first.gpu_layers > 0:
+            out.append(Placement(0, None, 0, est.ram_bytes(0), "CPU, after loading on the GPU failed"))
+        return out
+
+    async def _unload(self, e: ModelEntry, why: str) -> None:
+        """Stop a model's engine; the caller holds the lock and has checked that it is idle."""
+        self._cancel_timer(e)
+        e.state = "unloading"
+        log.info("unloading model %s: %s", e.name, why)
+        try:
+            await e.unit.unload()
+        finally:
+            e.state, e.placement = "unloaded", None
+
+    # -- visibility and shutdown -----------------------------------------------------------------
+
+    def status(self, name: str) -> dict[str, Any]:
+        e = self.models[name]
+        p = e.placement
+        est = e.unit.estimate(e.policy.parallel)
+        measured = self.probe.process_memory(e.unit.pid) if (self.probe and e.unit.pid) else None
+        now = time.time()
+        return {
+            "state": e.state,
+            "placement": None if p is None else {
+                "kind": p.kind, "gpu_layers": p.gpu_layers, "n_layers": est.shape.n_layer, "gpu": p.gpu_index,
+                "reason": p.reason},
+            "memory": {
+                "estimated_ram_bytes": p.ram_bytes if p else est.ram_bytes(0),
+                "estimated_vram_bytes": p.vram_bytes if p else 0,
+                **({"rss_bytes": measured["rss_bytes"], "vram_bytes": measured["vram_bytes"]} if measured else {}),
+            },
+            "keep_alive_s": e.keep_alive if math.isfinite(e.keep_alive) else None,
+            "expires_in_s": None if e.expires_at is None else round(max(0.0, e.expires_at - now), 1),
+            "load_s": None if e.load_s is None else round(e.load_s, 3),
+            "queue": {"active": e.active, "waiting": e.waiting, "parallel": e.policy.parallel,
+                      "max_queue": e.policy.max_queue},
+            "notes": list(e.notes),
+        }
+
+    async def close(self) -> None:
+        for e in self.models.values():
+            self._cancel_timer(e)
+        for t in list(self._tasks):
+            t.cancel()
+        results = await asyncio.gather(*(e.unit.unload() for e in self.models.values()), return_exceptions=True)
+        for e, r in zip(self.models.values(), results):
+            e.state, e.placement = "unloaded", None
+            if isinstance(r, AnyadError):
+                log.warning("model %s: %s", e.name, r.message)

@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from anyad.config import parse_keep_alive
 from anyad.errors import InvalidRequest
 from anyad.stream import ChatRequest, SamplingParams
 
@@ -68,6 +69,13 @@ class ChatCompletionRequest(_Open):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
+    # Ollama's: how long a local model stays loaded after this request ("5m", 0, -1).
+    keep_alive: float | None = None
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> float | None:
+        return None if v is None else parse_keep_alive(v)
 
     @field_validator("stop")
     @classmethod
@@ -93,8 +101,12 @@ class ChatCompletionRequest(_Open):
             logit_bias=self.logit_bias,
             response_format=None if rf is None or rf.type == "text" else rf.model_dump(exclude_none=True),
         )
+        if "keep_alive" in body:
+            # anyad's own field: a remote provider would refuse it as unknown.
+            body = {k: v for k, v in body.items() if k != "keep_alive"}
         return ChatRequest(
             model=self.model,
+            keep_alive=self.keep_alive,
             messages=body["messages"],
             params=params,
             stream=self.stream,

@@ -55,6 +55,8 @@ class ChatRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     include_usage: bool = False
+    # Seconds the model stays loaded after this request (Ollama's keep_alive); None: its default.
+    keep_alive: float | None = None
     # The whole validated request body: relaying backends send it on with the fields
     # anyad does not interpret (tools, tool_choice, logprobs, user, …) unchanged.
     body: dict[str, Any] = field(default_factory=dict)

@@ -22,7 +22,7 @@ import sys
 from typing import Any, AsyncIterator
 
 from anyad import protocol
-from anyad.errors import AnyadError, BackendError, Unavailable
+from anyad.errors import AnyadError, BackendError, LoadFailed, Unavailable
 
 log = logging.getLogger("anyad.workers")
 
@@ -31,10 +31,6 @@ _GONE = {"t": "gone"}
 
 class WorkerFailed(BackendError):
     """The worker process died mid-request or speaks another protocol."""
-
-
-class ModelLoadFailed(Unavailable):
-    """The worker could not load its model (a bad file, too little memory)."""
 
 
 class WorkerProcess:
@@ -106,9 +102,9 @@ class WorkerProcess:
                 self._loaded_by = self.proc
                 return
             if frame["t"] == "fatal":
-                raise ModelLoadFailed(f"model {self.name!r} failed to load: {frame.get('message')}")
+                raise LoadFailed(f"model {self.name!r} failed to load: {frame.get('message')}")
             if frame is _GONE:
-                raise ModelLoadFailed(f"model {self.name!r}: worker exited while loading ({self.last_exit})")
+                raise LoadFailed(f"model {self.name!r}: worker exited while loading ({self.last_exit})")
 
     async def _read_loop(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None

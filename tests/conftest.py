@@ -51,7 +51,7 @@ async def make_client(aiohttp_client):
 @pytest.fixture
 async def client(make_client, settings):
     c = await make_client(settings)
-    await c.daemon.backends[0].worker.ensure_started()
+    await c.daemon.scheduler.load(MODEL_ID)
     return c
 
 

@@ -186,7 +186,7 @@ async def test_ready_is_503_while_a_model_cannot_load(make_client, tiny_model, t
     from conftest import ggufmaker, make_settings
 
     broken = ggufmaker.write_model(tmp_path / "broken.gguf", arch="nonesuch")
-    c = await make_client(make_settings(broken, tmp_path))
+    c = await make_client(make_settings(broken, tmp_path, preload=True))
     r = await c.get("/ready")
     assert r.status == 503
     assert (await r.json())["models"] == {MODEL_ID: False}
@@ -218,7 +218,7 @@ async def test_context_defaults_to_trained_length_capped_by_config(make_client, 
     ctx = {m["id"]: m["context_length"] for m in (await (await c.get("/v1/models")).json())["data"]}
     assert ctx == {"capped": 1024, "asked-too-much": 2048, "asked-less": 512}
     for b in c.daemon.backends:
-        await b.worker.ensure_started()
+        await c.daemon.scheduler.load(b.model_id)
         assert b.worker.facts["n_ctx"] == ctx[b.model_id]  # what llama.cpp really allocated
 
 
@@ -228,4 +228,8 @@ async def test_status_shows_devices_and_models(client):
     assert dev["ram_total_bytes"] > 0 and dev["cpu_logical"] >= 1 and isinstance(dev["gpus"], list)
     m = body["models"][MODEL_ID]
     assert m["loaded"] is True and m["pid"] == client.daemon.backends[0].worker.pid
-    assert m["queue"] == {"active": 0, "waiting": 0}
+    assert m["state"] == "loaded" and m["placement"]["kind"] == "cpu" and m["placement"]["gpu_layers"] == 0
+    assert m["queue"] == {"active": 0, "waiting": 0, "parallel": 1, "max_queue": 16}
+    mem = m["memory"]
+    assert mem["estimated_ram_bytes"] > 0 and mem["rss_bytes"] > 0 and mem["estimated_vram_bytes"] == 0
+    assert 0 < m["expires_in_s"] <= 300

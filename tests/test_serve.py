@@ -16,16 +16,26 @@ from conftest import MODEL_ID, anyad_cmd, clean_env, free_port, wait_http
 
 @contextmanager
 def serving(tmp_path, *args, env_extra=None):
-    """A running ``anyad serve`` whose models are loaded: (process, port, its worker processes).
+    """A running ``anyad serve`` with the tiny model loaded: (process, port, its worker processes).
     Whatever the test does, the daemon is killed if it is still there at the end."""
     port = free_port()
     proc = start(tmp_path, *args, "--port", str(port), env_extra=env_extra)
     try:
         wait_http(f"http://127.0.0.1:{port}/ready", proc=proc)
+        chat(port, max_tokens=1)  # models load on their first request
         yield proc, port, psutil.Process(proc.pid).children(recursive=True)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def chat(port: int, **fields) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+                                 data=json.dumps({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
+                                                  **fields}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.load(r)
 
 
 def start(tmp_path, *args, env_extra=None):
@@ -43,12 +53,7 @@ def test_serve_model_flag_reaches_health_and_stops_on_signal(tiny_model, tmp_pat
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/health", proc=proc)
         wait_http(base + "/ready", proc=proc)
-        req = urllib.request.Request(base + "/v1/chat/completions", method="POST",
-                                     data=json.dumps({"model": MODEL_ID, "max_tokens": 3, "messages": [
-                                         {"role": "user", "content": "hi"}]}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            assert json.load(r)["usage"]["completion_tokens"] == 3
+        assert chat(port, max_tokens=3)["usage"]["completion_tokens"] == 3
         workers = psutil.Process(proc.pid).children(recursive=True)
         assert workers, "the model should run in a child process"
         proc.send_signal(sig)

@@ -120,15 +120,15 @@ async def test_worker_dead_before_a_request_is_replaced(client):
 
 
 async def test_full_queue_is_429_with_retry_after(make_client, tiny_model, tmp_path):
-    c = await make_client(make_settings(tiny_model, tmp_path, queue_size=1))
+    c = await make_client(make_settings(tiny_model, tmp_path, max_queue=1))
     worker = c.daemon.backends[0].worker
-    await worker.ensure_started()
+    await c.daemon.scheduler.load(MODEL_ID)
     body = {"model": MODEL_ID, "messages": MSGS, "max_tokens": 600, "temperature": 0}
     running = asyncio.create_task(c.post("/v1/chat/completions", json=body))
     while not (await worker.stats())["busy"]:
         await asyncio.sleep(0.01)
     queued = asyncio.create_task(c.post("/v1/chat/completions", json={**body, "max_tokens": 2}))
-    while c.daemon.backends[0].queue.waiting < 1:
+    while c.daemon.scheduler.models[MODEL_ID].waiting < 1:
         await asyncio.sleep(0.01)
     r = await c.post("/v1/chat/completions", json=body)
     assert r.status == 429
@@ -147,8 +147,8 @@ async def test_one_process_per_model_and_none_left_after_close(make_client, tiny
     s = parse_settings({"models": {"a": {"path": str(tiny_model)}, "b": {"path": str(tiny_model)}}})
     c = await make_client(s)
     workers = [b.worker for b in c.daemon.backends]
-    for w in workers:
-        await w.ensure_started()
+    for b in c.daemon.backends:
+        await c.daemon.scheduler.load(b.model_id)
     pids = {w.pid for w in workers}
     assert len(pids) == 2 and os.getpid() not in pids
     me = psutil.Process()

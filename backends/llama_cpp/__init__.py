@@ -13,7 +13,9 @@ from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.config import ModelDefaults, ModelSettings
 from anyad.errors import BackendError, ContextLengthExceeded, InvalidRequest
 from anyad.gguf_meta import GGUFInfo, read_gguf_info
-from anyad.scheduler import ModelQueue
+from anyad.memory import Estimate, ModelShape, estimate, read_shape
+from anyad.placement import Placement
+from anyad.scheduler import Scheduler
 from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
 from anyad.workers import WorkerProcess
 
@@ -28,12 +30,16 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def context_size(model_id: str, info: GGUFInfo, settings: ModelSettings, defaults: ModelDefaults) -> int:
+def context_size(model_id: str, info: GGUFInfo, settings: ModelSettings, defaults: ModelDefaults,
+                 notes: list[str]) -> int:
+    """The context to allocate; a configured one longer than the model's is capped (with a note)."""
     trained = info.context_length
     if settings.n_ctx is not None:
         if trained and settings.n_ctx > trained:
-            log.warning("model %s: n_ctx %d is longer than the %d tokens it was trained on; using %d",
-                        model_id, settings.n_ctx, trained, trained)
+            note = (f"n_ctx {settings.n_ctx} is longer than the {trained} tokens the model was trained on; "
+                    f"capped at {trained}")
+            log.warning("model %s: %s", model_id, note)
+            notes.append(note)
             return trained
         return settings.n_ctx
     return min(trained or defaults.max_context, defaults.max_context)
@@ -63,46 +69,78 @@ def flatten_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class LlamaCppBackend(Backend):
     kind = "llama_cpp"
 
-    def __init__(self, model_id: str, info: GGUFInfo, settings: ModelSettings, defaults: ModelDefaults) -> None:
-        self.model_id = model_id
+    def __init__(self, model_id: str, info: GGUFInfo, shape: ModelShape, settings: ModelSettings,
+                 defaults: ModelDefaults, scheduler: Scheduler) -> None:
+        self.name = self.model_id = model_id
         self.info = info
+        self.shape = shape
         self.settings = settings
-        self.preload = defaults.preload if settings.preload is None else settings.preload
-        self.n_ctx = context_size(model_id, info, settings, defaults)
+        self.policy = settings.policy(defaults)
+        notes: list[str] = []
+        self.n_ctx = context_size(model_id, info, settings, defaults, notes)
         self.n_threads = settings.n_threads or default_threads()
-        self.worker = WorkerProcess(
-            model_id, WORKER_MODULE,
-            {"path": str(info.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads, "n_batch": settings.n_batch},
-            load_timeout_s=defaults.load_timeout_s,
-        )
-        queue_size = defaults.queue_size if settings.queue_size is None else settings.queue_size
-        self.queue = ModelQueue(model_id, slots=1, max_waiting=queue_size)
+        self._base_load = {"path": str(info.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads,
+                           "n_batch": settings.n_batch}
+        self.worker = WorkerProcess(model_id, WORKER_MODULE, dict(self._base_load),
+                                    load_timeout_s=self.policy.load_timeout_s)
+        self.scheduler = scheduler
+        scheduler.register(self, self.policy, notes)
+        self._estimates: dict[int, Estimate] = {}
         self._created = int(info.path.stat().st_mtime)
 
     @classmethod
-    def from_model(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults) -> "LlamaCppBackend":
-        return cls(model_id, read_gguf_info(settings.path), settings, defaults)
+    def from_model(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults,
+                   scheduler: Scheduler) -> "LlamaCppBackend":
+        info = read_gguf_info(settings.path)
+        return cls(model_id, info, read_shape(info.path), settings, defaults, scheduler)
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(id=self.model_id, owned_by="local", created=self._created,
                           meta={"context_length": self.n_ctx, "architecture": self.info.architecture})]
 
+    # What the scheduler drives (anyad.scheduler.Loadable).
+
+    @property
+    def loaded(self) -> bool:
+        return self.worker.loaded
+
+    @property
+    def pid(self) -> int | None:
+        return self.worker.pid
+
+    def estimate(self, parallel: int) -> Estimate:
+        est = self._estimates.get(parallel)
+        if est is None:
+            # llama-cpp-python computes in micro-batches of at most 512 tokens.
+            est = self._estimates[parallel] = estimate(self.shape, self.n_ctx,
+                                                       n_ubatch=min(self.settings.n_batch, 512), parallel=parallel)
+        return est
+
+    async def load(self, placement: Placement, *, parallel: int, warm_up: bool) -> None:
+        self.worker.load = {**self._base_load, "n_gpu_layers": placement.gpu_layers,
+                            "main_gpu": placement.gpu_index or 0, "parallel": parallel, "warm_up": warm_up}
+        await self.worker.ensure_started()
+
+    async def unload(self) -> None:
+        await self.worker.stop()
+
+    # The Backend interface.
+
     async def start(self) -> None:
-        if self.preload:
-            await self.worker.ensure_started()
+        if self.policy.preload:
+            await self.scheduler.load(self.model_id)
 
     def ready(self) -> bool:
-        # A model that is not preloaded is usable as soon as its file checks out.
-        return self.worker.loaded or not self.preload
+        return self.scheduler.ready(self.model_id)
 
     def status(self) -> dict[str, Any]:
-        return {"loaded": self.worker.loaded, "pid": self.worker.pid, "n_ctx": self.worker.facts.get("n_ctx", self.n_ctx),
-                "n_threads": self.n_threads, "queue": {"active": self.queue.active, "waiting": self.queue.waiting}}
+        facts = self.worker.facts if self.worker.loaded else {}
+        return {"loaded": self.worker.loaded, "pid": self.worker.pid, "n_ctx": facts.get("n_ctx", self.n_ctx),
+                "n_threads": self.n_threads, **self.scheduler.status(self.model_id)}
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
         op = {"op": "chat", "messages": flatten_messages(request.messages), "params": request.params.as_dict()}
-        async with self.queue.slot():
-            await self.worker.ensure_started()
+        async with self.scheduler.use(self.model_id, request.keep_alive):
             async with aclosing(self.worker.request(op)) as frames:
                 async for frame in frames:
                     t = frame["t"]
@@ -121,8 +159,7 @@ class LlamaCppBackend(Backend):
             raise InvalidRequest("dimensions is not supported by local models", param="dimensions")
         if any(not isinstance(x, str) for x in inputs):
             raise InvalidRequest("this local model embeds text; send strings, not token arrays", param="input")
-        async with self.queue.slot():
-            await self.worker.ensure_started()
+        async with self.scheduler.use(self.model_id):
             async for frame in self.worker.request({"op": "embed", "input": inputs}):
                 if frame["t"] == "error":
                     self._raise(frame)

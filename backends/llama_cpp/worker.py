@@ -55,16 +55,19 @@ class Engine:
                     yield token
 
         t0 = time.monotonic()
-        self.llm = CountingLlama(
+        # One context per parallel slot. On the CPU they share the memory-mapped weights.
+        self.llms = [CountingLlama(
             model_path=load["path"],
             n_ctx=load["n_ctx"],
             n_threads=load["n_threads"],
             n_threads_batch=load["n_threads"],
             n_batch=load.get("n_batch", 512),
             n_gpu_layers=load.get("n_gpu_layers", 0),
+            main_gpu=load.get("main_gpu", 0),
             logits_all=False,
             verbose=bool(load.get("verbose", False)),
-        )
+        ) for _ in range(max(1, int(load.get("parallel", 1))))]
+        self.llm = self.llms[0]
         self.load_s = time.monotonic() - t0
         eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
         model = self.llm._model
@@ -76,9 +79,27 @@ class Engine:
             bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
             stop_token_ids=[eos_id] if eos_id != -1 else None,
         )
+        self.warm_up_s = 0.0
+        if load.get("warm_up"):
+            self._warm_up()
 
         self.load = load
         self._embedder = None
+        self._embed_lock = threading.Lock()
+
+    def _warm_up(self) -> None:
+        """One short generation per context, so the first request does not pay for
+        first-touch page faults and graph allocation."""
+        t0 = time.monotonic()
+        fmt = self.formatter(messages=[{"role": "user", "content": "Hi"}])
+        for llm in self.llms:
+            prompt = llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
+            llm.create_completion(prompt, max_tokens=1, temperature=0.0)
+        self.warm_up_s = time.monotonic() - t0
+
+    @property
+    def tokens_generated(self) -> int:
+        return sum(llm.sampled_total for llm in self.llms)
 
     def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
         """Unit-length vectors, one per input, from a second context in embedding mode.
@@ -86,6 +107,10 @@ class Engine:
         It shares the memory-mapped weights with the generating one, so only its own
         context costs memory; it is made on the first embedding request.
         """
+        with self._embed_lock:  # one embedding context, shared by the slots
+            return self._embed(inputs)
+
+    def _embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
         llama_cpp = self.llama_cpp
         if self._embedder is None:
             arch = self.llm.metadata.get("general.architecture", "")
@@ -97,7 +122,7 @@ class Engine:
                                                                                      self.load["n_ctx"]),
                 n_ubatch=max(self.load.get("n_batch", 512), self.load["n_ctx"]), n_threads=self.load["n_threads"],
                 n_threads_batch=self.load["n_threads"], n_gpu_layers=self.load.get("n_gpu_layers", 0),
-                embedding=True, pooling_type=pooling, verbose=False)
+                main_gpu=self.load.get("main_gpu", 0), embedding=True, pooling_type=pooling, verbose=False)
         n_ctx = self._embedder.n_ctx()
         for i, text in enumerate(inputs):
             n = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False))
@@ -109,7 +134,8 @@ class Engine:
 
     def facts(self) -> dict[str, Any]:
         return {"n_ctx": self.llm.n_ctx(), "n_threads": self.llm.n_threads, "load_s": round(self.load_s, 3),
-                "chat_template": self.template_source}
+                "warm_up_s": round(self.warm_up_s, 3), "parallel": len(self.llms),
+                "n_gpu_layers": self.load.get("n_gpu_layers", 0), "chat_template": self.template_source}
 
     def _grammar(self, rf: dict[str, Any] | None):
         if not rf:
@@ -128,9 +154,8 @@ class Engine:
             raise RequestError("invalid_request", f"response_format: cannot build a grammar from the schema: {exc}",
                                "response_format") from None
 
-    def chat(self, rid: int, messages: list[dict[str, Any]], params: dict[str, Any], cancelled: set[int],
+    def chat(self, llm: Any, rid: int, messages: list[dict[str, Any]], params: dict[str, Any], cancelled: set[int],
              out: Output) -> None:
-        llm = self.llm
         try:
             fmt = self.formatter(messages=messages)
         except Exception as exc:
@@ -192,12 +217,13 @@ class Output:
 
 
 def _reader(inp: IO[bytes], ops: "queue.Queue[dict[str, Any]]", cancelled: set[int], out: Output,
-            engine: Engine, busy: list[int]) -> None:
+            engine: Engine, busy: set[int]) -> None:
     while True:
         frame = protocol.read_frame_sync(inp)
         if frame is None or frame.get("op") == "shutdown":
-            cancelled.update(busy)  # stop a running generation at the next token
-            ops.put({"op": "shutdown"})
+            cancelled.update(busy)  # stop running generations at the next token
+            for _ in engine.llms:
+                ops.put({"op": "shutdown"})
             if frame is None:
                 # The daemon is gone; nobody will read what we generate.
                 os._exit(0)
@@ -206,10 +232,37 @@ def _reader(inp: IO[bytes], ops: "queue.Queue[dict[str, Any]]", cancelled: set[i
             cancelled.add(frame["id"])
         elif frame.get("op") == "stats":
             # Answered here, not queued: stats must not wait behind a generation.
-            out.write({"t": "stats", "id": frame["id"], "busy": bool(busy),
-                       "tokens_generated": engine.llm.sampled_total})
+            out.write({"t": "stats", "id": frame["id"], "busy": bool(busy), "active": len(busy),
+                       "tokens_generated": engine.tokens_generated})
         else:
             ops.put(frame)
+
+
+def _serve(engine: Engine, llm: Any, ops: "queue.Queue[dict[str, Any]]", cancelled: set[int], out: Output,
+           busy: set[int]) -> None:
+    """One slot: takes operations off the shared queue and runs them on its own context."""
+    while True:
+        op = ops.get()
+        if op["op"] == "shutdown":
+            return
+        rid = op["id"]
+        busy.add(rid)
+        try:
+            if op["op"] == "embed":
+                vectors, tokens = engine.embed(op["input"])
+                out.write({"t": "end", "id": rid, "embeddings": vectors, "usage": {"prompt_tokens": tokens}})
+            elif rid not in cancelled:
+                engine.chat(llm, rid, op["messages"], op.get("params") or {}, cancelled, out)
+            else:
+                out.write({"t": "end", "id": rid, "finish_reason": "cancelled", "usage": None})
+        except RequestError as exc:
+            out.write({"t": "error", "id": rid, "code": exc.code, "message": exc.message, "param": exc.param})
+        except Exception as exc:
+            traceback.print_exc()
+            out.write({"t": "error", "id": rid, "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+        finally:
+            busy.discard(rid)
+            cancelled.discard(rid)
 
 
 def main() -> int:
@@ -232,32 +285,16 @@ def main() -> int:
 
     ops: queue.Queue[dict[str, Any]] = queue.Queue()
     cancelled: set[int] = set()
-    busy: list[int] = []
+    busy: set[int] = set()
     threading.Thread(target=_reader, args=(inp, ops, cancelled, out, engine, busy), daemon=True).start()
-    while True:
-        op = ops.get()
-        if op["op"] == "shutdown":
-            return 0
-        rid = op["id"]
-        busy.append(rid)
-        try:
-            if op["op"] == "embed":
-                vectors, tokens = engine.embed(op["input"])
-                out.write({"t": "end", "id": rid, "embeddings": vectors, "usage": {"prompt_tokens": tokens}})
-            elif rid not in cancelled:
-                engine.chat(rid, op["messages"], op.get("params") or {}, cancelled, out)
-            else:
-                out.write({"t": "end", "id": rid, "finish_reason": "cancelled", "usage": None})
-        except RequestError as exc:
-            out.write({"t": "error", "id": rid, "code": exc.code, "message": exc.message,
-                                            "param": exc.param})
-        except Exception as exc:
-            traceback.print_exc()
-            out.write({"t": "error", "id": rid, "code": "internal",
-                                            "message": f"{type(exc).__name__}: {exc}"})
-        finally:
-            busy.clear()
-            cancelled.discard(rid)
+    slots = [threading.Thread(target=_serve, args=(engine, llm, ops, cancelled, out, busy), daemon=True)
+             for llm in engine.llms[1:]]
+    for t in slots:
+        t.start()
+    _serve(engine, engine.llm, ops, cancelled, out, busy)
+    for t in slots:
+        t.join()
+    return 0
 
 
 if __name__ == "__main__":
