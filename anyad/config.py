@@ -132,6 +132,8 @@ class SchedulerSettings(_Strict):
     # Memory kept free for everything else on the machine.
     gpu_reserve_mib: int = Field(512, ge=0)
     ram_reserve_mib: int = Field(512, ge=0)
+    # RAM that local models may hold together, in MiB; 0: whatever the machine has available.
+    max_ram_mib: int = Field(0, ge=0)
     # After unloading to make room, how long to wait for the device to report the memory free.
     memory_wait_s: float = Field(15.0, ge=0)
 

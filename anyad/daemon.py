@@ -16,10 +16,15 @@ log = logging.getLogger("anyad")
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
-        """Build every backend; raises ConfigError (a missing model file, an unknown backend…)."""
+    def __init__(self, settings: Settings, probe: DeviceProbe | None = None) -> None:
+        """Build every backend; raises ConfigError (a missing model file, an unknown backend…).
+
+        ``probe``: the device probe to use instead of the machine's own (tests hand in a
+        recorded GPU); by default it is made at start, off the event loop.
+        """
         self.settings = settings
-        self.scheduler = Scheduler(settings.scheduler)
+        self.probe = probe
+        self.scheduler = Scheduler(settings.scheduler, probe)
         local: dict[str, Backend] = {}
         for model_id, ms in settings.models.items():
             local[model_id] = backend_class(ms.backend).from_model(model_id, ms, settings.defaults, self.scheduler)
@@ -32,11 +37,11 @@ class Daemon:
         self.local = local
         self.router = Router(local, providers, settings.routes, settings.router)
         self._starting: list[asyncio.Task[None]] = []
-        self.probe: DeviceProbe | None = None
 
     async def start(self) -> None:
         # NVML and the engine's GPU support are read once, off the event loop.
-        self.probe = await asyncio.to_thread(DeviceProbe)
+        if self.probe is None:
+            self.probe = await asyncio.to_thread(DeviceProbe)
         self.scheduler.probe = self.probe
         await asyncio.to_thread(self.probe.log_once)
         # Preloading runs in the background: the listener answers /health at once

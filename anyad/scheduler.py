@@ -104,6 +104,7 @@ class Scheduler:
         self.probe = probe
         self.models: dict[str, ModelEntry] = {}
         self._lock = asyncio.Lock()
+        self._idle = asyncio.Event()  # set whenever a model becomes idle
         self._tasks: set[asyncio.Task[None]] = set()
 
     def register(self, unit: Loadable, policy: ModelPolicy, notes: list[str] | None = None) -> None:
@@ -182,6 +183,7 @@ class Scheduler:
     def _released(self, e: ModelEntry) -> None:
         if e.busy or e.state != "loaded":
             return
+        self._idle.set()
         if e.keep_alive == 0:
             self._spawn(self._expire(e, "keep_alive is 0"))
         elif math.isfinite(e.keep_alive):
@@ -225,8 +227,10 @@ class Scheduler:
         # models will touch is not subtracted by the OS: subtract their estimates too.
         committed = sum(m.placement.ram_bytes for m in self.models.values()
                         if m is not exclude and m.placement is not None)
-        return replace(snap, ram_available_bytes=min(snap.ram_available_bytes,
-                                                     max(0, snap.ram_total_bytes - committed)))
+        available = min(snap.ram_available_bytes, max(0, snap.ram_total_bytes - committed))
+        if self.settings.max_ram_mib:
+            available = min(available, max(0, self.settings.max_ram_mib * MIB - committed))
+        return replace(snap, ram_available_bytes=available)
 
     def _victim(self, e: ModelEntry) -> ModelEntry | None:
         """The least recently used loaded model that is idle, other than ``e``."""
@@ -234,38 +238,61 @@ class Scheduler:
         return min(idle, key=lambda m: m.last_used, default=None)
 
     async def _plan(self, e: ModelEntry, est: Estimate) -> Placement:
+        """Where ``e`` loads now, unloading idle models (least recently used first) to make room.
+
+        When the room is held by busy models, waits for one to become idle, up to the
+        model's ``queue_timeout_s``; then refuses with 503 saying what is missing.
+        """
         s = self.settings
         limit = s.max_loaded_models
         pending: tuple[int, int] | None = None  # (GPU index, free bytes expected there) after an unload
-        deadline = 0.0
+        memory_deadline = 0.0
+        give_up = time.monotonic() + e.policy.queue_timeout_s
         while True:
             others = [m for m in self.models.values() if m is not e and m.state != "unloaded"]
             if limit and len(others) >= limit:
                 victim = self._victim(e)
-                if victim is None:
+                if victim is not None:
+                    await self._unload(victim, f"to load {e.name} within max_loaded_models = {limit}")
+                elif not await self._wait_idle(give_up):
                     raise Unavailable(f"cannot load model {e.name!r}: {len(others)} models are loaded "
-                                      f"(max_loaded_models = {limit}) and all of them are busy; retry later",
-                                      retry_after=e.retry_after())
-                await self._unload(victim, f"to load {e.name} within max_loaded_models = {limit}")
+                                      f"(max_loaded_models = {limit}) and all of them stayed busy for "
+                                      f"{e.policy.queue_timeout_s:g} s; retry later", retry_after=e.retry_after())
                 continue
             snap = await self._snapshot(e)
             try:
                 return plan(est, snap, e.policy.gpu, vram_reserve=s.gpu_reserve_mib * MIB,
                             ram_reserve=s.ram_reserve_mib * MIB)
             except InsufficientMemory as exc:
-                if pending is not None and time.monotonic() < deadline and not self._freed(snap, pending):
-                    await asyncio.sleep(MEMORY_POLL_S)
+                if pending is not None and time.monotonic() < memory_deadline and not self._freed(snap, pending):
+                    await asyncio.sleep(MEMORY_POLL_S)  # the device has not caught up with the unload yet
                     continue
+                pending = None
                 victim = self._victim(e)
-                if victim is None:
-                    busy = [m.name for m in self.models.values() if m is not e and m.state == "loaded"]
-                    if busy:
-                        exc.message += f"; the loaded models ({', '.join(busy)}) are busy"
-                    exc.retry_after = e.retry_after() if busy else None
-                    raise
-                pending = self._expected_free(victim, snap)
-                await self._unload(victim, f"to free memory for {e.name} ({exc.message})")
-                deadline = time.monotonic() + s.memory_wait_s
+                if victim is not None:
+                    pending = self._expected_free(victim, snap)
+                    await self._unload(victim, f"to free memory for {e.name} ({exc.message})")
+                    memory_deadline = time.monotonic() + s.memory_wait_s
+                    continue
+                busy = [m.name for m in self.models.values() if m is not e and m.state == "loaded"]
+                if busy and await self._wait_idle(give_up):
+                    continue
+                if busy:
+                    exc.message += f"; the loaded models ({', '.join(busy)}) stayed busy"
+                    exc.retry_after = e.retry_after()
+                raise
+
+    async def _wait_idle(self, give_up: float) -> bool:
+        """Wait until some model becomes idle; False once ``give_up`` (a monotonic time) has passed."""
+        remaining = give_up - time.monotonic()
+        if remaining <= 0:
+            return False
+        self._idle.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), remaining)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     @staticmethod
     def _expected_free(victim: ModelEntry, snap: Snapshot) -> tuple[int, int] | None:

@@ -39,8 +39,8 @@ def settings(tiny_model: Path, tmp_path: Path):
 async def make_client(aiohttp_client):
     """Start the real app (real worker processes) on a loopback port; returns the test client."""
 
-    async def make(settings):
-        daemon = Daemon(settings)
+    async def make(settings, probe=None):
+        daemon = Daemon(settings, probe)
         client = await aiohttp_client(build_app(daemon), server_kwargs={"handler_cancellation": True})
         client.daemon = daemon
         return client

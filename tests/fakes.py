@@ -1,10 +1,12 @@
-"""Fake remote providers: real aiohttp servers on 127.0.0.1 that behave well or badly."""
+"""Fake remote providers (real aiohttp servers on 127.0.0.1 that behave well or badly), and a
+recorded NVML for the GPU this machine lacks."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 from aiohttp import web
 
@@ -157,3 +159,37 @@ class FakeAnthropic:
                                    "usage": {"output_tokens": 9}})
         await ev("message_stop", {})
         return resp
+
+
+class RecordedNVML:
+    """Answers as pynvml does, from a recorded machine: the stand-in for a GPU this machine lacks,
+    injected at the device probe's boundary only."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus=None, fail_init=False):
+        self.gpus = gpus or []
+        self.fail_init = fail_init
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise self.NVMLError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self.gpus[i]
+
+    def nvmlDeviceGetName(self, h):
+        return h["name"].encode()
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return SimpleNamespace(total=h["total"], free=h["free"], used=h["total"] - h["free"])
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return SimpleNamespace(gpu=h["util"])

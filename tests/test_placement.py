@@ -3,13 +3,12 @@ used: this machine has no GPU, so NVML is fed recorded answers at the probe's bo
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from anyad.memory import ModelShape, estimate, read_shape
 from anyad.placement import InsufficientMemory, plan
 from anyad.resources import GPU, DeviceProbe, Snapshot
+from fakes import RecordedNVML
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -86,39 +85,6 @@ def test_estimate_of_a_real_file(tiny_model):
     est = estimate(shape, 2048)
     assert est.kv_layer_bytes == 2048 * 2 * (16 + 16) * 2  # f16 K and V for 2 KV heads of 16
     assert est.total_bytes > sum(shape.layer_bytes) + shape.output_bytes
-
-
-class RecordedNVML:
-    """Answers as pynvml does, from a recorded machine."""
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self, gpus=None, fail_init=False):
-        self.gpus = gpus or []
-        self.fail_init = fail_init
-
-    def nvmlInit(self):
-        if self.fail_init:
-            raise self.NVMLError("NVML Shared Library Not Found")
-
-    def nvmlShutdown(self):
-        pass
-
-    def nvmlDeviceGetCount(self):
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, i):
-        return self.gpus[i]
-
-    def nvmlDeviceGetName(self, h):
-        return h["name"].encode()
-
-    def nvmlDeviceGetMemoryInfo(self, h):
-        return SimpleNamespace(total=h["total"], free=h["free"], used=h["total"] - h["free"])
-
-    def nvmlDeviceGetUtilizationRates(self, h):
-        return SimpleNamespace(gpu=h["util"])
 
 
 def test_probe_with_a_recorded_gpu():

@@ -54,6 +54,9 @@ class Engine:
                     self.last_token = token
                     yield token
 
+        if load.get("n_gpu_layers", 0) and not llama_cpp.llama_supports_gpu_offload():
+            # llama.cpp would quietly run on the CPU; the scheduler must know, to place it honestly.
+            raise RuntimeError("this llama-cpp-python build cannot offload layers to a GPU")
         t0 = time.monotonic()
         # One context per parallel slot. On the CPU they share the memory-mapped weights.
         self.llms = [CountingLlama(
