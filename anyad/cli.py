@@ -80,6 +80,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from anyad.config import load_settings
+    from anyad.status_table import render
+
+    try:
+        settings = load_settings(args.config, host=args.host, port=args.port)
+    except ConfigError as exc:
+        print(f"anyad: {exc}", file=sys.stderr)
+        return 2
+    host = settings.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"  # a wildcard bind is reachable on loopback
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.server.port}/api/status"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            status = json.load(r)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"anyad: no daemon answers at {url} ({reason}); is `anyad serve` running?", file=sys.stderr)
+        return 1
+    sys.stdout.write(json.dumps(status, indent=2) + "\n" if args.json else render(status))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anyad", description="Local-LLM gateway with an OpenAI-compatible API.")
     p.add_argument("--version", action="version", version=f"anyad {__version__}")
@@ -92,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", action="append", metavar="PATH.gguf",
                    help="serve this GGUF file (model id = file stem); may be repeated")
     s.set_defaults(func=cmd_serve)
+    st = sub.add_parser("status", help="show the running daemon's devices, models and queues")
+    st.add_argument("--config", help="config file, to find the daemon's address")
+    st.add_argument("--host", help="the daemon's address (default from the config, else 127.0.0.1)")
+    st.add_argument("--port", type=int, help="the daemon's port (default from the config, else 2692)")
+    st.add_argument("--json", action="store_true", help="print /api/status as JSON")
+    st.set_defaults(func=cmd_status)
     return p
 
 

@@ -124,3 +124,23 @@ def test_sigterm_during_a_stream_stops_promptly(tiny_model, tmp_path):
     assert "Traceback" not in err
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
+
+
+def test_status_command_shows_devices_models_and_queues(tiny_model, tmp_path):
+    with serving(tmp_path, "--model", str(tiny_model)) as (proc, port, workers):
+        p = subprocess.run(anyad_cmd("status", "--port", str(port)), env=clean_env(tmp_path), capture_output=True,
+                           text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.splitlines()
+        assert lines[0] == "DEVICES" and "CPU" in lines[1] and "RAM" in lines[1]
+        header = next(l for l in lines if l.strip().startswith("MODEL "))
+        for col in ("STATE", "PLACEMENT", "GPU LAYERS", "EST RAM", "RSS", "EXPIRES", "WAITING"):
+            assert col in header
+        row = next(l for l in lines if l.strip().startswith(MODEL_ID + " ")).split()
+        assert row[1:4] == ["loaded", "cpu", "0/2"]
+        j = subprocess.run(anyad_cmd("status", "--port", str(port), "--json"), env=clean_env(tmp_path),
+                           capture_output=True, text=True, timeout=30)
+        assert json.loads(j.stdout)["models"][MODEL_ID]["pid"] == workers[0].pid
+    p = subprocess.run(anyad_cmd("status", "--port", str(port)), env=clean_env(tmp_path), capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 1 and "no daemon answers" in p.stderr and "Traceback" not in p.stderr

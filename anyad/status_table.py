@@ -1,0 +1,80 @@
+"""``anyad status``: the running daemon's ``/api/status`` as a table a person can read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MIB = 2 ** 20
+GIB = 2 ** 30
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def render(status: dict[str, Any]) -> str:
+    out: list[str] = ["DEVICES"]
+    dev = status.get("devices") or {}
+    if dev:
+        out.append(f"  CPU     {dev['cpu_logical']} threads ({dev['cpu_physical']} cores), load {dev['load_1m']:.2f}, "
+                   f"RAM {_size(dev['ram_available_bytes'])} of {_size(dev['ram_total_bytes'])} available")
+        for g in dev.get("gpus", []):
+            util = "" if g.get("utilization_pct") is None else f", {g['utilization_pct']} % busy"
+            out.append(f"  GPU {g['index']}   {g['name']}: {_size(g['free_bytes'])} of {_size(g['total_bytes'])} "
+                       f"free{util}")
+        for note in dev.get("notes", []):
+            out.append(f"          ({note})")
+    sched = status.get("scheduler") or {}
+    limit = sched.get("max_loaded_models")
+    out.append("")
+    out.append(f"MODELS ({sched.get('loaded', 0)} loaded" + (f", at most {limit})" if limit else ")"))
+    rows = [["MODEL", "STATE", "PLACEMENT", "GPU LAYERS", "EST RAM", "EST VRAM", "RSS", "VRAM", "EXPIRES",
+             "ACTIVE", "WAITING"]]
+    notes: list[str] = []
+    for name, m in (status.get("models") or {}).items():
+        p = m.get("placement")
+        mem = m.get("memory", {})
+        q = m.get("queue", {})
+        if m.get("state") == "loaded":
+            expires = "never" if m.get("keep_alive_s") is None else _duration(m.get("expires_in_s"))
+        else:
+            expires = "-"
+        rows.append([
+            name, m.get("state", "?"), p["kind"] if p else "-",
+            f"{p['gpu_layers']}/{p['n_layers']}" if p else "-",
+            _size(mem.get("estimated_ram_bytes")), _size(mem.get("estimated_vram_bytes")) if p else "-",
+            _size(mem.get("rss_bytes")), _size(mem.get("vram_bytes")), expires,
+            f"{q.get('active', 0)}/{q.get('parallel', 1)}", f"{q.get('waiting', 0)}/{q.get('max_queue', 0)}",
+        ])
+        notes += [f"  {name}: {n}" for n in m.get("notes", [])]
+        if p:
+            notes.append(f"  {name}: {p['reason']}")
+    out += _table(rows) if len(rows) > 1 else ["  (no local models)"]
+    if notes:
+        out += ["", "NOTES", *notes]
+    breakers = status.get("breakers") or {}
+    offline = (status.get("offline") or {}).get("offline")
+    if breakers or offline:
+        out += ["", "REMOTE" + ("  (offline: remote targets are skipped)" if offline else "")]
+        rows = [["TARGET", "CIRCUIT", "FAILURES", "LAST ERROR"]]
+        for name, b in breakers.items():
+            rows.append([name, b["state"], str(b["consecutive_failures"]), (b.get("last_error") or "-")[:60]])
+        if len(rows) > 1:
+            out += _table(rows)
+    return "\n".join(out) + "\n"
