@@ -7,10 +7,11 @@ For a model with ``L`` blocks, context ``n_ctx`` and micro-batch ``n_ubatch``::
     W_in     = bytes of token_embd.weight                       (always in host RAM)
     KV_i     = n_ctx * (n_head_kv * key_length + n_head_kv * value_length) * b(cache type)
                with b(f16) = 2, b(q8_0) = 34/32, b(q4_0) = 18/32, b(f32) = 4
-    compute  = 4 * ( n_vocab                                    (logits of one token)
-                   + n_ubatch * (3 * n_ff + 4 * n_embd)         (feed-forward activations)
-                   + n_ubatch * n_ctx * n_head )                (attention scores)
-               + 16 MiB                                         (graph and scratch allowance)
+    compute  = 4 * max( n_ubatch * (n_vocab + 2 * n_embd),      (logits of a whole micro-batch)
+                        n_ubatch * n_ctx * (n_head + 1)         (attention scores and mask)
+                        + n_ubatch * (3 * n_embd + 2 * n_embd_kv) )
+               + 4 * n_vocab                                    (output buffer)
+               + 6 MiB                                          (graph allowance)
 
     all on the CPU:   RAM  = W_in + Σ W_i + W_out + P * (Σ KV_i + compute)
     k blocks on GPU:  VRAM = P * (Σ_{i ≥ L-k} (W_i + KV_i) + compute  (+ W_out when k = L))
@@ -20,9 +21,12 @@ For a model with ``L`` blocks, context ``n_ctx`` and micro-batch ``n_ubatch``::
 On the CPU the weights are memory-mapped once and shared by the contexts; on
 a GPU each context holds its own copy of the offloaded layers.
 
-The tensor sizes are exact (read from the tensor table); the compute term is an
-upper-leaning allowance, so the estimate errs towards too much rather than an
-out-of-memory crash. ``bench/`` compares it with measured memory.
+The tensor sizes are exact (read from the tensor table). The compute term follows
+how llama.cpp sizes its compute buffer: it reserves for the worst micro-batch, in
+which every token is an output (so the logits of ``n_ubatch`` tokens) and, without
+flash attention (llama-cpp-python's default), the full attention-score matrix; the
+buffer is the larger of the two, since the allocator reuses memory between them.
+``bench/`` compares the estimate with what llama.cpp allocates and with RSS/VRAM.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from anyad.gguf_meta import gguf_scalar
 
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
             "q5_0": 22 / 32, "q5_1": 24 / 32}
-SCRATCH = 16 * 2 ** 20
+SCRATCH = 16 * 2 ** 20  # host-side buffers of a model whose layers are on a GPU
+COMPUTE_ALLOWANCE = 6 * 2 ** 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,5 +137,8 @@ def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, cache_type: 
     per_elem = KV_BYTES[cache_type]
     kv = int(n_ctx * shape.n_head_kv * (shape.key_length + shape.value_length) * per_elem)
     ub = min(n_ubatch, n_ctx)
-    compute = 4 * (shape.n_vocab + ub * (3 * shape.n_ff + 4 * shape.n_embd) + ub * n_ctx * shape.n_head) + SCRATCH
+    n_embd_kv = shape.n_head_kv * shape.key_length
+    logits = ub * (shape.n_vocab + 2 * shape.n_embd)
+    attention = ub * n_ctx * (shape.n_head + 1) + ub * (3 * shape.n_embd + 2 * n_embd_kv)
+    compute = 4 * max(logits, attention) + 4 * shape.n_vocab + COMPUTE_ALLOWANCE
     return Estimate(shape=shape, n_ctx=n_ctx, kv_layer_bytes=kv, compute_bytes=compute, parallel=parallel)

@@ -6,7 +6,9 @@ its stdout; the worker moves its own fd 1 to stderr first, so nothing a C
 library prints can corrupt the stream. The protocol is internal and versioned
 with the package: the worker's ``hello`` frame carries ``PROTOCOL_VERSION``.
 
-daemon → worker: ``{"op": "chat", "id", "messages", "params"}``,
+daemon → worker: ``{"op": "load", "version", "path", "n_ctx", "n_threads", "n_batch", "n_gpu_layers",
+"main_gpu", "parallel", "warm_up"}`` (first), ``{"op": "chat", "id", "messages", "params"}``,
+``{"op": "embed", "id", "input"}``, ``{"op": "stats", "id"}``,
 ``{"op": "cancel", "id"}``, ``{"op": "shutdown"}``.
 worker → daemon: ``{"t": "hello", "version", "pid"}``, ``{"t": "ready", ...model facts}``,
 ``{"t": "delta", "id", "text"}``, ``{"t": "end", "id", "finish_reason", "usage"}``,
@@ -15,13 +17,15 @@ worker → daemon: ``{"t": "hello", "version", "pid"}``, ``{"t": "ready", ...mod
 
 from __future__ import annotations
 
-import asyncio
 import struct
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from anyad.jsoncodec import dumpb, loads
 
-PROTOCOL_VERSION = 1
+if TYPE_CHECKING:  # the worker never needs asyncio, and importing it costs its start time
+    import asyncio
+
+PROTOCOL_VERSION = 2
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 

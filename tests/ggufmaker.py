@@ -44,6 +44,10 @@ TINY = Shape()
 # Roughly Qwen2-0.5B: the shape the project measures speed on.
 HALF_B = Shape(n_embd=896, n_layer=24, n_ff=4864, n_head=14, n_head_kv=2, n_ctx=32768,
                n_vocab_pad=151_936 - 256 - len(MERGES) - len(SPECIALS), quant="Q8_0")
+# Roughly Llama-3.2-1B: wider, fewer layers, 4 query heads per KV head, a 128k vocabulary.
+ONE_B = Shape(n_embd=2048, n_layer=16, n_ff=8192, n_head=32, n_head_kv=8, n_ctx=131072,
+              n_vocab_pad=128_256 - 256 - len(MERGES) - len(SPECIALS), quant="Q8_0")
+SHAPES = {"tiny": TINY, "half-b": HALF_B, "1b": ONE_B}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -154,6 +158,6 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("path")
-    ap.add_argument("--shape", choices=["tiny", "half-b"], default="tiny")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     args = ap.parse_args()
-    print(write_model(args.path, TINY if args.shape == "tiny" else HALF_B))
+    print(write_model(args.path, SHAPES[args.shape]))

@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_llama_cpp_backend_is_registered_as_an_entry_point():
     from anyad.backend import backend_class
-    from anyad.backends.llama_cpp import LlamaCppBackend
+    from anyad.backends.llama_cpp.backend import LlamaCppBackend
 
     names = {ep.name: ep.value for ep in entry_points(group="anyad.backends")}
-    assert names.get("llama_cpp") == "anyad.backends.llama_cpp:LlamaCppBackend"
+    assert names.get("llama_cpp") == "anyad.backends.llama_cpp.backend:LlamaCppBackend"
     assert backend_class("llama_cpp") is LlamaCppBackend
 
 
@@ -38,7 +38,7 @@ def test_wheel_installs_everything_under_anyad(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"anyad", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
-    for module in ("anyad/backends/llama_cpp/__init__.py", "anyad/backends/llama_cpp/worker.py",
+    for module in ("anyad/backends/llama_cpp/backend.py", "anyad/backends/llama_cpp/worker.py",
                    "anyad/plugins/__init__.py", "anyad/api/chat.py"):
         assert module in names
     ep = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

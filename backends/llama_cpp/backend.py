@@ -1,0 +1,178 @@
+"""The llama_cpp backend: a local GGUF model, placed by the scheduler, run in a worker process."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import aclosing
+from typing import Any
+
+import psutil
+
+from anyad.backend import Backend, Embeddings, ModelInfo
+from anyad.config import ModelDefaults, ModelSettings
+from anyad.errors import BackendError, ContextLengthExceeded, InvalidRequest
+from anyad.gguf_meta import GGUFInfo, read_gguf_info
+from anyad.memory import Estimate, ModelShape, estimate, read_shape
+from anyad.placement import Placement
+from anyad.scheduler import Scheduler
+from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
+from anyad.workers import WorkerProcess
+
+log = logging.getLogger("anyad.backends.llama_cpp")
+
+WORKER_MODULE = "anyad.backends.llama_cpp.worker"
+
+
+def default_threads() -> int:
+    """Physical cores: llama.cpp decodes no faster on hyper-threads, and llama-cpp-python's
+    own default (half the logical CPUs) leaves real cores idle on small machines."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def context_size(model_id: str, info: GGUFInfo, settings: ModelSettings, defaults: ModelDefaults,
+                 notes: list[str]) -> int:
+    """The context to allocate; a configured one longer than the model's is capped (with a note)."""
+    trained = info.context_length
+    if settings.n_ctx is not None:
+        if trained and settings.n_ctx > trained:
+            note = (f"n_ctx {settings.n_ctx} is longer than the {trained} tokens the model was trained on; "
+                    f"capped at {trained}")
+            log.warning("model %s: %s", model_id, note)
+            notes.append(note)
+            return trained
+        return settings.n_ctx
+    return min(trained or defaults.max_context, defaults.max_context)
+
+
+def flatten_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with their content as one string, as chat templates expect.
+
+    Text parts are joined; any other part (an image, audio) is refused, since a
+    text-only model would otherwise answer as if it had seen it.
+    """
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidRequest(f"content part type {part.get('type')!r} is not supported by this local "
+                                         "model; only 'text' parts are", param=f"messages[{i}].content[{j}].type")
+                texts.append(part["text"])
+            content = "".join(texts)
+        out.append({**m, "content": content or ""})
+    return out
+
+
+class LlamaCppBackend(Backend):
+    kind = "llama_cpp"
+
+    def __init__(self, model_id: str, info: GGUFInfo, shape: ModelShape, settings: ModelSettings,
+                 defaults: ModelDefaults, scheduler: Scheduler) -> None:
+        self.name = self.model_id = model_id
+        self.info = info
+        self.shape = shape
+        self.settings = settings
+        self.policy = settings.policy(defaults)
+        notes: list[str] = []
+        self.n_ctx = context_size(model_id, info, settings, defaults, notes)
+        self.n_threads = settings.n_threads or default_threads()
+        self._base_load = {"path": str(info.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads,
+                           "n_batch": settings.n_batch}
+        self.worker = WorkerProcess(model_id, WORKER_MODULE, dict(self._base_load),
+                                    load_timeout_s=self.policy.load_timeout_s)
+        self.scheduler = scheduler
+        scheduler.register(self, self.policy, notes)
+        self._estimates: dict[int, Estimate] = {}
+        self._created = int(info.path.stat().st_mtime)
+
+    @classmethod
+    def from_model(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults,
+                   scheduler: Scheduler) -> "LlamaCppBackend":
+        info = read_gguf_info(settings.path)
+        return cls(model_id, info, read_shape(info.path), settings, defaults, scheduler)
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(id=self.model_id, owned_by="local", created=self._created,
+                          meta={"context_length": self.n_ctx, "architecture": self.info.architecture})]
+
+    # What the scheduler drives (anyad.scheduler.Loadable).
+
+    @property
+    def loaded(self) -> bool:
+        return self.worker.loaded
+
+    @property
+    def pid(self) -> int | None:
+        return self.worker.pid
+
+    def estimate(self, parallel: int) -> Estimate:
+        est = self._estimates.get(parallel)
+        if est is None:
+            # llama-cpp-python computes in micro-batches of at most 512 tokens.
+            est = self._estimates[parallel] = estimate(self.shape, self.n_ctx,
+                                                       n_ubatch=min(self.settings.n_batch, 512), parallel=parallel)
+        return est
+
+    async def load(self, placement: Placement, *, parallel: int, warm_up: bool) -> None:
+        self.worker.load = {**self._base_load, "n_gpu_layers": placement.gpu_layers,
+                            "main_gpu": placement.gpu_index or 0, "parallel": parallel, "warm_up": warm_up}
+        await self.worker.ensure_started()
+
+    async def unload(self) -> None:
+        await self.worker.stop()
+
+    # The Backend interface.
+
+    async def start(self) -> None:
+        if self.policy.preload:
+            await self.scheduler.load(self.model_id)
+
+    def ready(self) -> bool:
+        return self.scheduler.ready(self.model_id)
+
+    def status(self) -> dict[str, Any]:
+        facts = self.worker.facts if self.worker.loaded else {}
+        return {"loaded": self.worker.loaded, "pid": self.worker.pid, "n_ctx": facts.get("n_ctx", self.n_ctx),
+                "n_threads": self.n_threads, **self.scheduler.status(self.model_id)}
+
+    async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
+        op = {"op": "chat", "messages": flatten_messages(request.messages), "params": request.params.as_dict()}
+        async with self.scheduler.use(self.model_id, request.keep_alive):
+            async with aclosing(self.worker.request(op)) as frames:
+                async for frame in frames:
+                    t = frame["t"]
+                    if t == "delta":
+                        yield Chunk(text=frame["text"])
+                    elif t == "end":
+                        u = frame.get("usage") or {}
+                        yield Chunk(finish_reason=frame["finish_reason"],
+                                    usage=Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)))
+                    elif t == "error":
+                        self._raise(frame)
+
+    async def embed(self, inputs: list[str] | list[list[int]], model: str,
+                    options: dict[str, Any] | None = None) -> Embeddings:
+        if (options or {}).get("dimensions") is not None:
+            raise InvalidRequest("dimensions is not supported by local models", param="dimensions")
+        if any(not isinstance(x, str) for x in inputs):
+            raise InvalidRequest("this local model embeds text; send strings, not token arrays", param="input")
+        async with self.scheduler.use(self.model_id):
+            async for frame in self.worker.request({"op": "embed", "input": inputs}):
+                if frame["t"] == "error":
+                    self._raise(frame)
+                return Embeddings(frame["embeddings"], frame["usage"]["prompt_tokens"])
+        raise BackendError(f"model {self.model_id!r}: no embeddings")  # pragma: no cover
+
+    def _raise(self, frame: dict[str, Any]) -> None:
+        code, msg = frame.get("code"), frame.get("message", "the worker failed")
+        if code == "context_length_exceeded":
+            raise ContextLengthExceeded(msg, param=frame.get("param"))
+        if code == "invalid_request":
+            raise InvalidRequest(msg, param=frame.get("param"))
+        raise BackendError(f"model {self.model_id!r}: {msg}")
+
+    async def close(self) -> None:
+        await self.worker.stop()
