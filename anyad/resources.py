@@ -51,7 +51,8 @@ class Snapshot:
         return d
 
 
-def _llama_gpu_offload() -> bool:
+def engine_gpu_offload() -> bool:
+    """Can this llama-cpp-python build put layers on a GPU?"""
     try:
         import llama_cpp
 
@@ -78,7 +79,7 @@ class DeviceProbe:
                 self._nvml_ok = True
             except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, …
                 self._reason = f"no NVIDIA driver ({type(exc).__name__}: {exc})"
-        self.gpu_offload = _llama_gpu_offload() if gpu_offload is None else gpu_offload
+        self.gpu_offload = engine_gpu_offload() if gpu_offload is None else gpu_offload
 
     def _gpus(self) -> tuple[list[GPU], list[str]]:
         if not self._nvml_ok:

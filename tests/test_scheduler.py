@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from anyad.config import parse_settings
-from anyad.resources import DeviceProbe
+from anyad.resources import DeviceProbe, engine_gpu_offload
 from fakes import RecordedNVML
 
 GIB = 2 ** 30
@@ -233,6 +233,7 @@ async def test_preload_warms_up_before_ready(make_client, tiny_model, tmp_path):
     assert entry(c, "b").state == "unloaded"
 
 
+@pytest.mark.skipif(engine_gpu_offload(), reason="this engine can offload, so a GPU load does not fail here")
 async def test_gpu_load_failure_falls_back_to_fewer_layers_then_the_cpu(make_client, tiny_model, tmp_path, caplog):
     """The device says there is a roomy GPU, but the engine cannot use it (this build has no
     GPU support): the load is retried with half the layers, then on the CPU, and says why."""

@@ -11,6 +11,7 @@ import urllib.request
 import psutil
 import pytest
 
+from anyad.resources import DeviceProbe
 from conftest import MODEL_ID, anyad_cmd, clean_env, free_port, wait_http
 
 
@@ -137,7 +138,8 @@ def test_status_command_shows_devices_models_and_queues(tiny_model, tmp_path):
         for col in ("STATE", "PLACEMENT", "GPU LAYERS", "EST RAM", "RSS", "EXPIRES", "WAITING"):
             assert col in header
         row = next(l for l in lines if l.strip().startswith(MODEL_ID + " ")).split()
-        assert row[1:4] == ["loaded", "cpu", "0/2"]
+        on_gpu = bool(DeviceProbe().snapshot().usable_gpus)
+        assert row[1:4] == ["loaded", "gpu", "2/2"] if on_gpu else ["loaded", "cpu", "0/2"]
         j = subprocess.run(anyad_cmd("status", "--port", str(port), "--json"), env=clean_env(tmp_path),
                            capture_output=True, text=True, timeout=30)
         assert json.loads(j.stdout)["models"][MODEL_ID]["pid"] == workers[0].pid
