@@ -14,8 +14,12 @@ For a model with ``L`` blocks, context ``n_ctx`` and micro-batch ``n_ubatch``::
                + 6 MiB                                          (graph allowance)
 
     all on the CPU:   RAM  = W_in + Σ W_i + W_out + P * (Σ KV_i + compute)
-    k blocks on GPU:  VRAM = P * (Σ_{i ≥ L-k} (W_i + KV_i) + compute  (+ W_out when k = L))
-                      RAM  = W_in + the rest
+    k blocks on GPU:  VRAM = P * (Σ_{i ≥ L-k} (W_i + KV_i) + compute  (+ W_out when k = L)) + G_dev
+                      RAM  = W_in + the rest + P * host buffers + G_host
+
+``G_dev`` and ``G_host`` are what a process pays once for using a GPU at all (the
+CUDA context, cuBLAS workspaces, the runtime's host-side memory): measured at 686
+and about 290 MiB on an H100 with CUDA 13 (bench/README.md), used as 700 and 300.
 
 ``P`` is the model's ``parallel`` setting: each slot is a context of its own.
 On the CPU the weights are memory-mapped once and shared by the contexts; on
@@ -38,8 +42,11 @@ from anyad.gguf_meta import gguf_scalar
 
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
             "q5_0": 22 / 32, "q5_1": 24 / 32}
-SCRATCH = 16 * 2 ** 20  # host-side buffers of a model whose layers are on a GPU
-COMPUTE_ALLOWANCE = 6 * 2 ** 20
+MIB = 2 ** 20
+SCRATCH = 16 * MIB  # host-side buffers of a model whose layers are on a GPU
+COMPUTE_ALLOWANCE = 6 * MIB
+GPU_DEVICE_OVERHEAD = 700 * MIB
+GPU_HOST_OVERHEAD = 300 * MIB
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +81,7 @@ class Estimate:
         if k < s.n_layer:
             ram += s.output_bytes
         per_context = cpu_layers * self.kv_layer_bytes + (self.compute_bytes if k == 0 else SCRATCH)
-        return ram + self.parallel * per_context
+        return ram + self.parallel * per_context + (GPU_HOST_OVERHEAD if k else 0)
 
     def vram_bytes(self, gpu_layers: int) -> int:
         s = self.shape
@@ -82,7 +89,7 @@ class Estimate:
         if k == 0:
             return 0
         vram = sum(s.layer_bytes[s.n_layer - k:]) + k * self.kv_layer_bytes + self.compute_bytes
-        return self.parallel * (vram + (s.output_bytes if k == s.n_layer else 0))
+        return self.parallel * (vram + (s.output_bytes if k == s.n_layer else 0)) + GPU_DEVICE_OVERHEAD
 
     @property
     def total_bytes(self) -> int:

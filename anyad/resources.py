@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,14 +53,42 @@ class Snapshot:
         return d
 
 
-def engine_gpu_offload() -> bool:
-    """Can this llama-cpp-python build put layers on a GPU?"""
-    try:
-        import llama_cpp
+_OFFLOAD_CHECK = "import llama_cpp; print(int(llama_cpp.llama_supports_gpu_offload()))"
 
-        return bool(llama_cpp.llama_supports_gpu_offload())
-    except Exception:  # an engine that cannot even say so cannot offload
+
+def engine_gpu_offload() -> bool:
+    """Can this llama-cpp-python build put layers on a GPU?
+
+    Asked in a short-lived child process: importing a GPU build loads the CUDA
+    runtime, which would otherwise sit in the daemon (a few hundred MiB) for the
+    sake of one question.
+    """
+    try:
+        p = subprocess.run([sys.executable, "-c", _OFFLOAD_CHECK], capture_output=True, text=True, timeout=120)
+        return p.returncode == 0 and p.stdout.strip().endswith("1")
+    except (OSError, subprocess.SubprocessError):  # an engine that cannot even say so cannot offload
         return False
+
+
+def visible_gpus() -> set[int] | None:
+    """The GPUs ``CUDA_VISIBLE_DEVICES`` allows (by NVML index), or None when it is not set."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    try:
+        return {int(x) for x in value.split(",") if x.strip()}
+    except ValueError:  # UUIDs or MIG names: not mapped here, so all GPUs stay usable
+        return None
+
+
+def worker_env(gpu_index: int | None) -> dict[str, str]:
+    """Environment for a model's worker: only the GPU it was placed on, or none at all.
+
+    Without this, llama.cpp spreads layers over every visible GPU, and a model placed on
+    the CPU would still put buffers on a GPU. PCI bus order makes CUDA's numbering agree
+    with NVML's.
+    """
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "" if gpu_index is None else str(gpu_index)}
 
 
 class DeviceProbe:
@@ -79,7 +109,15 @@ class DeviceProbe:
                 self._nvml_ok = True
             except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, …
                 self._reason = f"no NVIDIA driver ({type(exc).__name__}: {exc})"
-        self.gpu_offload = engine_gpu_offload() if gpu_offload is None else gpu_offload
+        self._gpu_offload = gpu_offload
+        self._allowed = visible_gpus() if nvml is None else None
+
+    @property
+    def gpu_offload(self) -> bool:
+        # Asked once, and only when there is a GPU to offload to.
+        if self._gpu_offload is None:
+            self._gpu_offload = engine_gpu_offload() if self._gpus()[0] else False
+        return self._gpu_offload
 
     def _gpus(self) -> tuple[list[GPU], list[str]]:
         if not self._nvml_ok:
@@ -96,6 +134,8 @@ class DeviceProbe:
                     util = int(nv.nvmlDeviceGetUtilizationRates(h).gpu)
                 except Exception:
                     util = None
+                if self._allowed is not None and i not in self._allowed:
+                    continue  # hidden by CUDA_VISIBLE_DEVICES
                 gpus.append(GPU(i, name, int(mem.total), int(mem.free), int(mem.used), util))
         except Exception as exc:
             notes.append(f"NVML query failed ({type(exc).__name__}: {exc}); treating the machine as CPU-only")

@@ -39,6 +39,7 @@ class WorkerProcess:
         self.module = module
         self.load = load
         self.load_timeout_s = load_timeout_s
+        self.env: dict[str, str] = {}  # set per load, e.g. which GPU the process may see
         self.proc: asyncio.subprocess.Process | None = None
         self.facts: dict[str, Any] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -70,7 +71,7 @@ class WorkerProcess:
 
     async def _start(self) -> None:
         await self._reap()
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", self.module,

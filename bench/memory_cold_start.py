@@ -61,7 +61,8 @@ def model_path(models_dir: Path, shape: str) -> Path:
 def idle_engine_rss() -> int:
     """RSS of a process that has imported llama_cpp and initialised its backends, holding no model."""
     code = ("import sys, llama_cpp; llama_cpp.llama_backend_init(); print('ok', flush=True); sys.stdin.read()")
-    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         env=engine_env(0))
     try:
         assert p.stdout.readline().strip() == "ok"
         return psutil.Process(p.pid).memory_info().rss
@@ -81,7 +82,9 @@ def llama_allocated(path: Path, n_ctx: int, gpu_layers: int) -> tuple[float, flo
     import re
 
     p = subprocess.run([sys.executable, "-c", ALLOCATED, str(path), str(n_ctx), str(gpu_layers)],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=engine_env(gpu_layers))
+    if os.environ.get("ANYAD_BENCH_SHOW_BUFFERS"):
+        print("\n".join(l for l in p.stderr.splitlines() if "buffer size" in l), file=sys.stderr)
     host = dev = 0.0
     for m in re.finditer(r"^\S+:\s+(\S+) (?:\S+ )?(?:model|KV|compute|output) buffer size =\s+([\d.]+) MiB",
                          p.stderr, re.M):
@@ -143,10 +146,17 @@ for ch in llm.create_chat_completion([{"role": "user", "content": "Hi, who are y
 """
 
 
+def engine_env(gpu_layers: int) -> dict[str, str]:
+    """The same device visibility anyad gives its workers (none for the CPU, one GPU otherwise)."""
+    from anyad.resources import worker_env
+
+    return {**os.environ, **worker_env(0 if gpu_layers else None)}
+
+
 def raw_cold(path: Path, n_ctx: int, gpu_layers: int, threads: int) -> float:
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-c", RAW_COLD, str(path), str(n_ctx), str(gpu_layers), str(threads)],
-                         stdout=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, text=True, env=engine_env(gpu_layers))
     line = p.stdout.readline()
     dt = time.perf_counter() - t0
     p.wait()

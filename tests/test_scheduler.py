@@ -153,10 +153,10 @@ async def test_a_load_blocked_by_busy_models_gives_up_with_503(make_client, tiny
 async def test_memory_limit_unloads_the_idle_model_and_refuses_what_cannot_fit(make_client, tiny_model, tmp_path,
                                                                              caplog):
     caplog.set_level(logging.INFO, "anyad.scheduler")
-    probe = settings(tiny_model, tmp_path, {"a": {}})
-    need = estimated_ram(probe)
+    cpu = {"gpu": "cpu"}  # RAM is what this test is about, also where there is a GPU
+    need = estimated_ram(settings(tiny_model, tmp_path, {"a": cpu}))
     # Room for one model's estimate, not two; no count limit.
-    s = settings(tiny_model, tmp_path, {"a": {}, "b": {}},
+    s = settings(tiny_model, tmp_path, {"a": cpu, "b": cpu},
                  {"max_loaded_models": 0, "ram_reserve_mib": 0, "max_ram_mib": math.ceil(need * 1.5 / MIB)})
     c = await make_client(s)
     assert (await chat(c, "a"))[0] == 200
@@ -164,7 +164,7 @@ async def test_memory_limit_unloads_the_idle_model_and_refuses_what_cannot_fit(m
     assert entry(c, "a").state == "unloaded" and entry(c, "b").state == "loaded"
     assert "unloading model a: to free memory for b" in caplog.text
 
-    small = settings(tiny_model, tmp_path, {"a": {}}, {"ram_reserve_mib": 0, "max_ram_mib": 1})
+    small = settings(tiny_model, tmp_path, {"a": cpu}, {"ram_reserve_mib": 0, "max_ram_mib": 1})
     c2 = await make_client(small)
     status, body = await chat(c2, "a")
     assert status == 503 and body["error"]["code"] == "insufficient_memory"

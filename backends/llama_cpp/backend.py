@@ -15,6 +15,7 @@ from anyad.errors import BackendError, ContextLengthExceeded, InvalidRequest
 from anyad.gguf_meta import GGUFInfo, read_gguf_info
 from anyad.memory import Estimate, ModelShape, estimate, read_shape
 from anyad.placement import Placement
+from anyad.resources import worker_env
 from anyad.scheduler import Scheduler
 from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
 from anyad.workers import WorkerProcess
@@ -117,8 +118,10 @@ class LlamaCppBackend(Backend):
         return est
 
     async def load(self, placement: Placement, *, parallel: int, warm_up: bool) -> None:
-        self.worker.load = {**self._base_load, "n_gpu_layers": placement.gpu_layers,
-                            "main_gpu": placement.gpu_index or 0, "parallel": parallel, "warm_up": warm_up}
+        # The worker sees only the GPU it was placed on (as device 0), or none.
+        self.worker.env = worker_env(placement.gpu_index if placement.gpu_layers else None)
+        self.worker.load = {**self._base_load, "n_gpu_layers": placement.gpu_layers, "main_gpu": 0,
+                            "parallel": parallel, "warm_up": warm_up}
         await self.worker.ensure_started()
 
     async def unload(self) -> None:
