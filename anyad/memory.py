@@ -13,13 +13,17 @@ For a model with ``L`` blocks, context ``n_ctx`` and micro-batch ``n_ubatch``::
                + 4 * n_vocab                                    (output buffer)
                + 6 MiB                                          (graph allowance)
 
-    all on the CPU:   RAM  = W_in + Σ W_i + W_out + P * (Σ KV_i + compute)
-    k blocks on GPU:  VRAM = P * (Σ_{i ≥ L-k} (W_i + KV_i) + compute  (+ W_out when k = L)) + G_dev
-                      RAM  = W_in + the rest + P * host buffers + G_host
+    all on the CPU:   RAM  = W_in + Σ W_i + W_out + P * (Σ KV_i + compute) + R
+    k > 0 on the GPU: VRAM = P * (W_out + Σ_{i ≥ L-k+1} (W_i + KV_i) + compute) + G_dev
+                      RAM  = W_in + Σ_{i < L-k+1} (W_i + KV_i) + P * 16 MiB + G_host + R * (CPU share)
 
+``k`` counts as llama.cpp's ``n_gpu_layers`` does: the output layer goes first, then
+the blocks from the last one down, so ``L + 1`` is the whole model (Ollama's "25/25").
 ``G_dev`` and ``G_host`` are what a process pays once for using a GPU at all (the
 CUDA context, cuBLAS workspaces, the runtime's host-side memory): measured at 686
-and about 290 MiB on an H100 with CUDA 13 (bench/README.md), used as 700 and 300.
+and 290-380 MiB on an H100 with CUDA 13 (bench/README.md), used as 700 and 380.
+``R`` is the second copy of the quantized weights that llama.cpp makes on CPUs with
+AMX (``0.9 *`` the repackable bytes, as measured); 0 elsewhere.
 
 ``P`` is the model's ``parallel`` setting: each slot is a context of its own.
 On the CPU the weights are memory-mapped once and shared by the contexts; on
@@ -46,7 +50,10 @@ MIB = 2 ** 20
 SCRATCH = 16 * MIB  # host-side buffers of a model whose layers are on a GPU
 COMPUTE_ALLOWANCE = 6 * MIB
 GPU_DEVICE_OVERHEAD = 700 * MIB
-GPU_HOST_OVERHEAD = 300 * MIB
+GPU_HOST_OVERHEAD = 380 * MIB
+# llama.cpp's CPU backend repacks these quantizations for AMX (Xeon 4th generation and later).
+AMX_TYPES = {"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}
+REPACK_FACTOR = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,8 @@ class ModelShape:
     output_bytes: int
     input_bytes: int
     trained_ctx: int | None
+    # Weights in a quantization the CPU's AMX kernels repack (blocks and output layer).
+    repackable_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,24 +81,34 @@ class Estimate:
     kv_layer_bytes: int
     compute_bytes: int
     parallel: int = 1
+    # The CPU repacks quantized weights into its own layout (AMX): a second copy in RAM.
+    repack: bool = False
+
+    @property
+    def n_offload(self) -> int:
+        """All of the model, in llama.cpp's ``n_gpu_layers`` count: every block and the output layer."""
+        return self.shape.n_layer + 1
 
     def ram_bytes(self, gpu_layers: int = 0) -> int:
         s = self.shape
-        k = max(0, min(gpu_layers, s.n_layer))
-        cpu_layers = s.n_layer - k
-        ram = s.input_bytes + sum(s.layer_bytes[:cpu_layers])
-        if k < s.n_layer:
-            ram += s.output_bytes
-        per_context = cpu_layers * self.kv_layer_bytes + (self.compute_bytes if k == 0 else SCRATCH)
+        k = max(0, min(gpu_layers, self.n_offload))
+        gpu_blocks = max(0, k - 1)  # llama.cpp offloads the output layer first, then the last blocks
+        cpu_blocks = s.n_layer - gpu_blocks
+        ram = s.input_bytes + sum(s.layer_bytes[:cpu_blocks]) + (0 if k else s.output_bytes)
+        if self.repack:
+            cpu_share = cpu_blocks / s.n_layer if s.n_layer else 1.0
+            ram += int(REPACK_FACTOR * s.repackable_bytes * cpu_share)
+        per_context = cpu_blocks * self.kv_layer_bytes + (self.compute_bytes if k == 0 else SCRATCH)
         return ram + self.parallel * per_context + (GPU_HOST_OVERHEAD if k else 0)
 
     def vram_bytes(self, gpu_layers: int) -> int:
         s = self.shape
-        k = max(0, min(gpu_layers, s.n_layer))
+        k = max(0, min(gpu_layers, self.n_offload))
         if k == 0:
             return 0
-        vram = sum(s.layer_bytes[s.n_layer - k:]) + k * self.kv_layer_bytes + self.compute_bytes
-        return self.parallel * (vram + (s.output_bytes if k == s.n_layer else 0)) + GPU_DEVICE_OVERHEAD
+        blocks = k - 1
+        vram = sum(s.layer_bytes[s.n_layer - blocks:]) + blocks * self.kv_layer_bytes + s.output_bytes
+        return self.parallel * (vram + self.compute_bytes) + GPU_DEVICE_OVERHEAD
 
     @property
     def total_bytes(self) -> int:
@@ -114,8 +133,12 @@ def read_shape(path: Path) -> ModelShape:
     out = inp = 0
     out_weight = False
     n_vocab = 0
+    repackable = 0
     for t in r.tensors:
         name, size = t.name, int(t.n_bytes)
+        if (name.startswith("blk.") or name == "output.weight") and len(t.shape) == 2 \
+                and t.tensor_type.name in AMX_TYPES:
+            repackable += size
         if name.startswith("blk."):
             layer[int(name.split(".")[1])] += size
         elif name == "token_embd.weight":
@@ -136,11 +159,11 @@ def read_shape(path: Path) -> ModelShape:
         n_head_kv=n_head_kv, key_length=int(val(f"{arch}.attention.key_length", head_dim)),
         value_length=int(val(f"{arch}.attention.value_length", head_dim)), n_vocab=n_vocab,
         layer_bytes=tuple(layer), output_bytes=out, input_bytes=inp,
-        trained_ctx=val(f"{arch}.context_length"))
+        trained_ctx=val(f"{arch}.context_length"), repackable_bytes=repackable)
 
 
 def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, cache_type: str = "f16",
-             parallel: int = 1) -> Estimate:
+             parallel: int = 1, repack: bool = False) -> Estimate:
     per_elem = KV_BYTES[cache_type]
     kv = int(n_ctx * shape.n_head_kv * (shape.key_length + shape.value_length) * per_elem)
     ub = min(n_ubatch, n_ctx)
@@ -148,4 +171,5 @@ def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, cache_type: 
     logits = ub * (shape.n_vocab + 2 * shape.n_embd)
     attention = ub * n_ctx * (shape.n_head + 1) + ub * (3 * shape.n_embd + 2 * n_embd_kv)
     compute = 4 * max(logits, attention) + 4 * shape.n_vocab + COMPUTE_ALLOWANCE
-    return Estimate(shape=shape, n_ctx=n_ctx, kv_layer_bytes=kv, compute_bytes=compute, parallel=parallel)
+    return Estimate(shape=shape, n_ctx=n_ctx, kv_layer_bytes=kv, compute_bytes=compute, parallel=parallel,
+                    repack=repack)

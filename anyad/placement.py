@@ -44,7 +44,7 @@ def plan(est: Estimate, snap: Snapshot, gpu: GpuSetting = "auto", *, vram_reserv
          ram_reserve: int = 512 * 2 ** 20) -> Placement:
     """The placement for this model on this machine now; raises InsufficientMemory saying
     how much was needed and how much was there."""
-    n_layer = est.shape.n_layer
+    n_layer = est.n_offload  # blocks + the output layer, as llama.cpp counts n_gpu_layers
     ram_free = max(0, snap.ram_available_bytes - ram_reserve)
     gpus = sorted(snap.usable_gpus, key=lambda g: g.free_bytes, reverse=True)
 

@@ -8,6 +8,7 @@ tests can hand in a recorded one; nothing else in anyad touches NVML.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -68,6 +69,19 @@ def engine_gpu_offload() -> bool:
         return p.returncode == 0 and p.stdout.strip().endswith("1")
     except (OSError, subprocess.SubprocessError):  # an engine that cannot even say so cannot offload
         return False
+
+
+@functools.cache
+def cpu_repacks_weights() -> bool:
+    """Does llama.cpp keep a repacked copy of quantized weights on this CPU (AMX, Linux)?"""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
 
 
 def visible_gpus() -> set[int] | None:

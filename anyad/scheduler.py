@@ -330,7 +330,7 @@ class Scheduler:
     def _fallbacks(self, e: ModelEntry, est: Estimate, first: Placement) -> list[Placement]:
         """The planned placement, then half its GPU layers, then the CPU (when RAM allows)."""
         out = [first]
-        n = est.shape.n_layer
+        n = est.n_offload
         if first.gpu_layers > 1:
             k = first.gpu_layers // 2
             out.append(Placement(k, first.gpu_index, est.vram_bytes(k), est.ram_bytes(k),
@@ -360,7 +360,7 @@ class Scheduler:
         return {
             "state": e.state,
             "placement": None if p is None else {
-                "kind": p.kind, "gpu_layers": p.gpu_layers, "n_layers": est.shape.n_layer, "gpu": p.gpu_index,
+                "kind": p.kind, "gpu_layers": p.gpu_layers, "n_layers": est.n_offload, "gpu": p.gpu_index,
                 "reason": p.reason},
             "memory": {
                 "estimated_ram_bytes": p.ram_bytes if p else est.ram_bytes(0),

@@ -231,7 +231,7 @@ async def test_status_shows_devices_and_models(client):
     # On a machine with a usable GPU the tiny model goes there whole; elsewhere on the CPU.
     on_gpu = bool(client.daemon.probe.snapshot().usable_gpus)
     assert m["state"] == "loaded" and m["placement"]["kind"] == ("gpu" if on_gpu else "cpu")
-    assert m["placement"]["gpu_layers"] == (2 if on_gpu else 0)
+    assert m["placement"]["gpu_layers"] == (3 if on_gpu else 0)  # 2 blocks and the output layer
     assert m["queue"] == {"active": 0, "waiting": 0, "parallel": 1, "max_queue": 16}
     mem = m["memory"]
     assert mem["estimated_ram_bytes"] > 0 and mem["rss_bytes"] > 0 and (mem["estimated_vram_bytes"] > 0) == on_gpu

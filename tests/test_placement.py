@@ -35,14 +35,14 @@ def test_no_gpu_goes_to_cpu():
 
 def test_large_gpu_takes_everything():
     p = plan(EST, machine((20, 24)))
-    assert p.kind == "gpu" and p.gpu_layers == 24 and p.gpu_index == 0
+    assert p.kind == "gpu" and p.gpu_layers == 25 and p.gpu_index == 0  # 24 blocks and the output layer
     # Only the input embeddings (138 MiB) and the GPU runtime's host side stay in RAM.
-    assert p.vram_bytes == EST.vram_bytes(24) and p.ram_bytes < 200 * MIB + GPU_HOST_OVERHEAD
+    assert p.vram_bytes == EST.vram_bytes(25) and p.ram_bytes < 200 * MIB + GPU_HOST_OVERHEAD
 
 
 def test_small_gpu_gets_as_many_layers_as_fit():
-    # reserve + the GPU runtime + ~10 layers
-    free = 0.5 + (GPU_DEVICE_OVERHEAD + EST.compute_bytes + 10 * (15 * MIB + EST.kv_layer_bytes)) / GIB
+    # reserve + the GPU runtime + the output layer + ~9 blocks
+    free = 0.5 + (GPU_DEVICE_OVERHEAD + EST.compute_bytes + 138 * MIB + 9 * (15 * MIB + EST.kv_layer_bytes)) / GIB
     p = plan(EST, machine((free, 2)))
     assert p.kind == "partial" and 9 <= p.gpu_layers <= 10
     assert p.vram_bytes <= free * GIB - 512 * MIB
@@ -51,7 +51,7 @@ def test_small_gpu_gets_as_many_layers_as_fit():
 
 def test_two_gpus_picks_the_one_with_most_free_memory():
     p = plan(EST, machine((1, 8), (6, 8)))
-    assert p.gpu_index == 1 and p.gpu_layers == 24
+    assert p.gpu_index == 1 and p.gpu_layers == 25
 
 
 def test_nearly_full_gpu_falls_back_to_cpu():
@@ -62,7 +62,7 @@ def test_nearly_full_gpu_falls_back_to_cpu():
 def test_explicit_settings():
     assert plan(EST, machine((20, 24)), "cpu").kind == "cpu"
     assert plan(EST, machine((20, 24)), 5).gpu_layers == 5
-    assert plan(EST, machine((20, 24)), 99).gpu_layers == 24
+    assert plan(EST, machine((20, 24)), 99).gpu_layers == 25
     with pytest.raises(InsufficientMemory, match="need .* of VRAM"):
         plan(EST, machine((0.7, 24)), "full")
     with pytest.raises(InsufficientMemory, match="none is usable"):
@@ -78,6 +78,21 @@ def test_refusal_says_needed_and_available():
         plan(EST, machine(ram_gib=0.6))
     assert e.value.status == 503
     assert "needs 0." in e.value.message and "available" in e.value.message
+
+
+def test_layers_count_as_llama_cpp_counts_them():
+    # n_gpu_layers = 1 is the output layer alone; each further one adds a block, from the last.
+    assert EST.vram_bytes(1) == 138 * MIB + EST.compute_bytes + GPU_DEVICE_OVERHEAD
+    assert EST.vram_bytes(2) - EST.vram_bytes(1) == 15 * MIB + EST.kv_layer_bytes
+    assert EST.ram_bytes(1) == EST.ram_bytes(0) - 138 * MIB - EST.compute_bytes + 16 * MIB + GPU_HOST_OVERHEAD
+    assert EST.vram_bytes(99) == EST.vram_bytes(25) and EST.ram_bytes(25) == 138 * MIB + 16 * MIB + GPU_HOST_OVERHEAD
+
+
+def test_amx_repacking_counts_a_second_copy_of_quantized_weights():
+    shape = ModelShape(**{**{f: getattr(SHAPE, f) for f in SHAPE.__slots__}, "repackable_bytes": 500 * MIB})
+    plain, repacked = estimate(shape, 4096), estimate(shape, 4096, repack=True)
+    assert repacked.ram_bytes(0) - plain.ram_bytes(0) == int(0.9 * 500 * MIB)
+    assert repacked.ram_bytes(25) == plain.ram_bytes(25)  # nothing left on the CPU to repack
 
 
 def test_estimate_of_a_real_file(tiny_model):

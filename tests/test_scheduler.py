@@ -220,7 +220,9 @@ async def test_parallel_slots_run_requests_of_one_model_together(make_client, ti
     assert [await s1, await s2] == ["length", "length"]
     st = (await (await c.get("/api/status")).json())["models"]["a"]
     assert st["queue"]["parallel"] == 2
-    assert st["memory"]["estimated_ram_bytes"] == entry(c, "a").unit.estimate(2).ram_bytes(0)
+    layers = st["placement"]["gpu_layers"]
+    assert st["memory"]["estimated_ram_bytes"] == entry(c, "a").unit.estimate(2).ram_bytes(layers)
+    assert st["memory"]["estimated_ram_bytes"] > entry(c, "a").unit.estimate(1).ram_bytes(layers)
 
 
 async def test_preload_warms_up_before_ready(make_client, tiny_model, tmp_path):
@@ -243,7 +245,7 @@ async def test_gpu_load_failure_falls_back_to_fewer_layers_then_the_cpu(make_cli
     assert (await chat(c, "a"))[0] == 200
     st = (await (await c.get("/api/status")).json())["models"]["a"]
     assert st["placement"]["kind"] == "cpu" and "after loading on the GPU failed" in st["placement"]["reason"]
-    assert "loading with 2 GPU layers failed" in caplog.text and "loading with 1 GPU layers failed" in caplog.text
+    assert "loading with 3 GPU layers failed" in caplog.text and "loading with 1 GPU layers failed" in caplog.text
     assert "cannot offload" in caplog.text
     assert st["memory"]["estimated_vram_bytes"] == 0
 

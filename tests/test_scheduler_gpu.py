@@ -25,7 +25,8 @@ from fakes import RecordedNVML
 from test_placement import SHAPE
 
 GIB = 2 ** 30
-FULL = estimate(SHAPE, 4096).vram_bytes(SHAPE.n_layer)
+ALL = SHAPE.n_layer + 1  # blocks and the output layer, as llama.cpp counts
+FULL = estimate(SHAPE, 4096).vram_bytes(ALL)
 
 
 class SimulatedGPU(RecordedNVML):
@@ -90,7 +91,7 @@ async def test_vram_pressure_unloads_the_idle_model_and_waits_for_the_driver():
     await sched.load("a")
     await sched.load("b")
     assert not eng["a"].loaded and eng["b"].loaded
-    assert eng["b"].loads[0][1].gpu_layers == SHAPE.n_layer
+    assert eng["b"].loads[0][1].gpu_layers == ALL
     # b was loaded only once the driver reported a's memory free again.
     (freed_at, _), = gpu.releases
     assert eng["b"].loads[0][0] >= freed_at
@@ -123,7 +124,7 @@ async def test_an_engine_that_runs_out_of_gpu_memory_is_retried_with_fewer_layer
     sched, eng = scheduler(gpu, "a", actual=1.15)
     await sched.load("a")
     (_, placement), = eng["a"].loads
-    assert placement.gpu_layers == SHAPE.n_layer // 2 and "after 24 failed" in placement.reason
+    assert placement.gpu_layers == ALL // 2 and "after 25 failed" in placement.reason
     assert sched.status("a")["placement"]["kind"] == "partial"
 
 
@@ -133,4 +134,4 @@ async def test_auto_uses_part_of_a_gpu_before_unloading_anything():
     await sched.load("a")
     await sched.load("b")
     assert eng["a"].loaded and eng["b"].loaded
-    assert 0 < eng["b"].loads[0][1].gpu_layers < SHAPE.n_layer
+    assert 0 < eng["b"].loads[0][1].gpu_layers < ALL

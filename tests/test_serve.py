@@ -139,7 +139,7 @@ def test_status_command_shows_devices_models_and_queues(tiny_model, tmp_path):
             assert col in header
         row = next(l for l in lines if l.strip().startswith(MODEL_ID + " ")).split()
         on_gpu = bool(DeviceProbe().snapshot().usable_gpus)
-        assert row[1:4] == ["loaded", "gpu", "2/2"] if on_gpu else ["loaded", "cpu", "0/2"]
+        assert row[1:4] == ["loaded", "gpu", "3/3"] if on_gpu else ["loaded", "cpu", "0/3"]
         j = subprocess.run(anyad_cmd("status", "--port", str(port), "--json"), env=clean_env(tmp_path),
                            capture_output=True, text=True, timeout=30)
         assert json.loads(j.stdout)["models"][MODEL_ID]["pid"] == workers[0].pid

@@ -15,7 +15,7 @@ from anyad.errors import BackendError, ContextLengthExceeded, InvalidRequest
 from anyad.gguf_meta import GGUFInfo, read_gguf_info
 from anyad.memory import Estimate, ModelShape, estimate, read_shape
 from anyad.placement import Placement
-from anyad.resources import worker_env
+from anyad.resources import cpu_repacks_weights, worker_env
 from anyad.scheduler import Scheduler
 from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
 from anyad.workers import WorkerProcess
@@ -114,7 +114,8 @@ class LlamaCppBackend(Backend):
         if est is None:
             # llama-cpp-python computes in micro-batches of at most 512 tokens.
             est = self._estimates[parallel] = estimate(self.shape, self.n_ctx,
-                                                       n_ubatch=min(self.settings.n_batch, 512), parallel=parallel)
+                                                       n_ubatch=min(self.settings.n_batch, 512), parallel=parallel,
+                                                       repack=cpu_repacks_weights())
         return est
 
     async def load(self, placement: Placement, *, parallel: int, warm_up: bool) -> None:
