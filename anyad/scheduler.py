@@ -69,7 +69,7 @@ class ModelEntry:
     unit: Loadable
     policy: ModelPolicy
     slots: asyncio.Semaphore
-    keep_alive: float  # the last request's keep_alive, else the policy's
+    keep_alive: float  # the latest request's keep_alive, else the policy's
     waiting: int = 0
     active: int = 0
     state: str = "unloaded"  # unloaded | loading | loaded | unloading
@@ -129,8 +129,9 @@ class Scheduler:
         e.active += 1
         started = time.monotonic()
         try:
-            if keep_alive is not None:
-                e.keep_alive = keep_alive
+            # As in Ollama: each request sets how long the model stays after it, its own
+            # keep_alive or else the model's.
+            e.keep_alive = e.policy.keep_alive if keep_alive is None else keep_alive
             if not e.usable:
                 await self._ensure_loaded(e, warm_up)
             yield

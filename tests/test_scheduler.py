@@ -104,6 +104,8 @@ async def test_keep_alive_per_request(make_client, tiny_model, tmp_path):
     assert st["state"] == "loaded" and st["keep_alive_s"] is None and st["expires_in_s"] is None
     assert (await chat(c, "a", keep_alive="10m"))[0] == 200
     assert 590 < (await (await c.get("/api/status")).json())["models"]["a"]["expires_in_s"] <= 600
+    assert (await chat(c, "a"))[0] == 200  # a request without one: the model's own again
+    assert 290 < (await (await c.get("/api/status")).json())["models"]["a"]["expires_in_s"] <= 300
     status, body = await chat(c, "a", keep_alive="soon")
     assert status == 400 and body["error"]["param"] == "keep_alive" and "duration" in body["error"]["message"]
 
