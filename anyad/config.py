@@ -185,6 +185,15 @@ class RouteSettings(_Strict):
     targets: list[str] = Field(min_length=1)
 
 
+class HistorySettings(_Strict):
+    # Record every chat exchange in the data directory's anyad.db.
+    enabled: bool = True
+    # Delete conversations idle for longer than this many days (0: keep them).
+    max_age_days: float = Field(90.0, ge=0)
+    # Keep at most this many conversations, the most recently updated (0: no limit).
+    max_conversations: int = Field(10000, ge=0)
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     data_dir: Path | None = None
@@ -194,6 +203,7 @@ class Settings(_Strict):
     routes: list[RouteSettings] = []
     router: RouterSettings = RouterSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    history: HistorySettings = HistorySettings()
     # Where the settings came from, for log lines and relative paths; not a TOML key.
     source: Path | None = Field(None, exclude=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 
 from anyad.backend import Backend, backend_class
 from anyad.config import Settings
@@ -11,8 +12,11 @@ from anyad.errors import ConfigError
 from anyad.resources import DeviceProbe
 from anyad.router import Router
 from anyad.scheduler import Scheduler
+from anyad.store import DB_NAME, Store
 
 log = logging.getLogger("anyad")
+
+RETENTION_INTERVAL_S = 3600.0
 
 
 class Daemon:
@@ -37,6 +41,7 @@ class Daemon:
         self.local = local
         self.router = Router(local, providers, settings.routes, settings.router)
         self._starting: list[asyncio.Task[None]] = []
+        self.store: Store | None = None  # opened at start when history is enabled
 
     async def start(self) -> None:
         # NVML and the engine's GPU support are read once, off the event loop.
@@ -44,10 +49,28 @@ class Daemon:
             self.probe = await asyncio.to_thread(DeviceProbe)
         self.scheduler.probe = self.probe
         await asyncio.to_thread(self.probe.log_once)
+        if self.settings.history.enabled:
+            path = self.settings.resolved_data_dir / DB_NAME
+            try:
+                self.store = await asyncio.to_thread(Store, path)
+            except (OSError, sqlite3.Error) as exc:
+                raise ConfigError(f"cannot open the history database {path}: {exc}") from None
+            self._starting.append(asyncio.create_task(self._retention()))
         # Preloading runs in the background: the listener answers /health at once
         # and /ready says when the models are usable. One after another, in config
         # order, so that placement sees each load's memory before the next.
         self._starting.append(asyncio.create_task(self._start_all()))
+
+    async def _retention(self) -> None:
+        h = self.settings.history
+        while self.store is not None and (h.max_age_days or h.max_conversations):
+            try:
+                gone = await asyncio.wrap_future(self.store.apply_retention(h.max_age_days, h.max_conversations))
+                if gone:
+                    log.info("history retention: deleted %d conversation(s)", gone)
+            except Exception as exc:
+                log.error("history retention failed: %s", exc)
+            await asyncio.sleep(RETENTION_INTERVAL_S)
 
     async def _start_all(self) -> None:
         for backend in self.backends:
@@ -74,6 +97,9 @@ class Daemon:
             t.cancel()
         await self.router.close()
         await self.scheduler.close()
+        if self.store is not None:
+            # Replies already sent are committed before the process goes.
+            await asyncio.to_thread(self.store.close)
         if self.probe is not None:
             self.probe.close()
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)

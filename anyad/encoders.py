@@ -69,10 +69,7 @@ class OpenAIEncoder:
         return self._event([], usage, with_usage=True)
 
     def completion(self, reply: "Reply") -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "refusal": None, **reply.extra,
-                                   "content": reply.text if reply.text or not reply.tool_calls else None}
-        if reply.tool_calls:
-            message["tool_calls"] = [reply.tool_calls[i] for i in sorted(reply.tool_calls)]
+        message = {"role": "assistant", "refusal": None, **reply.message()}
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "system_fingerprint": None,
@@ -83,8 +80,8 @@ class OpenAIEncoder:
 
 
 class Reply:
-    """A whole reply gathered from chunks, for non-streaming answers: tool-call deltas are
-    merged by index (arguments concatenated), as OpenAI's SDKs do."""
+    """A whole reply gathered from chunks (for non-streaming answers and the history): tool-call
+    deltas are merged by index (arguments concatenated), as OpenAI's SDKs do."""
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -97,6 +94,14 @@ class Reply:
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message as OpenAI writes it (also what the history records)."""
+        message: dict[str, Any] = {"role": "assistant", **self.extra,
+                                   "content": self.text if self.text or not self.tool_calls else None}
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return message
 
     def add(self, chunk: Chunk) -> None:
         if chunk.text:

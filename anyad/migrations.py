@@ -1,0 +1,85 @@
+"""The database schema, as an ordered list of forward migrations.
+
+Each migration is a function named ``mNNN_what`` that takes a sqlite-utils
+``Database``; ``migrate`` applies, in order and each in its own transaction, the
+ones not yet recorded in the ``_migrations`` table. Never edit one that has
+shipped: add the next.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from sqlite_utils import Database
+
+MIGRATIONS: list[Callable[[Database], None]] = []
+
+
+def migration(fn: Callable[[Database], None]) -> Callable[[Database], None]:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_history(db: Database) -> None:
+    db.executescript("""
+        CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            title TEXT,
+            model TEXT,
+            messages INTEGER NOT NULL DEFAULT 0,
+            exchanges INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX idx_conversations_updated ON conversations (updated);
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            role TEXT NOT NULL,
+            content TEXT,
+            extra TEXT,            -- JSON: name, tool_calls, content parts other than text
+            exchange_id INTEGER,   -- the exchange whose reply this is, for assistant replies
+            created REAL NOT NULL,
+            UNIQUE (conversation_id, seq)
+        );
+        CREATE TABLE exchanges (
+            id INTEGER PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            request_id TEXT,
+            model TEXT,            -- as the client asked for it
+            backend TEXT,          -- the target that answered
+            stream INTEGER,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            latency_ms REAL,
+            ttft_ms REAL,
+            finish_reason TEXT,
+            started REAL,
+            finished REAL
+        );
+        CREATE INDEX idx_exchanges_conversation ON exchanges (conversation_id);
+    """)
+    db["messages"].enable_fts(["content"], fts_version="FTS5", create_triggers=True)
+
+
+def migrate(db: Database) -> list[str]:
+    """Apply the migrations this database lacks; returns their names."""
+    if "_migrations" not in db.table_names():
+        db["_migrations"].create({"name": str, "applied": float}, pk="name")
+    done = {row["name"] for row in db["_migrations"].rows}
+    applied = []
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        with db.conn:
+            fn(db)
+            db["_migrations"].insert({"name": fn.__name__, "applied": time.time()})
+        applied.append(fn.__name__)
+    return applied
+
+
+def schema_version(db: Database) -> int:
+    return db["_migrations"].count if "_migrations" in db.table_names() else 0

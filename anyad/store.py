@@ -1,0 +1,304 @@
+"""The SQLite store: one file, ``anyad.db`` in the data directory, for chat history.
+
+Writes go through a single writer thread that batches them: a batch is one
+transaction, committed at most ``batch_interval_s`` after its first item arrived,
+so a reply never waits on the disk and a ``kill -9`` loses at most that interval.
+WAL journaling with ``synchronous = NORMAL`` keeps the file consistent through a
+crash. Reads (the history API, the CLI) use connections of their own, which WAL
+lets run beside the writer. ``close()`` drains what is queued.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from sqlite_utils import Database
+
+from anyad.jsoncodec import dumps, loads
+from anyad.migrations import migrate, schema_version
+
+log = logging.getLogger("anyad.store")
+
+DB_NAME = "anyad.db"
+CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+MAX_QUERY_CHARS = 1000
+_STOP = object()
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request and its reply, as the history records them."""
+
+    conversation_id: str
+    request_id: str
+    model: str
+    backend: str | None
+    stream: bool
+    messages: list[dict[str, Any]]  # as the client sent them
+    reply: dict[str, Any] | None  # {"role": "assistant", "content", ...}; None when nothing came
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    started: float  # wall-clock seconds
+    latency_ms: float
+    ttft_ms: float | None
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[Database], Any]
+    future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
+
+
+def _message_row(m: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    """(role, searchable text, JSON of the rest) for one message."""
+    content = m.get("content")
+    extra = {k: v for k, v in m.items() if k not in ("role", "content")}
+    if isinstance(content, list):
+        text = "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if any(not (isinstance(p, dict) and p.get("type") == "text") for p in content):
+            extra["content"] = content
+    else:
+        text = content if isinstance(content, str) else None
+    return str(m.get("role", "")), text, (dumps(extra) if extra else None)
+
+
+def fts_query(q: str) -> str:
+    """A user's search words as an FTS5 query that cannot be a syntax error: each word a
+    quoted phrase (quotes doubled), all of them required."""
+    q = re.sub(r"[\x00-\x1f\x7f]", " ", q)  # FTS5 cannot take control characters, even quoted
+    words = [w for w in re.split(r"\s+", q.strip()) if w]
+    return " ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+class Store:
+    def __init__(self, path: Path, *, batch_interval_s: float = 0.1, max_batch: int = 256) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.batch_interval_s = batch_interval_s
+        self.max_batch = max_batch
+        db = self._connect()
+        applied = migrate(db)
+        if applied:
+            log.info("database %s: applied %s (schema version %d)", self.path, ", ".join(applied),
+                     schema_version(db))
+        self._db = db  # the writer thread's own from here on
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="anyad-store-writer", daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> Database:
+        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return Database(conn)
+
+    # -- writing (one thread) --------------------------------------------------------------
+
+    def record(self, exchange: Exchange) -> None:
+        """Queue an exchange for the next batch; never blocks."""
+        if not self._closed:
+            self._queue.put(exchange)
+
+    def submit(self, fn: Callable[[Database], Any]) -> concurrent.futures.Future[Any]:
+        """Run ``fn`` in the writer thread, after what is already queued."""
+        job = _Job(fn)
+        if self._closed:
+            job.future.set_exception(RuntimeError("the store is closed"))
+        else:
+            self._queue.put(job)
+        return job.future
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything queued so far is committed."""
+        self.submit(lambda db: None).result(timeout)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            if batch[0] is _STOP:
+                break
+            deadline = time.monotonic() + self.batch_interval_s
+            while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            self._write(batch)
+        self._db.conn.close()
+
+    def _write(self, batch: list[Any]) -> None:
+        """One transaction for the batch; if it fails, each item in its own, so that one
+        bad item costs only itself."""
+        try:
+            with self._db.conn:
+                done = [self._apply(item) for item in batch]
+        except Exception:
+            if len(batch) > 1:
+                for item in batch:
+                    self._write([item])
+                return
+            log.exception("could not write to %s", self.path)
+            item = batch[0]
+            if isinstance(item, _Job) and (item.future.running() or item.future.set_running_or_notify_cancel()):
+                item.future.set_exception(RuntimeError("the history database refused the write; see the log"))
+            return
+        for item, result in zip(batch, done):
+            if isinstance(item, _Job) and item.future.running():
+                item.future.set_result(result)
+
+    def _apply(self, item: Any) -> Any:
+        if isinstance(item, Exchange):
+            return self._write_exchange(self._db, item)
+        if item.future.running() or item.future.set_running_or_notify_cancel():  # False: its caller gave up
+            return item.fn(self._db)
+        return None
+
+    @staticmethod
+    def _write_exchange(db: Database, ex: Exchange) -> None:
+        c = db.conn
+        now = time.time()
+        row = c.execute("SELECT messages FROM conversations WHERE id = ?", (ex.conversation_id,)).fetchone()
+        new = [_message_row(m) for m in ex.messages]
+        if row is None:
+            title = next((text for role, text, _ in new if role == "user" and text), None)
+            c.execute("INSERT INTO conversations (id, created, updated, title, model, messages, exchanges) "
+                      "VALUES (?, ?, ?, ?, ?, 0, 0)",
+                      (ex.conversation_id, ex.started, now, (title or "")[:120] or None, ex.model))
+            stored: list[tuple[str, str | None, str | None]] = []
+        else:
+            stored = [tuple(r) for r in c.execute(
+                "SELECT role, content, extra FROM messages WHERE conversation_id = ? ORDER BY seq",
+                (ex.conversation_id,))]
+        # What the client sent again (the conversation so far) is not stored twice.
+        same = 0
+        while same < min(len(stored), len(new)) and stored[same] == new[same]:
+            same += 1
+        seq = len(stored)
+        cur = c.execute(
+            "INSERT INTO exchanges (conversation_id, request_id, model, backend, stream, prompt_tokens, "
+            "completion_tokens, latency_ms, ttft_ms, finish_reason, started, finished) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ex.conversation_id, ex.request_id, ex.model, ex.backend, int(ex.stream), ex.prompt_tokens,
+             ex.completion_tokens, ex.latency_ms, ex.ttft_ms, ex.finish_reason, ex.started,
+             ex.started + ex.latency_ms / 1000))
+        exchange_id = cur.lastrowid
+        rows = [(ex.conversation_id, seq + i, role, text, extra, None, now)
+                for i, (role, text, extra) in enumerate(new[same:])]
+        if ex.reply is not None:
+            role, text, extra = _message_row(ex.reply)
+            rows.append((ex.conversation_id, seq + len(rows), role, text, extra, exchange_id, now))
+        c.executemany("INSERT INTO messages (conversation_id, seq, role, content, extra, exchange_id, created) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        c.execute("UPDATE conversations SET updated = ?, model = ?, messages = messages + ?, "
+                  "exchanges = exchanges + 1 WHERE id = ?", (now, ex.model, len(rows), ex.conversation_id))
+
+    def delete(self, conversation_id: str) -> concurrent.futures.Future[bool]:
+        return self.submit(lambda db: db.conn.execute("DELETE FROM conversations WHERE id = ?",
+                                                      (conversation_id,)).rowcount > 0)
+
+    def purge(self) -> concurrent.futures.Future[int]:
+        return self.submit(lambda db: db.conn.execute("DELETE FROM conversations").rowcount)
+
+    def apply_retention(self, max_age_days: float, max_conversations: int) -> concurrent.futures.Future[int]:
+        """Delete conversations older than ``max_age_days`` and beyond the newest ``max_conversations``
+        (0 turns either off); the future gives how many went."""
+
+        def run(db: Database) -> int:
+            gone = 0
+            if max_age_days:
+                gone += db.conn.execute("DELETE FROM conversations WHERE updated < ?",
+                                        (time.time() - max_age_days * 86400,)).rowcount
+            if max_conversations:
+                gone += db.conn.execute(
+                    "DELETE FROM conversations WHERE id NOT IN "
+                    "(SELECT id FROM conversations ORDER BY updated DESC LIMIT ?)", (max_conversations,)).rowcount
+            return gone
+
+        return self.submit(run)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Commit what is queued, then stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    # -- reading (any thread, a connection per call) ---------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def conversations(self, *, limit: int = 20, offset: int = 0, q: str | None = None) -> dict[str, Any]:
+        """A page of conversations, newest first; ``q`` keeps those with a message matching all its words."""
+        where, args = "", []
+        query = fts_query(q) if q else ""
+        if query:
+            where = ("WHERE id IN (SELECT conversation_id FROM messages WHERE id IN "
+                     "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?))")
+            args.append(query)
+        conn = self._reader()
+        try:
+            total = conn.execute(f"SELECT count(*) FROM conversations {where}", args).fetchone()[0]
+            rows = conn.execute(f"SELECT * FROM conversations {where} ORDER BY updated DESC, id LIMIT ? OFFSET ?",
+                                [*args, limit, offset]).fetchall()
+        finally:
+            conn.close()
+        return {"total": total, "limit": limit, "offset": offset, "data": [dict(r) for r in rows]}
+
+    def conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        conn = self._reader()
+        try:
+            row = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            if row is None:
+                return None
+            messages = conn.execute("SELECT seq, role, content, extra, exchange_id, created FROM messages "
+                                    "WHERE conversation_id = ? ORDER BY seq", (conversation_id,)).fetchall()
+            exchanges = conn.execute("SELECT * FROM exchanges WHERE conversation_id = ? ORDER BY id",
+                                     (conversation_id,)).fetchall()
+        finally:
+            conn.close()
+        out = dict(row)
+        out["messages"] = []
+        for m in messages:
+            msg = {"role": m["role"], "content": m["content"], **(loads(m["extra"]) if m["extra"] else {}),
+                   "seq": m["seq"], "created": m["created"]}
+            if m["exchange_id"] is not None:
+                msg["exchange_id"] = m["exchange_id"]
+            out["messages"].append(msg)
+        out["exchanges"] = [dict(x) for x in exchanges]
+        return out
+
+    def export(self) -> Iterator[dict[str, Any]]:
+        """Every conversation, whole, oldest first."""
+        conn = self._reader()
+        try:
+            ids = [r[0] for r in conn.execute("SELECT id FROM conversations ORDER BY created, id")]
+        finally:
+            conn.close()
+        for cid in ids:
+            conv = self.conversation(cid)
+            if conv is not None:
+                yield conv
