@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--port", type=int, help="the daemon's port (default from the config, else 2692)")
     st.add_argument("--json", action="store_true", help="print /api/status as JSON")
     st.set_defaults(func=cmd_status)
+    from anyad.history_cli import add_parser as add_history
+
+    add_history(sub)
     return p
 
 

@@ -80,9 +80,76 @@ def fts_query(q: str) -> str:
     return " ".join('"' + w.replace('"', '""') + '"' for w in words)
 
 
-class Store:
-    def __init__(self, path: Path, *, batch_interval_s: float = 0.1, max_batch: int = 256) -> None:
+class HistoryReader:
+    """Reads the history; any thread, a read-only connection per call (WAL lets it run
+    beside the writer, in this process or the daemon's)."""
+
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def conversations(self, *, limit: int = 20, offset: int = 0, q: str | None = None) -> dict[str, Any]:
+        """A page of conversations, newest first; ``q`` keeps those with a message matching all its words."""
+        where, args = "", []
+        query = fts_query(q) if q else ""
+        if query:
+            where = ("WHERE id IN (SELECT conversation_id FROM messages WHERE id IN "
+                     "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?))")
+            args.append(query)
+        conn = self._reader()
+        try:
+            total = conn.execute(f"SELECT count(*) FROM conversations {where}", args).fetchone()[0]
+            rows = conn.execute(f"SELECT * FROM conversations {where} ORDER BY updated DESC, id LIMIT ? OFFSET ?",
+                                [*args, limit, offset]).fetchall()
+        finally:
+            conn.close()
+        return {"total": total, "limit": limit, "offset": offset, "data": [dict(r) for r in rows]}
+
+    def conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        conn = self._reader()
+        try:
+            row = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            if row is None:
+                return None
+            messages = conn.execute("SELECT seq, role, content, extra, exchange_id, created FROM messages "
+                                    "WHERE conversation_id = ? ORDER BY seq", (conversation_id,)).fetchall()
+            exchanges = conn.execute("SELECT * FROM exchanges WHERE conversation_id = ? ORDER BY id",
+                                     (conversation_id,)).fetchall()
+        finally:
+            conn.close()
+        out = dict(row)
+        out["messages"] = []
+        for m in messages:
+            msg = {"role": m["role"], "content": m["content"], **(loads(m["extra"]) if m["extra"] else {}),
+                   "seq": m["seq"], "created": m["created"]}
+            if m["exchange_id"] is not None:
+                msg["exchange_id"] = m["exchange_id"]
+            out["messages"].append(msg)
+        out["exchanges"] = [dict(x) for x in exchanges]
+        return out
+
+    def export(self) -> Iterator[dict[str, Any]]:
+        """Every conversation, whole, oldest first."""
+        conn = self._reader()
+        try:
+            ids = [r[0] for r in conn.execute("SELECT id FROM conversations ORDER BY created, id")]
+        finally:
+            conn.close()
+        for cid in ids:
+            conv = self.conversation(cid)
+            if conv is not None:
+                yield conv
+
+
+class Store(HistoryReader):
+    """The history's one writer (a thread), and its reader."""
+
+    def __init__(self, path: Path, *, batch_interval_s: float = 0.1, max_batch: int = 256) -> None:
+        super().__init__(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.batch_interval_s = batch_interval_s
         self.max_batch = max_batch
@@ -243,62 +310,3 @@ class Store:
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join(timeout)
-
-    # -- reading (any thread, a connection per call) ---------------------------------------
-
-    def _reader(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
-        conn.row_factory = sqlite3.Row
-        return conn
-
-    def conversations(self, *, limit: int = 20, offset: int = 0, q: str | None = None) -> dict[str, Any]:
-        """A page of conversations, newest first; ``q`` keeps those with a message matching all its words."""
-        where, args = "", []
-        query = fts_query(q) if q else ""
-        if query:
-            where = ("WHERE id IN (SELECT conversation_id FROM messages WHERE id IN "
-                     "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?))")
-            args.append(query)
-        conn = self._reader()
-        try:
-            total = conn.execute(f"SELECT count(*) FROM conversations {where}", args).fetchone()[0]
-            rows = conn.execute(f"SELECT * FROM conversations {where} ORDER BY updated DESC, id LIMIT ? OFFSET ?",
-                                [*args, limit, offset]).fetchall()
-        finally:
-            conn.close()
-        return {"total": total, "limit": limit, "offset": offset, "data": [dict(r) for r in rows]}
-
-    def conversation(self, conversation_id: str) -> dict[str, Any] | None:
-        conn = self._reader()
-        try:
-            row = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-            if row is None:
-                return None
-            messages = conn.execute("SELECT seq, role, content, extra, exchange_id, created FROM messages "
-                                    "WHERE conversation_id = ? ORDER BY seq", (conversation_id,)).fetchall()
-            exchanges = conn.execute("SELECT * FROM exchanges WHERE conversation_id = ? ORDER BY id",
-                                     (conversation_id,)).fetchall()
-        finally:
-            conn.close()
-        out = dict(row)
-        out["messages"] = []
-        for m in messages:
-            msg = {"role": m["role"], "content": m["content"], **(loads(m["extra"]) if m["extra"] else {}),
-                   "seq": m["seq"], "created": m["created"]}
-            if m["exchange_id"] is not None:
-                msg["exchange_id"] = m["exchange_id"]
-            out["messages"].append(msg)
-        out["exchanges"] = [dict(x) for x in exchanges]
-        return out
-
-    def export(self) -> Iterator[dict[str, Any]]:
-        """Every conversation, whole, oldest first."""
-        conn = self._reader()
-        try:
-            ids = [r[0] for r in conn.execute("SELECT id FROM conversations ORDER BY created, id")]
-        finally:
-            conn.close()
-        for cid in ids:
-            conv = self.conversation(cid)
-            if conv is not None:
-                yield conv

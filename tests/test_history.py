@@ -256,3 +256,46 @@ def test_kill_9_mid_load_keeps_the_database_whole_and_every_finished_reply(tiny_
     # Each stored exchange is whole: its conversation and both messages are there.
     assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 2 * len(stored)
     assert conn.execute("SELECT count(*) FROM conversations").fetchone()[0] == len(stored)
+
+
+def run_cli(tmp_path, *args, input=None):
+    env = clean_env(tmp_path)
+    env["ANYAD_DATA_DIR"] = str(tmp_path / "data")
+    return subprocess.run(anyad_cmd("history", *args), env=env, capture_output=True, text=True, timeout=60,
+                          input=input)
+
+
+def test_history_command(tmp_path):
+    p = run_cli(tmp_path, "list")
+    assert p.returncode == 1 and "no history yet" in p.stderr
+    store = Store(tmp_path / "data" / "anyad.db")
+    store.record(exchange("first-chat", "Tell me about otters"))
+    store.record(exchange("second-chat", "Tell me about beavers"))
+    store.close()
+
+    p = run_cli(tmp_path, "list")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].split() == ["ID", "UPDATED", "MODEL", "MESSAGES", "TITLE"]
+    assert lines[1].startswith("second-chat") and lines[2].startswith("first-chat")
+    assert "Tell me about otters" in lines[2]
+    p = run_cli(tmp_path, "list", "-q", "otters")
+    assert [l.split()[0] for l in p.stdout.splitlines()[1:]] == ["first-chat"]
+
+    p = run_cli(tmp_path, "show", "first-chat")
+    assert p.returncode == 0 and "[user]\nTell me about otters" in p.stdout and "[assistant]\nhi" in p.stdout
+    p = run_cli(tmp_path, "show", "nope")
+    assert p.returncode == 1 and "no conversation" in p.stderr and "Traceback" not in p.stderr
+
+    p = run_cli(tmp_path, "export")
+    exported = json.loads(p.stdout)
+    assert [c["id"] for c in exported] == ["first-chat", "second-chat"]
+    assert exported[0]["messages"][0]["content"] == "Tell me about otters"
+    p = run_cli(tmp_path, "export", "--format", "jsonl")
+    assert [json.loads(l)["id"] for l in p.stdout.splitlines()] == ["first-chat", "second-chat"]
+
+    p = run_cli(tmp_path, "purge")  # not a terminal and no --yes: refuses
+    assert p.returncode == 2 and "--yes" in p.stderr
+    p = run_cli(tmp_path, "purge", "--yes")
+    assert p.returncode == 0 and "deleted 2" in p.stdout
+    assert run_cli(tmp_path, "list").stdout.strip() == "no conversations"
