@@ -83,6 +83,11 @@ class Backend(abc.ABC):
         """True when a request would be served without a load failure."""
         return True
 
+    def identity(self, model: str) -> str:
+        """What answers for ``model``, precisely enough that a change means other answers
+        (the response cache keys on it)."""
+        return f"{self.kind}:{getattr(self, 'name', '')}:{model}"
+
     def probe_address(self) -> tuple[str, int] | None:
         """Where a remote backend's network is, for the offline probe."""
         return None

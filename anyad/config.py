@@ -194,6 +194,16 @@ class HistorySettings(_Strict):
     max_conversations: int = Field(10000, ge=0)
 
 
+class CacheSettings(_Strict):
+    # Reuse answers to repeated requests (kept in anyad.db in the data directory).
+    enabled: bool = True
+    # "deterministic": only requests with temperature 0 or a seed; "all": every request.
+    mode: Literal["deterministic", "all"] = "deterministic"
+    ttl_s: float = Field(86400.0, gt=0)
+    max_entries: int = Field(10000, ge=1)
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     data_dir: Path | None = None
@@ -204,6 +214,7 @@ class Settings(_Strict):
     router: RouterSettings = RouterSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     history: HistorySettings = HistorySettings()
+    cache: CacheSettings = CacheSettings()
     # Where the settings came from, for log lines and relative paths; not a TOML key.
     source: Path | None = Field(None, exclude=True)
 

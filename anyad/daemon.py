@@ -7,6 +7,7 @@ import logging
 import sqlite3
 
 from anyad.backend import Backend, backend_class
+from anyad.cache import ResponseCache
 from anyad.config import Settings
 from anyad.errors import ConfigError
 from anyad.resources import DeviceProbe
@@ -41,7 +42,8 @@ class Daemon:
         self.local = local
         self.router = Router(local, providers, settings.routes, settings.router)
         self._starting: list[asyncio.Task[None]] = []
-        self.store: Store | None = None  # opened at start when history is enabled
+        self.store: Store | None = None  # opened at start when the history or the cache is enabled
+        self.cache: ResponseCache | None = None
 
     async def start(self) -> None:
         # NVML and the engine's GPU support are read once, off the event loop.
@@ -49,17 +51,25 @@ class Daemon:
             self.probe = await asyncio.to_thread(DeviceProbe)
         self.scheduler.probe = self.probe
         await asyncio.to_thread(self.probe.log_once)
-        if self.settings.history.enabled:
+        if self.settings.history.enabled or self.settings.cache.enabled:
             path = self.settings.resolved_data_dir / DB_NAME
             try:
                 self.store = await asyncio.to_thread(Store, path)
             except (OSError, sqlite3.Error) as exc:
-                raise ConfigError(f"cannot open the history database {path}: {exc}") from None
-            self._starting.append(asyncio.create_task(self._retention()))
+                raise ConfigError(f"cannot open the database {path}: {exc}") from None
+            if self.settings.cache.enabled:
+                self.cache = ResponseCache(self.store, self.settings.cache, self.router)
+            if self.settings.history.enabled:
+                self._starting.append(asyncio.create_task(self._retention()))
         # Preloading runs in the background: the listener answers /health at once
         # and /ready says when the models are usable. One after another, in config
         # order, so that placement sees each load's memory before the next.
         self._starting.append(asyncio.create_task(self._start_all()))
+
+    @property
+    def history(self) -> Store | None:
+        """Where chat exchanges are recorded, when the history is on."""
+        return self.store if self.settings.history.enabled else None
 
     async def _retention(self) -> None:
         h = self.settings.history

@@ -142,6 +142,9 @@ class RemoteBackend(Backend):
     def probe_address(self) -> tuple[str, int] | None:
         return self.client.probe_address()
 
+    def identity(self, model: str) -> str:
+        return f"{self.kind}:{self.settings.base_url}:{model}"
+
     async def reply_json(self, resp: aiohttp.ClientResponse) -> Any:
         """A whole (non-streamed) reply body as JSON."""
         try:

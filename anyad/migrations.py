@@ -65,6 +65,25 @@ def m001_history(db: Database) -> None:
     db["messages"].enable_fts(["content"], fts_version="FTS5", create_triggers=True)
 
 
+@migration
+def m002_response_cache(db: Database) -> None:
+    db.executescript("""
+        CREATE TABLE cache (
+            key TEXT PRIMARY KEY,  -- SHA-256 of the canonical request
+            model TEXT,
+            backend TEXT,          -- the target that answered
+            reply TEXT NOT NULL,   -- JSON: message, finish_reason, usage
+            bytes INTEGER NOT NULL,
+            created REAL NOT NULL,
+            last_used REAL NOT NULL,
+            expires REAL NOT NULL,
+            hits INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX idx_cache_last_used ON cache (last_used);
+        ALTER TABLE exchanges ADD COLUMN cache TEXT;  -- hit | miss | bypass | stale
+    """)
+
+
 def migrate(db: Database) -> list[str]:
     """Apply the migrations this database lacks; returns their names."""
     if "_migrations" not in db.table_names():

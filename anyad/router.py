@@ -46,6 +46,10 @@ class Opened:
     skipped: list[str]
     breaker: Breaker | None = None
 
+    @property
+    def name(self) -> str:
+        return self.target.name
+
     def failed(self, exc: AnyadError) -> None:
         """The reply broke after it began: it counts against the target's breaker."""
         if self.breaker is not None:

@@ -1,4 +1,5 @@
-"""The SQLite store: one file, ``anyad.db`` in the data directory, for chat history.
+"""The SQLite store: one file, ``anyad.db`` in the data directory, for the chat history
+and the response cache (``anyad.cache``).
 
 Writes go through a single writer thread that batches them: a batch is one
 transaction, committed at most ``batch_interval_s`` after its first item arrived,
@@ -43,6 +44,7 @@ class Exchange:
     model: str
     backend: str | None
     stream: bool
+    cache: str | None  # hit | miss | bypass | stale; None when the cache is off
     messages: list[dict[str, Any]]  # as the client sent them
     reply: dict[str, Any] | None  # {"role": "assistant", "content", ...}; None when nothing came
     finish_reason: str | None
@@ -87,7 +89,7 @@ class HistoryReader:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    def _reader(self) -> sqlite3.Connection:
+    def read_connection(self) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
         conn.row_factory = sqlite3.Row
         return conn
@@ -100,7 +102,7 @@ class HistoryReader:
             where = ("WHERE id IN (SELECT conversation_id FROM messages WHERE id IN "
                      "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?))")
             args.append(query)
-        conn = self._reader()
+        conn = self.read_connection()
         try:
             total = conn.execute(f"SELECT count(*) FROM conversations {where}", args).fetchone()[0]
             rows = conn.execute(f"SELECT * FROM conversations {where} ORDER BY updated DESC, id LIMIT ? OFFSET ?",
@@ -110,7 +112,7 @@ class HistoryReader:
         return {"total": total, "limit": limit, "offset": offset, "data": [dict(r) for r in rows]}
 
     def conversation(self, conversation_id: str) -> dict[str, Any] | None:
-        conn = self._reader()
+        conn = self.read_connection()
         try:
             row = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
             if row is None:
@@ -134,7 +136,7 @@ class HistoryReader:
 
     def export(self) -> Iterator[dict[str, Any]]:
         """Every conversation, whole, oldest first."""
-        conn = self._reader()
+        conn = self.read_connection()
         try:
             ids = [r[0] for r in conn.execute("SELECT id FROM conversations ORDER BY created, id")]
         finally:
@@ -262,10 +264,10 @@ class Store(HistoryReader):
             same += 1
         seq = len(stored)
         cur = c.execute(
-            "INSERT INTO exchanges (conversation_id, request_id, model, backend, stream, prompt_tokens, "
+            "INSERT INTO exchanges (conversation_id, request_id, model, backend, stream, cache, prompt_tokens, "
             "completion_tokens, latency_ms, ttft_ms, finish_reason, started, finished) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (ex.conversation_id, ex.request_id, ex.model, ex.backend, int(ex.stream), ex.prompt_tokens,
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ex.conversation_id, ex.request_id, ex.model, ex.backend, int(ex.stream), ex.cache, ex.prompt_tokens,
              ex.completion_tokens, ex.latency_ms, ex.ttft_ms, ex.finish_reason, ex.started,
              ex.started + ex.latency_ms / 1000))
         exchange_id = cur.lastrowid

@@ -19,6 +19,12 @@ import ggufmaker  # noqa: E402
 MODEL_ID = "tiny"
 
 
+@pytest.fixture(autouse=True)
+def _own_data_dir(tmp_path, monkeypatch):
+    """Settings without a data_dir would use ~/.local/share/anyad: keep every test's in its tmp_path."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real GGUF (random weights, byte-level BPE, ChatML template), made once per session."""

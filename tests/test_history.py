@@ -161,13 +161,20 @@ async def test_history_can_be_turned_off(make_client, tiny_model, tmp_path):
     c = await make_client(s)
     r, _ = await chat(c)
     assert r.status == 200 and "X-Anyad-Conversation-Id" not in r.headers
-    assert not (tmp_path / "data" / "anyad.db").exists()
     r = await c.get("/api/conversations")
     assert r.status == 404 and "disabled" in (await r.json())["error"]["message"]
+    await asyncio.to_thread(c.daemon.store.flush)
+    conn = sqlite3.connect(tmp_path / "data" / "anyad.db")  # there for the cache only
+    assert conn.execute("SELECT count(*) FROM exchanges").fetchone()[0] == 0
+    # With the cache off too, there is no database at all.
+    s = parse_settings({"data_dir": str(tmp_path / "data2"), "history": {"enabled": False},
+                        "cache": {"enabled": False}, "models": {MODEL_ID: {"path": str(tiny_model)}}})
+    c = await make_client(s)
+    assert (await chat(c))[0].status == 200 and not (tmp_path / "data2").exists()
 
 
 def exchange(cid: str, text: str = "hello", started: float | None = None) -> Exchange:
-    return Exchange(conversation_id=cid, request_id="r", model="m", backend="m", stream=False,
+    return Exchange(conversation_id=cid, request_id="r", model="m", backend="m", stream=False, cache=None,
                     messages=[{"role": "user", "content": text}], reply={"role": "assistant", "content": "hi"},
                     finish_reason="stop", prompt_tokens=1, completion_tokens=1, started=started or time.time(),
                     latency_ms=1.0, ttft_ms=1.0)
@@ -180,10 +187,11 @@ def test_database_setup_migrations_and_shutdown_drain(tmp_path):
     store.close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert [r[0] for r in conn.execute("SELECT name FROM _migrations")] == ["m001_history"]
+    names = ["m001_history", "m002_response_cache"]
+    assert [r[0] for r in conn.execute("SELECT name FROM _migrations")] == names
     assert conn.execute("SELECT count(*) FROM exchanges").fetchone()[0] == 1
     again = Store(path)  # opening again applies nothing twice
-    assert [r[0] for r in sqlite3.connect(path).execute("SELECT name FROM _migrations")] == ["m001_history"]
+    assert [r[0] for r in sqlite3.connect(path).execute("SELECT name FROM _migrations")] == names
     again.close()
 
 

@@ -12,11 +12,13 @@ from aiohttp import web
 from anyad.encoders import DONE, OpenAIEncoder, Reply, sse_error
 from anyad.errors import AnyadError, BackendError, InvalidRequest
 from anyad.jsoncodec import dumpb
-from anyad.router import fallback_header
+from anyad.cache import Decision, Replayed, replay
+from anyad.router import Opened, fallback_header
 from anyad.schemas import parse_chat_request
+from anyad.daemon import Daemon
 from anyad.server import DAEMON, REQUEST_ID, read_json
 from anyad.store import CONVERSATION_ID, Exchange
-from anyad.stream import Usage
+from anyad.stream import ChatRequest, Usage
 
 log = logging.getLogger("anyad.chat")
 
@@ -38,22 +40,43 @@ def conversation_id(request: web.Request) -> str:
     return cid
 
 
+async def _open(daemon: Daemon, chat: ChatRequest, decision: Decision | None) -> tuple[Opened | Replayed, str | None]:
+    """The reply's beginning, and what the cache had to do with it: a fresh cached answer,
+    else the route's first target that answers, else (all failed) an expired cached one."""
+    cache = daemon.cache
+    if cache is None or decision is None:
+        return await daemon.router.open(chat), None
+    if decision.lookup and (entry := await cache.get(decision.key)) is not None:
+        return replay(entry), "hit"
+    try:
+        return await daemon.router.open(chat), decision.header
+    except AnyadError as exc:
+        if not exc.retryable or (entry := await cache.get(decision.key, stale_ok=True)) is None:
+            raise
+        log.warning("every target for %s failed (%s); answering from an expired cache entry", chat.model,
+                    exc.message)
+        return replay(entry), "stale"
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
     chat = parse_chat_request(await read_json(request))
-    store = daemon.store
-    conv_id = conversation_id(request) if store is not None else None
+    history = daemon.history
+    conv_id = conversation_id(request) if history is not None else None
+    decision = daemon.cache.decide(chat, request) if daemon.cache is not None else None
     started, t0 = time.time(), time.monotonic()
     # The router waits for a target's first chunk before we answer: until then a
     # failure can still fall back, or get its own HTTP status.
-    opened = await daemon.router.open(chat)
+    opened, cached = await _open(daemon, chat, decision)
     ttft_ms = (time.monotonic() - t0) * 1000
-    headers = {"X-Anyad-Backend": opened.target.name, "X-Request-Id": request[REQUEST_ID]}
+    headers = {"X-Anyad-Backend": opened.name, "X-Request-Id": request[REQUEST_ID]}
     if opened.skipped:
         headers["X-Anyad-Fallback"] = fallback_header(opened.skipped)
+    if cached is not None:
+        headers["X-Anyad-Cache"] = cached
     if conv_id is not None:
         headers[CONVERSATION_HEADER] = conv_id
-    enc = OpenAIEncoder(opened.target.name, include_usage=chat.include_usage)
+    enc = OpenAIEncoder(opened.name, include_usage=chat.include_usage)
     reply = Reply()
     outcome = "cancelled"  # unless the reply ends, or fails
     try:
@@ -69,7 +92,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     raise
                 if reply.finish_reason is None:
                     outcome = "error"
-                    raise BackendError(f"{opened.target.name} ended the reply without a finish reason")
+                    raise BackendError(f"{opened.name} ended the reply without a finish reason")
                 outcome = reply.finish_reason
                 return web.Response(body=dumpb(enc.completion(reply)), headers=headers,
                                     content_type="application/json")
@@ -93,7 +116,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                         out = []
                     chunk = await anext(rest, None)
                 if not finish:
-                    raise BackendError(f"{opened.target.name} ended the reply without a finish reason")
+                    raise BackendError(f"{opened.name} ended the reply without a finish reason")
                 tail = [finish]
                 if chat.include_usage:
                     tail.append(enc.usage(reply.usage or Usage()))
@@ -114,10 +137,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 log.info("request %s: client disconnected mid-stream", request[REQUEST_ID])
             return resp
     finally:
-        if store is not None:
-            store.record(Exchange(
+        if decision is not None and decision.store and cached in ("miss", "bypass") \
+                and outcome not in ("cancelled", "error"):
+            daemon.cache.put(decision.key, chat.model, opened.name, reply.message(), outcome, reply.usage)
+        if history is not None:
+            history.record(Exchange(
                 conversation_id=conv_id, request_id=request[REQUEST_ID], model=chat.model,
-                backend=opened.target.name, stream=chat.stream, messages=chat.messages,
+                backend=opened.name, stream=chat.stream, cache=cached, messages=chat.messages,
                 reply=reply.message(), finish_reason=outcome,
                 prompt_tokens=reply.usage.prompt_tokens if reply.usage else None,
                 completion_tokens=reply.usage.completion_tokens if reply.usage else None,

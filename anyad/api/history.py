@@ -15,7 +15,7 @@ MAX_PAGE = 200
 
 
 def _store(request: web.Request) -> Store:
-    store = request.app[DAEMON].store
+    store = request.app[DAEMON].history
     if store is None:
         raise NotFound("the history is disabled (history.enabled = false)")
     return store

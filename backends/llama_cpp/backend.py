@@ -99,6 +99,11 @@ class LlamaCppBackend(Backend):
         return [ModelInfo(id=self.model_id, owned_by="local", created=self._created,
                           meta={"context_length": self.n_ctx, "architecture": self.info.architecture})]
 
+    def identity(self, model: str) -> str:
+        # A replaced or re-downloaded file is another model, even under the same id.
+        st = self.info.path.stat()
+        return f"llama_cpp:{self.info.path}:{st.st_size}:{st.st_mtime_ns}:{self.n_ctx}"
+
     # What the scheduler drives (anyad.scheduler.Loadable).
 
     @property

@@ -1,0 +1,152 @@
+"""The response cache: answers worth reusing, in the same SQLite file as the history.
+
+Key: a SHA-256 of the canonical request: the identity of every target the model name
+resolves to (for a local model its file's path, size and modification time, so a new
+file never answers from an old one's entries), the messages, and every field of the
+body that can change the output (everything but how it is delivered: ``stream``,
+``stream_options``, ``keep_alive``, ``user``). Only deterministic requests are cached by
+default (``temperature`` 0 or a ``seed``). ``Cache-Control: no-cache`` skips the lookup,
+``no-store`` the write. Entries expire after ``ttl_s``; beyond ``max_entries`` or
+``max_bytes`` the least recently used go. An expired entry is still served, marked
+``stale``, when every target of the request has failed.
+
+Lookups read through their own connection off the event loop; writes (new entries and
+the last-used time of hits) go through the store's writer, off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from aiohttp import web
+
+from anyad.config import CacheSettings
+from anyad.jsoncodec import dumpb, dumps, loads
+from anyad.router import Router
+from anyad.store import Store
+from anyad.stream import ChatRequest, Chunk, Usage
+
+# Fields that change how a reply is delivered, not what it says.
+DELIVERY_FIELDS = frozenset({"stream", "stream_options", "keep_alive", "user"})
+
+
+@dataclass(slots=True)
+class Decision:
+    key: str
+    lookup: bool  # may a fresh entry answer?
+    store: bool  # may the reply be kept?
+
+    @property
+    def header(self) -> str:
+        return "miss" if self.lookup else "bypass"
+
+
+@dataclass(slots=True)
+class Entry:
+    backend: str
+    reply: dict[str, Any]  # the assistant message
+    finish_reason: str
+    usage: Usage
+    fresh: bool
+
+
+@dataclass(slots=True)
+class Replayed:
+    """A cached reply in the shape of a live one (``router.Opened``), for the same encoders."""
+
+    name: str
+    first: Chunk
+    rest: AsyncIterator[Chunk]
+    skipped: list[str] = field(default_factory=list)
+
+    def failed(self, exc: Exception) -> None:  # a replay has no breaker to tell
+        pass
+
+
+async def _chunks(chunks: list[Chunk]) -> AsyncIterator[Chunk]:
+    for c in chunks:
+        yield c
+
+
+def replay(entry: Entry) -> Replayed:
+    msg = entry.reply
+    extra = {k: v for k, v in msg.items() if k not in ("role", "content", "tool_calls", "refusal")} or None
+    tool_calls = [{"index": i, **tc} for i, tc in enumerate(msg.get("tool_calls") or [])] or None
+    body = Chunk(text=msg.get("content") or "", tool_calls=tool_calls, extra=extra)
+    end = Chunk(finish_reason=entry.finish_reason, usage=entry.usage)
+    return Replayed(entry.backend, body, _chunks([end]))
+
+
+def cache_control(request: web.Request) -> set[str]:
+    value = request.headers.get("Cache-Control", "")
+    return {d.strip().lower().split("=", 1)[0] for d in value.split(",") if d.strip()}
+
+
+class ResponseCache:
+    def __init__(self, store: Store, settings: CacheSettings, router: Router) -> None:
+        self.store = store
+        self.settings = settings
+        self.router = router
+
+    def key(self, chat: ChatRequest) -> str:
+        identity = [t.backend.identity(t.model) for t in self.router.resolve(chat.model)]
+        body = {k: v for k, v in chat.body.items() if k not in DELIVERY_FIELDS}
+        return hashlib.sha256(dumpb({"targets": identity, "body": body})).hexdigest()
+
+    def decide(self, chat: ChatRequest, request: web.Request) -> Decision:
+        directives = cache_control(request)
+        p = chat.params
+        deterministic = p.temperature == 0 or p.seed is not None
+        cacheable = self.settings.mode == "all" or deterministic
+        return Decision(self.key(chat), lookup=cacheable and "no-cache" not in directives,
+                        store=cacheable and "no-store" not in directives)
+
+    async def get(self, key: str, *, stale_ok: bool = False) -> Entry | None:
+        row = await asyncio.to_thread(self._read, key)
+        if row is None:
+            return None
+        fresh = row["expires"] > time.time()
+        if not fresh and not stale_ok:
+            return None
+        self.store.submit(lambda db: db.conn.execute(
+            "UPDATE cache SET last_used = ?, hits = hits + 1 WHERE key = ?", (time.time(), key)))
+        data = loads(row["reply"])
+        return Entry(row["backend"], data["message"], data["finish_reason"],
+                     Usage(data["usage"]["prompt_tokens"], data["usage"]["completion_tokens"]), fresh)
+
+    def _read(self, key: str) -> Any:
+        conn = self.store.read_connection()
+        try:
+            return conn.execute("SELECT backend, reply, expires FROM cache WHERE key = ?", (key,)).fetchone()
+        finally:
+            conn.close()
+
+    def put(self, key: str, model: str, backend: str, message: dict[str, Any], finish_reason: str,
+            usage: Usage | None) -> None:
+        reply = dumps({"message": message, "finish_reason": finish_reason,
+                       "usage": (usage or Usage()).as_dict()})
+        now = time.time()
+        s = self.settings
+
+        def write(db: Any) -> None:
+            c = db.conn
+            c.execute("INSERT OR REPLACE INTO cache (key, model, backend, reply, bytes, created, last_used, expires, "
+                      "hits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                      (key, model, backend, reply, len(reply), now, now, now + s.ttl_s))
+            count, size = c.execute("SELECT count(*), coalesce(sum(bytes), 0) FROM cache").fetchone()
+            if count > s.max_entries or size > s.max_bytes:
+                # Least recently used first, until both caps hold again.
+                drop, freed = 0, 0
+                for (b,) in c.execute("SELECT bytes FROM cache ORDER BY last_used, created"):
+                    if count - drop <= s.max_entries and size - freed <= s.max_bytes:
+                        break
+                    drop += 1
+                    freed += b
+                c.execute("DELETE FROM cache WHERE key IN (SELECT key FROM cache ORDER BY last_used, created "
+                          "LIMIT ?)", (drop,))
+
+        self.store.submit(write)
