@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -36,9 +36,18 @@ DELIVERY_FIELDS = frozenset({"stream", "stream_options", "keep_alive", "user"})
 
 @dataclass(slots=True)
 class Decision:
-    key: str
     lookup: bool  # may a fresh entry answer?
     store: bool  # may the reply be kept?
+    _make_key: Callable[[], str]
+    _key: str | None = None
+
+    @property
+    def key(self) -> str:
+        # Made on first use: a request that is neither looked up nor kept needs it only
+        # if every target fails (for a stale answer).
+        if self._key is None:
+            self._key = self._make_key()
+        return self._key
 
     @property
     def header(self) -> str:
@@ -102,8 +111,8 @@ class ResponseCache:
         p = chat.params
         deterministic = p.temperature == 0 or p.seed is not None
         cacheable = self.settings.mode == "all" or deterministic
-        return Decision(self.key(chat), lookup=cacheable and "no-cache" not in directives,
-                        store=cacheable and "no-store" not in directives)
+        return Decision(lookup=cacheable and "no-cache" not in directives,
+                        store=cacheable and "no-store" not in directives, _make_key=lambda: self.key(chat))
 
     async def get(self, key: str, *, stale_ok: bool = False) -> Entry | None:
         row = await asyncio.to_thread(self._read, key)

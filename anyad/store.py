@@ -150,7 +150,7 @@ class HistoryReader:
 class Store(HistoryReader):
     """The history's one writer (a thread), and its reader."""
 
-    def __init__(self, path: Path, *, batch_interval_s: float = 0.1, max_batch: int = 256) -> None:
+    def __init__(self, path: Path, *, batch_interval_s: float = 0.1, max_batch: int = 1000) -> None:
         super().__init__(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.batch_interval_s = batch_interval_s
@@ -163,6 +163,7 @@ class Store(HistoryReader):
         self._db = db  # the writer thread's own from here on
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="anyad-store-writer", daemon=True)
         self._thread.start()
 
@@ -196,23 +197,24 @@ class Store(HistoryReader):
     def _run(self) -> None:
         stop = False
         while not stop:
-            batch = [self._queue.get()]
-            if batch[0] is _STOP:
+            first = self._queue.get()
+            if first is _STOP:
                 break
-            deadline = time.monotonic() + self.batch_interval_s
-            while len(batch) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+            # Sleep through the batch interval, then take everything that came meanwhile:
+            # waking for each item would hand the GIL back and forth with the event loop.
+            self._closing.wait(self.batch_interval_s)  # cut short by close()
+            batch = [first]
+            while True:
                 try:
-                    item = self._queue.get(timeout=remaining)
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is _STOP:
                     stop = True
                     break
                 batch.append(item)
-            self._write(batch)
+            for i in range(0, len(batch), self.max_batch):
+                self._write(batch[i:i + self.max_batch])
         self._db.conn.close()
 
     def _write(self, batch: list[Any]) -> None:
@@ -246,23 +248,24 @@ class Store(HistoryReader):
     def _write_exchange(db: Database, ex: Exchange) -> None:
         c = db.conn
         now = time.time()
-        row = c.execute("SELECT messages FROM conversations WHERE id = ?", (ex.conversation_id,)).fetchone()
         new = [_message_row(m) for m in ex.messages]
-        if row is None:
-            title = next((text for role, text, _ in new if role == "user" and text), None)
-            c.execute("INSERT INTO conversations (id, created, updated, title, model, messages, exchanges) "
-                      "VALUES (?, ?, ?, ?, ?, 0, 0)",
-                      (ex.conversation_id, ex.started, now, (title or "")[:120] or None, ex.model))
-            stored: list[tuple[str, str | None, str | None]] = []
-        else:
-            stored = [tuple(r) for r in c.execute(
-                "SELECT role, content, extra FROM messages WHERE conversation_id = ? ORDER BY seq",
-                (ex.conversation_id,))]
+        known = c.execute("SELECT 1 FROM conversations WHERE id = ?", (ex.conversation_id,)).fetchone()
+        stored: list[tuple[str, str | None, str | None]] = [] if known is None else [tuple(r) for r in c.execute(
+            "SELECT role, content, extra FROM messages WHERE conversation_id = ? ORDER BY seq", (ex.conversation_id,))]
         # What the client sent again (the conversation so far) is not stored twice.
         same = 0
         while same < min(len(stored), len(new)) and stored[same] == new[same]:
             same += 1
         seq = len(stored)
+        added = len(new) - same + (ex.reply is not None)
+        if known is None:
+            title = next((text for role, text, _ in new if role == "user" and text), None)
+            c.execute("INSERT INTO conversations (id, created, updated, title, model, messages, exchanges) "
+                      "VALUES (?, ?, ?, ?, ?, ?, 1)",
+                      (ex.conversation_id, ex.started, now, (title or "")[:120] or None, ex.model, added))
+        else:
+            c.execute("UPDATE conversations SET updated = ?, model = ?, messages = messages + ?, "
+                      "exchanges = exchanges + 1 WHERE id = ?", (now, ex.model, added, ex.conversation_id))
         cur = c.execute(
             "INSERT INTO exchanges (conversation_id, request_id, model, backend, stream, cache, prompt_tokens, "
             "completion_tokens, latency_ms, ttft_ms, finish_reason, started, finished) "
@@ -270,16 +273,13 @@ class Store(HistoryReader):
             (ex.conversation_id, ex.request_id, ex.model, ex.backend, int(ex.stream), ex.cache, ex.prompt_tokens,
              ex.completion_tokens, ex.latency_ms, ex.ttft_ms, ex.finish_reason, ex.started,
              ex.started + ex.latency_ms / 1000))
-        exchange_id = cur.lastrowid
         rows = [(ex.conversation_id, seq + i, role, text, extra, None, now)
                 for i, (role, text, extra) in enumerate(new[same:])]
         if ex.reply is not None:
             role, text, extra = _message_row(ex.reply)
-            rows.append((ex.conversation_id, seq + len(rows), role, text, extra, exchange_id, now))
+            rows.append((ex.conversation_id, seq + len(rows), role, text, extra, cur.lastrowid, now))
         c.executemany("INSERT INTO messages (conversation_id, seq, role, content, extra, exchange_id, created) "
                       "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-        c.execute("UPDATE conversations SET updated = ?, model = ?, messages = messages + ?, "
-                  "exchanges = exchanges + 1 WHERE id = ?", (now, ex.model, len(rows), ex.conversation_id))
 
     def delete(self, conversation_id: str) -> concurrent.futures.Future[bool]:
         return self.submit(lambda db: db.conn.execute("DELETE FROM conversations WHERE id = ?",
@@ -311,4 +311,5 @@ class Store(HistoryReader):
             return
         self._closed = True
         self._queue.put(_STOP)
+        self._closing.set()
         self._thread.join(timeout)
