@@ -74,6 +74,27 @@ def _message_row(m: dict[str, Any]) -> tuple[str, str | None, str | None]:
     return str(m.get("role", "")), text, (dumps(extra) if extra else None)
 
 
+SEARCH_INDEX_STEP = 5000  # messages indexed per idle pass
+
+
+def index_pending(db: Database, limit: int | None = None) -> int:
+    """Add messages not yet in the full-text index (all of them, or up to ``limit``)."""
+    c = db.conn
+    # A write first: it opens the transaction and takes the write lock, so two indexers
+    # (the daemon's writer and a CLI search) can never both read the same starting point.
+    c.execute("UPDATE search_index SET last_id = last_id WHERE id = 1")
+    (last,) = c.execute("SELECT last_id FROM search_index WHERE id = 1").fetchone()
+    top_sql = "SELECT max(id) FROM messages" if limit is None else \
+        "SELECT max(id) FROM (SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT ?)"
+    (top,) = c.execute(top_sql, () if limit is None else (last, limit)).fetchone()
+    if top is None or top <= last:
+        return 0
+    n = c.execute("INSERT INTO messages_fts (rowid, content) SELECT id, content FROM messages "
+                  "WHERE id > ? AND id <= ?", (last, top)).rowcount
+    c.execute("UPDATE search_index SET last_id = ? WHERE id = 1", (top,))
+    return n
+
+
 def fts_query(q: str) -> str:
     """A user's search words as an FTS5 query that cannot be a syntax error: each word a
     quoted phrase (quotes doubled), all of them required."""
@@ -89,6 +110,15 @@ class HistoryReader:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
+    def index_for_search(self) -> None:
+        """Make the full-text index cover every message before a search."""
+        conn = sqlite3.connect(self.path, timeout=10)
+        try:
+            with conn:
+                index_pending(Database(conn))
+        finally:
+            conn.close()
+
     def read_connection(self) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
         conn.row_factory = sqlite3.Row
@@ -99,6 +129,7 @@ class HistoryReader:
         where, args = "", []
         query = fts_query(q) if q else ""
         if query:
+            self.index_for_search()
             where = ("WHERE id IN (SELECT conversation_id FROM messages WHERE id IN "
                      "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?))")
             args.append(query)
@@ -215,6 +246,8 @@ class Store(HistoryReader):
                 batch.append(item)
             for i in range(0, len(batch), self.max_batch):
                 self._write(batch[i:i + self.max_batch])
+            if self._queue.empty():  # idle: bring the search index up to date
+                self._write([_Job(lambda db: index_pending(db, SEARCH_INDEX_STEP))])
         self._db.conn.close()
 
     def _write(self, batch: list[Any]) -> None:
@@ -304,6 +337,10 @@ class Store(HistoryReader):
             return gone
 
         return self.submit(run)
+
+    def index_for_search(self) -> None:
+        # In the daemon the writer does it, after what is queued: searches see every reply.
+        self.submit(index_pending).result(30)
 
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is queued, then stop the writer."""

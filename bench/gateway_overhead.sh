@@ -4,6 +4,7 @@
 # same fake upstream on 127.0.0.1, direct and through the gateway interleaved.
 #
 #   bench/gateway_overhead.sh [--duration 5] [--reps 3] [--gateways "anyad minproxy litellm"]
+#                             (also: anyad-nostore, anyad with its history and cache off)
 #                             [--concurrency "1 32"] [--modes "nonstream stream"]
 #
 # Needs /tmp/bench-venv (aiohttp uvloop) and /tmp/litellm-venv ('litellm[proxy]' uvloop);
@@ -52,10 +53,12 @@ dirs=()
 for gw in $GATEWAYS; do
   model=bench; key=""; meta=()
   case "$gw" in
-    anyad)
+    anyad|anyad-nostore)
       cfg=/tmp/gwbench/anyad.toml
       printf '[server]\nport = %s\nlog_level = "warning"\n[providers.up]\nbase_url = "http://127.0.0.1:%s/v1"\nmax_retries = 0\n' \
         "$GW_PORT" "$UP_PORT" > "$cfg"
+      # anyad-nostore: the same with the history and the cache off, to show what they cost.
+      [[ $gw == anyad-nostore ]] && printf '[history]\nenabled = false\n[cache]\nenabled = false\n' >> "$cfg"
       XDG_DATA_HOME=/tmp/gwbench/data setsid "$ANYAD" serve --config "$cfg" > "$LOGS/anyad.log" 2>&1 < /dev/null &
       GW_PID=$!; model=up/bench
       wait_url "http://127.0.0.1:$GW_PORT/health"

@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from anyad.config import parse_settings
+from anyad.migrations import MIGRATIONS
 from anyad.store import Exchange, Store
 from conftest import MODEL_ID, anyad_cmd, clean_env, free_port, make_settings, wait_http
 
@@ -122,6 +123,13 @@ async def test_list_is_paged_newest_first_and_searchable(client):
         r = await client.get("/api/conversations", params=bad)
         assert r.status == 400 and (await r.json())["error"]["param"] == param
     assert (await (await client.get("/api/conversations")).json())["total"] == 3  # nothing was dropped
+    # The search index (filled in the background, and before each search) stays whole through deletes.
+    await client.delete(f"/api/conversations/{ids[0]}")
+    assert (await (await client.get("/api/conversations", params={"q": "apple"})).json())["total"] == 0
+    await chat(client, [{"role": "user", "content": "apple again"}])
+    assert (await (await client.get("/api/conversations", params={"q": "apple"})).json())["total"] == 1
+    conn = sqlite3.connect(client.daemon.store.path)
+    conn.execute("INSERT INTO messages_fts (messages_fts) VALUES ('integrity-check')")
 
 
 async def test_unknown_and_bad_ids_are_404_and_delete_works(client):
@@ -187,7 +195,7 @@ def test_database_setup_migrations_and_shutdown_drain(tmp_path):
     store.close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    names = ["m001_history", "m002_response_cache"]
+    names = [m.__name__ for m in MIGRATIONS]
     assert [r[0] for r in conn.execute("SELECT name FROM _migrations")] == names
     assert conn.execute("SELECT count(*) FROM exchanges").fetchone()[0] == 1
     again = Store(path)  # opening again applies nothing twice
