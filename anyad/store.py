@@ -61,6 +61,34 @@ class _Job:
     future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
 
 
+@dataclass(slots=True)
+class _Prepared:
+    ex: Exchange
+    messages: list[tuple[str, str | None, str | None]]  # (role, text, extra JSON) as sent
+    reply: tuple[str, str | None, str | None] | None
+    title: str | None
+
+    @classmethod
+    def of(cls, ex: Exchange) -> "_Prepared":
+        messages = [_message_row(m) for m in ex.messages]
+        title = next((text for role, text, _ in messages if role == "user" and text), None)
+        return cls(ex, messages, _message_row(ex.reply) if ex.reply is not None else None,
+                   (title or "")[:120] or None)
+
+
+def _insert(c: sqlite3.Connection, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
+    """Many rows in few statements: the GIL is released once per statement, not per row."""
+    if not rows:
+        return
+    width = len(rows[0])
+    per = max(1, 30000 // width)  # under SQLite's limit on bound parameters
+    one = "(" + ",".join("?" * width) + ")"
+    for i in range(0, len(rows), per):
+        chunk = rows[i:i + per]
+        c.execute(f"INSERT INTO {table} ({columns}) VALUES " + ",".join([one] * len(chunk)),
+                  [v for row in chunk for v in row])
+
+
 def _message_row(m: dict[str, Any]) -> tuple[str, str | None, str | None]:
     """(role, searchable text, JSON of the rest) for one message."""
     content = m.get("content")
@@ -208,9 +236,13 @@ class Store(HistoryReader):
     # -- writing (one thread) --------------------------------------------------------------
 
     def record(self, exchange: Exchange) -> None:
-        """Queue an exchange for the next batch; never blocks."""
+        """Queue an exchange for the next batch; never blocks.
+
+        Its rows are prepared here, in the caller's thread, so that the writer thread holds
+        the GIL as little as possible: it runs beside the event loop.
+        """
         if not self._closed:
-            self._queue.put(exchange)
+            self._queue.put(_Prepared.of(exchange))
 
     def submit(self, fn: Callable[[Database], Any]) -> concurrent.futures.Future[Any]:
         """Run ``fn`` in the writer thread, after what is already queued."""
@@ -255,7 +287,7 @@ class Store(HistoryReader):
         bad item costs only itself."""
         try:
             with self._db.conn:
-                done = [self._apply(item) for item in batch]
+                done = self._apply(batch)
         except Exception:
             if len(batch) > 1:
                 for item in batch:
@@ -266,53 +298,75 @@ class Store(HistoryReader):
             if isinstance(item, _Job) and (item.future.running() or item.future.set_running_or_notify_cancel()):
                 item.future.set_exception(RuntimeError("the history database refused the write; see the log"))
             return
-        for item, result in zip(batch, done):
-            if isinstance(item, _Job) and item.future.running():
-                item.future.set_result(result)
+        for item, result in done:
+            item.future.set_result(result)
 
-    def _apply(self, item: Any) -> Any:
-        if isinstance(item, Exchange):
-            return self._write_exchange(self._db, item)
-        if item.future.running() or item.future.set_running_or_notify_cancel():  # False: its caller gave up
-            return item.fn(self._db)
-        return None
+    def _apply(self, batch: list[Any]) -> list[tuple[_Job, Any]]:
+        """Runs of exchanges are written together; jobs in their place between them."""
+        done: list[tuple[_Job, Any]] = []
+        run: list[_Prepared] = []
+        for item in batch:
+            if isinstance(item, _Prepared):
+                run.append(item)
+                continue
+            if run:
+                self._write_exchanges(self._db.conn, run)
+                run = []
+            if item.future.running() or item.future.set_running_or_notify_cancel():  # False: its caller gave up
+                done.append((item, item.fn(self._db)))
+        if run:
+            self._write_exchanges(self._db.conn, run)
+        return done
 
     @staticmethod
-    def _write_exchange(db: Database, ex: Exchange) -> None:
-        c = db.conn
+    def _write_exchanges(c: sqlite3.Connection, batch: list[_Prepared]) -> None:
         now = time.time()
-        new = [_message_row(m) for m in ex.messages]
-        known = c.execute("SELECT 1 FROM conversations WHERE id = ?", (ex.conversation_id,)).fetchone()
-        stored: list[tuple[str, str | None, str | None]] = [] if known is None else [tuple(r) for r in c.execute(
-            "SELECT role, content, extra FROM messages WHERE conversation_id = ? ORDER BY seq", (ex.conversation_id,))]
-        # What the client sent again (the conversation so far) is not stored twice.
-        same = 0
-        while same < min(len(stored), len(new)) and stored[same] == new[same]:
-            same += 1
-        seq = len(stored)
-        added = len(new) - same + (ex.reply is not None)
-        if known is None:
-            title = next((text for role, text, _ in new if role == "user" and text), None)
-            c.execute("INSERT INTO conversations (id, created, updated, title, model, messages, exchanges) "
-                      "VALUES (?, ?, ?, ?, ?, ?, 1)",
-                      (ex.conversation_id, ex.started, now, (title or "")[:120] or None, ex.model, added))
-        else:
-            c.execute("UPDATE conversations SET updated = ?, model = ?, messages = messages + ?, "
-                      "exchanges = exchanges + 1 WHERE id = ?", (now, ex.model, added, ex.conversation_id))
-        cur = c.execute(
-            "INSERT INTO exchanges (conversation_id, request_id, model, backend, stream, cache, prompt_tokens, "
-            "completion_tokens, latency_ms, ttft_ms, finish_reason, started, finished) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (ex.conversation_id, ex.request_id, ex.model, ex.backend, int(ex.stream), ex.cache, ex.prompt_tokens,
-             ex.completion_tokens, ex.latency_ms, ex.ttft_ms, ex.finish_reason, ex.started,
-             ex.started + ex.latency_ms / 1000))
-        rows = [(ex.conversation_id, seq + i, role, text, extra, None, now)
-                for i, (role, text, extra) in enumerate(new[same:])]
-        if ex.reply is not None:
-            role, text, extra = _message_row(ex.reply)
-            rows.append((ex.conversation_id, seq + len(rows), role, text, extra, cur.lastrowid, now))
-        c.executemany("INSERT INTO messages (conversation_id, seq, role, content, extra, exchange_id, created) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        ids = list({p.ex.conversation_id for p in batch})
+        marks = ",".join("?" * len(ids))
+        known = {r[0] for r in c.execute(f"SELECT id FROM conversations WHERE id IN ({marks})", ids)}
+        # The messages already stored, for conversations that go on (what a client sends
+        # again is not stored twice).
+        stored: dict[str, list[tuple[str, str | None, str | None]]] = {cid: [] for cid in ids}
+        if known:
+            marks_k = ",".join("?" * len(known))
+            for cid, role, content, extra in c.execute(
+                    f"SELECT conversation_id, role, content, extra FROM messages WHERE conversation_id IN ({marks_k}) "
+                    "ORDER BY conversation_id, seq", list(known)):
+                stored[cid].append((role, content, extra))
+        (next_exchange,) = c.execute("SELECT coalesce(max(id), 0) + 1 FROM exchanges").fetchone()
+        new_convs: dict[str, list[Any]] = {}
+        updates: dict[str, list[Any]] = {}
+        exchanges, messages = [], []
+        for p in batch:
+            ex, cid = p.ex, p.ex.conversation_id
+            have = stored[cid]
+            same = 0
+            while same < min(len(have), len(p.messages)) and have[same] == p.messages[same]:
+                same += 1
+            rows = p.messages[same:] + ([p.reply] if p.reply is not None else [])
+            eid = next_exchange
+            next_exchange += 1
+            for i, (role, text, extra) in enumerate(rows):
+                is_reply = p.reply is not None and i == len(rows) - 1
+                messages.append((cid, len(have) + i, role, text, extra, eid if is_reply else None, now))
+            have.extend(rows)
+            exchanges.append((eid, cid, ex.request_id, ex.model, ex.backend, int(ex.stream), ex.cache,
+                              ex.prompt_tokens, ex.completion_tokens, ex.latency_ms, ex.ttft_ms, ex.finish_reason,
+                              ex.started, ex.started + ex.latency_ms / 1000))
+            finished = ex.started + ex.latency_ms / 1000
+            if cid in known:
+                u = updates.setdefault(cid, [finished, ex.model, 0, 0, cid])
+                u[0], u[1], u[2], u[3] = max(u[0], finished), ex.model, u[2] + len(rows), u[3] + 1
+            else:
+                n = new_convs.setdefault(cid, [cid, ex.started, finished, p.title, ex.model, 0, 0])
+                n[2], n[4], n[5], n[6] = max(n[2], finished), ex.model, n[5] + len(rows), n[6] + 1
+        _insert(c, "conversations", "id, created, updated, title, model, messages, exchanges",
+                [tuple(v) for v in new_convs.values()])
+        c.executemany("UPDATE conversations SET updated = ?, model = ?, messages = messages + ?, "
+                      "exchanges = exchanges + ? WHERE id = ?", [tuple(v) for v in updates.values()])
+        _insert(c, "exchanges", "id, conversation_id, request_id, model, backend, stream, cache, prompt_tokens, "
+                "completion_tokens, latency_ms, ttft_ms, finish_reason, started, finished", exchanges)
+        _insert(c, "messages", "conversation_id, seq, role, content, extra, exchange_id, created", messages)
 
     def delete(self, conversation_id: str) -> concurrent.futures.Future[bool]:
         return self.submit(lambda db: db.conn.execute("DELETE FROM conversations WHERE id = ?",
