@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from contextlib import aclosing
 
 from aiohttp import web
@@ -29,11 +29,17 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 CONVERSATION_HEADER = "X-Anyad-Conversation-Id"
 
 
+def new_conversation_id() -> str:
+    """32 hex digits, time-ordered (milliseconds, then 80 random bits, as UUIDv7 does): new
+    conversations land at the end of the database's indexes instead of all over them."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
 def conversation_id(request: web.Request) -> str:
     """The conversation this request continues (its header), or a new one."""
     cid = request.headers.get(CONVERSATION_HEADER)
     if cid is None:
-        return uuid.uuid4().hex
+        return new_conversation_id()
     if not CONVERSATION_ID.match(cid):
         raise InvalidRequest(f"{CONVERSATION_HEADER} must be 1-128 letters, digits, '_', '-', '.' or ':'",
                              param=CONVERSATION_HEADER)
