@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     from anyad.history_cli import add_parser as add_history
 
     add_history(sub)
+    from anyad.secrets_cli import add_parser as add_secrets
+
+    add_secrets(sub)
     return p
 
 

@@ -1,0 +1,46 @@
+"""``anyad secrets set NAME | list | delete NAME``: provider keys in the OS keyring."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from typing import Any
+
+from anyad.errors import ConfigError
+from anyad.secrets import KEYRING_SERVICE, delete_secret, list_secrets, set_secret
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "set":
+            if sys.stdin.isatty():
+                value = getpass.getpass(f"Value for {args.name} (not shown): ")
+            else:
+                value = sys.stdin.read().rstrip("\r\n")
+            set_secret(args.name, value)
+            print(f"stored {args.name} in the keyring (service {KEYRING_SERVICE!r}); "
+                  f'refer to it as api_key = "keyring:{args.name}"')
+        elif args.action == "list":
+            names = list_secrets()
+            print("\n".join(names) if names else "no secrets stored")
+        elif not delete_secret(args.name):
+            print(f"anyad: no secret {args.name!r} in the keyring", file=sys.stderr)
+            return 1
+        else:
+            print(f"deleted {args.name}")
+    except ConfigError as exc:
+        print(f"anyad: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("secrets", help="store, list or delete provider keys in the OS keyring")
+    ps = p.add_subparsers(dest="action", required=True)
+    st = ps.add_parser("set", help="store a secret, read from a hidden prompt or from standard input")
+    st.add_argument("name")
+    ps.add_parser("list", help="the names of the stored secrets (never their values)")
+    dl = ps.add_parser("delete", help="remove a secret")
+    dl.add_argument("name")
+    p.set_defaults(func=cmd_secrets)
