@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     from anyad.secrets_cli import add_parser as add_secrets
 
     add_secrets(sub)
+    from anyad.models_cli import add_parser as add_models
+
+    add_models(sub)
     return p
 
 

@@ -102,6 +102,9 @@ class ModelDefaults(ModelPolicy):
 class ModelSettings(_Strict):
     path: Path
     backend: str = "llama_cpp"
+    # The file's SHA-256; checked before its first load (the result remembered by path,
+    # size and modification time). Unset: not checked.
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     n_ctx: int | None = Field(None, ge=16)
     n_threads: int | None = Field(None, ge=1)
     n_batch: int = Field(512, ge=1)

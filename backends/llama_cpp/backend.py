@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import aclosing
@@ -13,6 +14,7 @@ from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.config import ModelDefaults, ModelSettings
 from anyad.errors import BackendError, ContextLengthExceeded, InvalidRequest
 from anyad.gguf_meta import GGUFInfo, read_gguf_info
+from anyad.integrity import verify
 from anyad.memory import Estimate, ModelShape, estimate, read_shape
 from anyad.placement import Placement
 from anyad.resources import cpu_repacks_weights, worker_env
@@ -124,6 +126,8 @@ class LlamaCppBackend(Backend):
         return est
 
     async def load(self, placement: Placement, *, parallel: int, warm_up: bool) -> None:
+        if self.settings.sha256:  # before any load; remembered, so only a changed file is hashed again
+            await asyncio.to_thread(verify, self.model_id, self.info.path, self.settings.sha256)
         # The worker sees only the GPU it was placed on (as device 0), or none.
         self.worker.env = worker_env(placement.gpu_index if placement.gpu_layers else None)
         self.worker.load = {**self._base_load, "n_gpu_layers": placement.gpu_layers, "main_gpu": 0,
