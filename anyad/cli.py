@@ -28,6 +28,9 @@ async def _serve(settings) -> int:
     from anyad.daemon import Daemon
     from anyad.server import build_app
 
+    from anyad.access import check_bind
+
+    check_bind(settings.server)
     daemon = Daemon(settings)
     app = build_app(daemon)
     # handler_cancellation: a client that hangs up cancels its request, which

@@ -29,6 +29,9 @@ DEFAULT_PORT = 2692
 SYSTEM_CONFIG = Path("/etc/anyad/config.toml")
 
 
+SECRET_REF = re.compile(r"^(env|keyring|cred):.+$")
+
+
 class _Strict(BaseModel):
     # A typo in a key must be an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid")
@@ -39,6 +42,20 @@ class ServerSettings(_Strict):
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Keys clients must send (Authorization: Bearer …), as references: "keyring:NAME",
+    # "env:VAR" or "cred:NAME". Empty: no key needed (then only a loopback host is allowed).
+    api_keys: list[str] = []
+    # Browser origins allowed to call the API (CORS), e.g. ["http://localhost:3000"]; "*" for any.
+    allowed_origins: list[str] = []
+
+    @field_validator("api_keys")
+    @classmethod
+    def _key_refs(cls, v: list[str]) -> list[str]:
+        for ref in v:
+            if not SECRET_REF.match(ref):
+                raise ValueError('a literal key is refused here: store it with `anyad secrets set NAME` and write '
+                                 '"keyring:NAME" (or "env:VAR", "cred:NAME")')
+        return v
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
@@ -139,9 +156,6 @@ class SchedulerSettings(_Strict):
     max_ram_mib: int = Field(0, ge=0)
     # After unloading to make room, how long to wait for the device to report the memory free.
     memory_wait_s: float = Field(15.0, ge=0)
-
-
-SECRET_REF = re.compile(r"^(env|keyring|cred):.+$")
 
 
 class ProviderSettings(_Strict):

@@ -44,6 +44,18 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class Unauthorized(AnyadError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(AnyadError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
 class NotFound(AnyadError):
     status = 404
     type = "invalid_request_error"

@@ -82,7 +82,15 @@ async def read_json(request: web.Request) -> object:
 def build_app(daemon: Daemon) -> web.Application:
     from anyad.api import register_routes
 
-    app = web.Application(middlewares=[error_middleware], client_max_size=daemon.settings.server.max_body_bytes)
+    from anyad.access import KeyCheck, auth_middleware, cors_headers, preflight_middleware
+
+    server = daemon.settings.server
+    middlewares = [error_middleware, preflight_middleware(server.allowed_origins)]
+    if server.api_keys:
+        middlewares.append(auth_middleware(KeyCheck(server.api_keys)))
+    app = web.Application(middlewares=middlewares, client_max_size=server.max_body_bytes)
+    if server.allowed_origins:
+        app.on_response_prepare.append(cors_headers(server.allowed_origins))
     app[DAEMON] = daemon
 
     async def on_startup(app: web.Application) -> None:
