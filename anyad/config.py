@@ -47,6 +47,11 @@ class ServerSettings(_Strict):
     api_keys: list[str] = []
     # Browser origins allowed to call the API (CORS), e.g. ["http://localhost:3000"]; "*" for any.
     allowed_origins: list[str] = []
+    # Requests per minute per API key (or per client address without keys); 0: no limit.
+    rate_limit_per_minute: int = Field(0, ge=0)
+    # Caps on one chat request: number of messages and characters of message text.
+    max_messages: int = Field(1000, ge=1)
+    max_prompt_chars: int = Field(1_000_000, ge=1)
 
     @field_validator("api_keys")
     @classmethod

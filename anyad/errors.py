@@ -90,6 +90,12 @@ class QueueFull(AnyadError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class RateLimited(QueueFull):
+    """A client went past its request rate (``server.rate_limit_per_minute``)."""
+
+    code = "rate_limit_exceeded"
+
+
 class BackendError(AnyadError):
     """The engine or provider behind a model failed (a worker crashed, an upstream broke)."""
 

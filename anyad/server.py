@@ -88,7 +88,13 @@ def build_app(daemon: Daemon) -> web.Application:
     middlewares = [error_middleware, preflight_middleware(server.allowed_origins)]
     if server.api_keys:
         middlewares.append(auth_middleware(KeyCheck(server.api_keys)))
+    if server.rate_limit_per_minute:
+        from anyad.limits import RateLimiter, rate_limit_headers, rate_limit_middleware
+
+        middlewares.append(rate_limit_middleware(RateLimiter(server.rate_limit_per_minute)))
     app = web.Application(middlewares=middlewares, client_max_size=server.max_body_bytes)
+    if server.rate_limit_per_minute:
+        app.on_response_prepare.append(rate_limit_headers)
     if server.allowed_origins:
         app.on_response_prepare.append(cors_headers(server.allowed_origins))
     app[DAEMON] = daemon

@@ -13,6 +13,7 @@ from anyad.encoders import DONE, OpenAIEncoder, Reply, sse_error
 from anyad.errors import AnyadError, BackendError, InvalidRequest
 from anyad.jsoncodec import dumpb
 from anyad.cache import Decision, Replayed, replay
+from anyad.config import ServerSettings
 from anyad.router import Opened, fallback_header
 from anyad.schemas import parse_chat_request
 from anyad.daemon import Daemon
@@ -64,9 +65,27 @@ async def _open(daemon: Daemon, chat: ChatRequest, decision: Decision | None) ->
         return replay(entry), "stale"
 
 
+def check_caps(chat: ChatRequest, server: ServerSettings) -> None:
+    """The server's caps on one request: how many messages, how much text."""
+    if len(chat.messages) > server.max_messages:
+        raise InvalidRequest(f"messages: {len(chat.messages)} messages; this server takes at most "
+                             f"{server.max_messages} (server.max_messages)", param="messages")
+    chars = 0
+    for m in chat.messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    if chars > server.max_prompt_chars:
+        raise InvalidRequest(f"messages: {chars} characters of text; this server takes at most "
+                             f"{server.max_prompt_chars} (server.max_prompt_chars)", param="messages")
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
     chat = parse_chat_request(await read_json(request))
+    check_caps(chat, daemon.settings.server)
     history = daemon.history
     conv_id = conversation_id(request) if history is not None else None
     decision = daemon.cache.decide(chat, request) if daemon.cache is not None else None
