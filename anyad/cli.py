@@ -7,9 +7,13 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING, Any
 
 from anyad import __version__
 from anyad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from anyad.config import Settings
 
 log = logging.getLogger("anyad")
 
@@ -61,13 +65,20 @@ async def _serve(settings) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def settings_or_report(config: str | None, **overrides: Any) -> "Settings | None":
+    """The settings for a command, or None after saying on stderr why there are none."""
     from anyad.config import load_settings
 
     try:
-        settings = load_settings(args.config, host=args.host, port=args.port, model_paths=args.model)
+        return load_settings(config, **overrides)
     except ConfigError as exc:
         print(f"anyad: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_or_report(args.config, host=args.host, port=args.port, model_paths=args.model)
+    if settings is None:
         return 2
     _setup_logging(settings.server.log_level)
     try:
@@ -88,13 +99,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from anyad.config import load_settings
     from anyad.status_table import render
 
-    try:
-        settings = load_settings(args.config, host=args.host, port=args.port)
-    except ConfigError as exc:
-        print(f"anyad: {exc}", file=sys.stderr)
+    settings = settings_or_report(args.config, host=args.host, port=args.port)
+    if settings is None:
         return 2
     host = settings.server.host
     if host in ("0.0.0.0", "::", ""):

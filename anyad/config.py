@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from anyad.errors import ConfigError
 
@@ -32,6 +32,17 @@ SYSTEM_CONFIG = Path("/etc/anyad/config.toml")
 SECRET_REF = re.compile(r"^(env|keyring|cred):.+$")
 
 
+def _secret_ref(v: str) -> str:
+    if not SECRET_REF.match(v):
+        raise ValueError('a literal key is refused here: keep it out of the config file and refer to it: '
+                         '"keyring:NAME" (stored with `anyad secrets set NAME`), "env:VAR" or "cred:NAME"')
+    return v
+
+
+# A reference to a secret, never the secret itself.
+SecretRef = Annotated[str, AfterValidator(_secret_ref)]
+
+
 class _Strict(BaseModel):
     # A typo in a key must be an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid")
@@ -44,7 +55,7 @@ class ServerSettings(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Keys clients must send (Authorization: Bearer …), as references: "keyring:NAME",
     # "env:VAR" or "cred:NAME". Empty: no key needed (then only a loopback host is allowed).
-    api_keys: list[str] = []
+    api_keys: list[SecretRef] = []
     # Browser origins allowed to call the API (CORS), e.g. ["http://localhost:3000"]; "*" for any.
     allowed_origins: list[str] = []
     # Requests per minute per API key (or per client address without keys); 0: no limit.
@@ -52,15 +63,6 @@ class ServerSettings(_Strict):
     # Caps on one chat request: number of messages and characters of message text.
     max_messages: int = Field(1000, ge=1)
     max_prompt_chars: int = Field(1_000_000, ge=1)
-
-    @field_validator("api_keys")
-    @classmethod
-    def _key_refs(cls, v: list[str]) -> list[str]:
-        for ref in v:
-            if not SECRET_REF.match(ref):
-                raise ValueError('a literal key is refused here: store it with `anyad secrets set NAME` and write '
-                                 '"keyring:NAME" (or "env:VAR", "cred:NAME")')
-        return v
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
@@ -96,6 +98,9 @@ def parse_keep_alive(value: Any) -> float:
     return math.inf if seconds < 0 else seconds
 
 
+# Seconds, from Ollama's forms ("5m", 90, -1 → inf).
+KeepAlive = Annotated[float, BeforeValidator(parse_keep_alive)]
+
 GpuSetting = Literal["auto", "cpu", "full"] | Annotated[int, Field(ge=0)]
 
 
@@ -104,17 +109,12 @@ class ModelPolicy(_Strict):
 
     # "auto": all layers on the GPU if they fit, else as many as fit, else the CPU.
     gpu: GpuSetting = "auto"
-    keep_alive: float = 300.0  # inf: never unloaded for idleness
+    keep_alive: KeepAlive = 300.0  # inf: never unloaded for idleness
     parallel: int = Field(1, ge=1, le=64)
     max_queue: int = Field(16, ge=0)
     queue_timeout_s: float = Field(300.0, gt=0)
     load_timeout_s: float = Field(120.0, gt=0)
     preload: bool = False
-
-    @field_validator("keep_alive", mode="before")
-    @classmethod
-    def _keep_alive(cls, v: Any) -> float:
-        return parse_keep_alive(v)
 
 
 class ModelDefaults(ModelPolicy):
@@ -132,17 +132,12 @@ class ModelSettings(_Strict):
     n_batch: int = Field(512, ge=1)
     # Unset: the value from [defaults].
     gpu: GpuSetting | None = None
-    keep_alive: float | None = None
+    keep_alive: KeepAlive | None = None
     parallel: int | None = Field(None, ge=1, le=64)
     max_queue: int | None = Field(None, ge=0)
     queue_timeout_s: float | None = Field(None, gt=0)
     load_timeout_s: float | None = Field(None, gt=0)
     preload: bool | None = None
-
-    @field_validator("keep_alive", mode="before")
-    @classmethod
-    def _keep_alive(cls, v: Any) -> float | None:
-        return None if v is None else parse_keep_alive(v)
 
     def policy(self, defaults: ModelDefaults) -> ModelPolicy:
         """This model's scheduling policy: its own values over the defaults."""
@@ -169,7 +164,7 @@ class ProviderSettings(_Strict):
     backend: str = "openai"
     base_url: str
     # A reference, never the key itself: "env:VAR", "keyring:NAME" or "cred:NAME".
-    api_key: str | None = None
+    api_key: SecretRef | None = None
     headers: dict[str, str] = {}
     models: list[str] = []
     connect_timeout_s: float = Field(5.0, gt=0)
@@ -183,15 +178,6 @@ class ProviderSettings(_Strict):
         if not re.match(r"^https?://[^/\s]+", v):
             raise ValueError("must be an http:// or https:// URL")
         return v.rstrip("/")
-
-    @field_validator("api_key")
-    @classmethod
-    def _no_literal_key(cls, v: str | None) -> str | None:
-        if v is not None and not SECRET_REF.match(v):
-            raise ValueError('a literal key is refused here: keep it out of the config file and refer to it, '
-                             'e.g. api_key = "env:OPENAI_API_KEY" or api_key = "keyring:openai" '
-                             '(stored with: anyad secrets set openai)')
-        return v
 
 
 class RouterSettings(_Strict):

@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from anyad.config import load_settings
-from anyad.errors import ConfigError
+from anyad.cli import settings_or_report
 from anyad.store import CONVERSATION_ID, DB_NAME, MAX_QUERY_CHARS, HistoryReader, Store
 
 
@@ -96,10 +95,8 @@ def _purge(path: Path, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_history(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"anyad: {exc}", file=sys.stderr)
+    settings = settings_or_report(args.config)
+    if settings is None:
         return 2
     path = settings.resolved_data_dir / DB_NAME
     if not path.exists():

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from anyad.config import load_settings
-from anyad.errors import ConfigError
+from anyad.cli import settings_or_report
 from anyad.integrity import file_sha256
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"anyad: {exc}", file=sys.stderr)
+    settings = settings_or_report(args.config)
+    if settings is None:
         return 2
     bad = 0
     if not settings.models:

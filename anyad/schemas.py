@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from anyad.config import parse_keep_alive
+from anyad.config import KeepAlive
 from anyad.errors import InvalidRequest
 from anyad.stream import ChatRequest, SamplingParams
 
@@ -70,12 +70,7 @@ class ChatCompletionRequest(_Open):
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
     # Ollama's: how long a local model stays loaded after this request ("5m", 0, -1).
-    keep_alive: float | None = None
-
-    @field_validator("keep_alive", mode="before")
-    @classmethod
-    def _keep_alive(cls, v: Any) -> float | None:
-        return None if v is None else parse_keep_alive(v)
+    keep_alive: KeepAlive | None = None
 
     @field_validator("stop")
     @classmethod

@@ -26,6 +26,7 @@ from sqlite_utils import Database
 
 from anyad.jsoncodec import dumps, loads
 from anyad.migrations import migrate, schema_version
+from anyad.stream import content_text
 
 log = logging.getLogger("anyad.store")
 
@@ -93,12 +94,9 @@ def _message_row(m: dict[str, Any]) -> tuple[str, str | None, str | None]:
     """(role, searchable text, JSON of the rest) for one message."""
     content = m.get("content")
     extra = {k: v for k, v in m.items() if k not in ("role", "content")}
-    if isinstance(content, list):
-        text = "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if any(not (isinstance(p, dict) and p.get("type") == "text") for p in content):
-            extra["content"] = content
-    else:
-        text = content if isinstance(content, str) else None
+    text = None if content is None else content_text(content)
+    if isinstance(content, list) and any(not (isinstance(p, dict) and p.get("type") == "text") for p in content):
+        extra["content"] = content
     return str(m.get("role", "")), text, (dumps(extra) if extra else None)
 
 

@@ -47,6 +47,13 @@ class SamplingParams:
         return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) not in (None, [])}
 
 
+def content_text(content: Any) -> str:
+    """A message's text: the string itself, or its text parts joined (other parts skipped)."""
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content or ""
+
+
 @dataclass(slots=True)
 class ChatRequest:
     model: str

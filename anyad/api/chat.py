@@ -19,7 +19,7 @@ from anyad.schemas import parse_chat_request
 from anyad.daemon import Daemon
 from anyad.server import DAEMON, REQUEST_ID, read_json
 from anyad.store import CONVERSATION_ID, Exchange
-from anyad.stream import ChatRequest, Usage
+from anyad.stream import ChatRequest, Usage, content_text
 
 log = logging.getLogger("anyad.chat")
 
@@ -70,13 +70,7 @@ def check_caps(chat: ChatRequest, server: ServerSettings) -> None:
     if len(chat.messages) > server.max_messages:
         raise InvalidRequest(f"messages: {len(chat.messages)} messages; this server takes at most "
                              f"{server.max_messages} (server.max_messages)", param="messages")
-    chars = 0
-    for m in chat.messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    chars = sum(len(content_text(m.get("content"))) for m in chat.messages)
     if chars > server.max_prompt_chars:
         raise InvalidRequest(f"messages: {chars} characters of text; this server takes at most "
                              f"{server.max_prompt_chars} (server.max_prompt_chars)", param="messages")

@@ -13,18 +13,12 @@ from anyad.errors import AnyadError, BackendError, InvalidRequest
 from anyad.http_client import RemoteBackend, mid_stream
 from anyad.jsoncodec import dumps, loads
 from anyad.sse import sse_events
-from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
+from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage, content_text
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; OpenAI clients often leave it out
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
           "pause_turn": "stop", "refusal": "content_filter"}
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return content or ""
 
 
 def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
@@ -66,7 +60,7 @@ def to_messages_request(request: ChatRequest, model: str) -> dict[str, Any]:
         role = m.get("role")
         where = f"messages[{i}]"
         if role in ("system", "developer"):
-            system.append(_text(m.get("content")))
+            system.append(content_text(m.get("content")))
         elif role == "user":
             add("user", _blocks(m.get("content"), where))
         elif role == "assistant":
@@ -81,7 +75,7 @@ def to_messages_request(request: ChatRequest, model: str) -> dict[str, Any]:
             add("assistant", blocks)
         elif role in ("tool", "function"):
             add("user", [{"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
-                          "content": _text(m.get("content"))}])
+                          "content": content_text(m.get("content"))}])
     p = request.params
     out: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": p.max_tokens or DEFAULT_MAX_TOKENS}
     if system:
