@@ -23,6 +23,7 @@ from anyad.secrets import resolve
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/health", "/ready"})
+WHO = web.RequestKey("who", str) if hasattr(web, "RequestKey") else "who"
 EXPOSED = "X-Request-Id, X-Anyad-Backend, X-Anyad-Cache, X-Anyad-Conversation-Id, X-Anyad-Fallback, Retry-After"
 
 
@@ -50,41 +51,57 @@ def _digest(key: str) -> bytes:
 
 class KeyCheck:
     def __init__(self, refs: list[str]) -> None:
-        # Resolved once, kept only as digests.
-        self.digests = [_digest(resolve(ref)) for ref in refs]
+        # Resolved once, kept only as digests beside their references (which name the
+        # key in the audit log without revealing it).
+        self.keys = [(_digest(resolve(ref)), ref) for ref in refs]
 
-    def allows(self, request: web.Request) -> bool:
+    def who(self, request: web.Request) -> str | None:
+        """The reference of the key the request carries, or None when it carries none of them."""
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return False
+            return None
         got = _digest(token.strip())
-        ok = False
-        for d in self.digests:  # every one compared: the time says nothing about which
-            ok |= hmac.compare_digest(got, d)
-        return ok
+        found = None
+        for d, ref in self.keys:  # every one compared: the time says nothing about which
+            if hmac.compare_digest(got, d):
+                found = ref
+        return found
 
 
-def auth_middleware(check: KeyCheck) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def auth_middleware(current: Callable[[], KeyCheck | None]) -> Callable[[web.Request, Handler],
+                                                                        Awaitable[web.StreamResponse]]:
+    """``current()``: the keys in force now (a reload may change them), None for none."""
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method != "OPTIONS" and request.path not in OPEN_PATHS and not check.allows(request):
-            missing = "Authorization" not in request.headers
-            raise errors.Unauthorized("this anyad needs an API key: send Authorization: Bearer <key>" if missing
-                               else "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+        check = current()
+        if check is not None and request.method != "OPTIONS" and request.path not in OPEN_PATHS:
+            who = check.who(request)
+            if who is None:
+                missing = "Authorization" not in request.headers
+                raise errors.Unauthorized("this anyad needs an API key: send Authorization: Bearer <key>" if missing
+                                          else "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+            request[WHO] = who
         return await handler(request)
 
     return middleware
 
 
-def preflight_middleware(origins: list[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def actor(request: web.Request) -> str:
+    """Who made a request, for the audit log: its key's reference, else its address."""
+    return request.get(WHO) or "addr:" + (request.remote or "?")
+
+
+def preflight_middleware(current: Callable[[], list[str]]) -> Callable[[web.Request, Handler],
+                                                                       Awaitable[web.StreamResponse]]:
     """Answers CORS preflights: 204 with what may follow, or 403 for an origin not allowed."""
-    allowed = set(origins)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if request.method == "OPTIONS" and origin is not None and "Access-Control-Request-Method" in request.headers:
+            allowed = current()
             if "*" not in allowed and origin not in allowed:
                 raise errors.Forbidden(f"origin {origin[:100]!r} is not in server.allowed_origins")
             return web.Response(status=204, headers={
@@ -97,14 +114,16 @@ def preflight_middleware(origins: list[str]) -> Callable[[web.Request, Handler],
     return middleware
 
 
-def cors_headers(origins: list[str]) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+def cors_headers(current: Callable[[], list[str]]) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     """An on_response_prepare hook: every reply to an allowed origin (streams and errors
     too, since it runs just before the headers go out) says so."""
-    allowed = set(origins)
 
     async def hook(request: web.Request, response: web.StreamResponse) -> None:
         origin = request.headers.get("Origin")
-        if origin is not None and ("*" in allowed or origin in allowed):
+        if origin is None:
+            return
+        allowed = current()
+        if "*" in allowed or origin in allowed:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = EXPOSED
             response.headers["Vary"] = "Origin"

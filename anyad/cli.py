@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     from anyad.models_cli import add_parser as add_models
 
     add_models(sub)
+    from anyad.audit_cli import add_parser as add_audit
+
+    add_audit(sub)
     return p
 
 

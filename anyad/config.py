@@ -63,6 +63,9 @@ class ServerSettings(_Strict):
     # Caps on one chat request: number of messages and characters of message text.
     max_messages: int = Field(1000, ge=1)
     max_prompt_chars: int = Field(1_000_000, ge=1)
+    # On SIGTERM: how long replies in flight may take to finish (new requests get 503
+    # meanwhile) before they are cut off. Keep it under systemd's TimeoutStopSec.
+    shutdown_grace_s: float = Field(30.0, ge=0)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
@@ -212,6 +215,18 @@ class CacheSettings(_Strict):
     max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
 
 
+class AuditSettings(_Strict):
+    # Record admin actions (secrets changed, models loaded and unloaded, config reloaded)
+    # in anyad.db's audit table.
+    enabled: bool = True
+    # Also one row per API request: who, when, which model, the status.
+    requests: bool = True
+    # Also the request's messages and the reply, in the request's row.
+    include_content: bool = False
+    # Delete rows older than this many days (0: keep them).
+    max_age_days: float = Field(90.0, ge=0)
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     data_dir: Path | None = None
@@ -223,6 +238,7 @@ class Settings(_Strict):
     scheduler: SchedulerSettings = SchedulerSettings()
     history: HistorySettings = HistorySettings()
     cache: CacheSettings = CacheSettings()
+    audit: AuditSettings = AuditSettings()
     # Where the settings came from, for log lines and relative paths; not a TOML key.
     source: Path | None = Field(None, exclude=True)
 

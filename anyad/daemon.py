@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
+from collections import Counter
+from typing import Any
 
+from anyad.access import KeyCheck
+from anyad.audit import AuditLog
 from anyad.backend import Backend, backend_class
 from anyad.cache import ResponseCache
-from anyad.config import Settings
+from anyad.config import ServerSettings, Settings
 from anyad.errors import ConfigError
+from anyad.limits import RateLimiter
+from anyad.metrics import Metrics
 from anyad.resources import DeviceProbe
 from anyad.router import Router
 from anyad.scheduler import Scheduler
@@ -18,6 +25,11 @@ from anyad.store import DB_NAME, Store
 log = logging.getLogger("anyad")
 
 RETENTION_INTERVAL_S = 3600.0
+# What a reload (SIGHUP) changes; any other difference in the new config needs a restart.
+RETIRE_AFTER_S = 600.0  # a reload closes replaced providers at the latest this long after
+RELOADABLE = ("providers", "routes", "router")
+RELOADABLE_SERVER = ("api_keys", "allowed_origins", "rate_limit_per_minute", "max_messages", "max_prompt_chars",
+                     "log_level", "shutdown_grace_s")
 
 
 class Daemon:
@@ -40,10 +52,26 @@ class Daemon:
             providers[name] = backend_class(ps.backend).from_provider(name, ps)
         self.backends: list[Backend] = [*local.values(), *providers.values()]
         self.local = local
+        self.metrics = Metrics()
+        self.scheduler.listeners.append(self.metrics.model_event)
         self.router = Router(local, providers, settings.routes, settings.router)
+        self.router.on_skip = self.metrics.fallback
+        # Access and limits, read by the middlewares on every request (a reload swaps them).
+        self.keys = KeyCheck(settings.server.api_keys) if settings.server.api_keys else None
+        self.limiter = RateLimiter(settings.server.rate_limit_per_minute) if settings.server.rate_limit_per_minute \
+            else None
         self._starting: list[asyncio.Task[None]] = []
-        self.store: Store | None = None  # opened at start when the history or the cache is enabled
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.store: Store | None = None  # opened at start when the history, the cache or the audit is on
         self.cache: ResponseCache | None = None
+        self.audit: AuditLog | None = None
+        # Requests being answered, per config generation: a drain waits for all of them,
+        # a reload closes the old providers once the requests that might use them are done.
+        self.generation = 0
+        self.active: Counter[int] = Counter()
+        self._settled = asyncio.Event()
+        self.draining = False
+        self.started_at = time.time()
 
     async def start(self) -> None:
         # NVML and the engine's GPU support are read once, off the event loop.
@@ -51,7 +79,7 @@ class Daemon:
             self.probe = await asyncio.to_thread(DeviceProbe)
         self.scheduler.probe = self.probe
         await asyncio.to_thread(self.probe.log_once)
-        if self.settings.history.enabled or self.settings.cache.enabled:
+        if self.settings.history.enabled or self.settings.cache.enabled or self.settings.audit.enabled:
             path = self.settings.resolved_data_dir / DB_NAME
             try:
                 self.store = await asyncio.to_thread(Store, path)
@@ -59,7 +87,10 @@ class Daemon:
                 raise ConfigError(f"cannot open the database {path}: {exc}") from None
             if self.settings.cache.enabled:
                 self.cache = ResponseCache(self.store, self.settings.cache, self.router)
-            if self.settings.history.enabled:
+            if self.settings.audit.enabled:
+                self.audit = AuditLog(self.store, self.settings.audit)
+                self.scheduler.listeners.append(self.audit.model_event)
+            if self.settings.history.enabled or self.audit is not None:
                 self._starting.append(asyncio.create_task(self._retention()))
         # Preloading runs in the background: the listener answers /health at once
         # and /ready says when the models are usable. One after another, in config
@@ -73,14 +104,130 @@ class Daemon:
 
     async def _retention(self) -> None:
         h = self.settings.history
-        while self.store is not None and (h.max_age_days or h.max_conversations):
+        history = self.settings.history.enabled and (h.max_age_days or h.max_conversations)
+        audit = self.audit is not None and self.settings.audit.max_age_days
+        while self.store is not None and (history or audit):
             try:
-                gone = await asyncio.wrap_future(self.store.apply_retention(h.max_age_days, h.max_conversations))
-                if gone:
-                    log.info("history retention: deleted %d conversation(s)", gone)
+                if history:
+                    gone = await asyncio.wrap_future(self.store.apply_retention(h.max_age_days, h.max_conversations))
+                    if gone:
+                        log.info("history retention: deleted %d conversation(s)", gone)
+                if audit:
+                    await asyncio.wrap_future(self.audit.apply_retention())
             except Exception as exc:
-                log.error("history retention failed: %s", exc)
+                log.error("retention failed: %s", exc)
             await asyncio.sleep(RETENTION_INTERVAL_S)
+
+    # -- requests in flight: drain and reload ---------------------------------------------------
+
+    def begin(self) -> int:
+        """A request starts; returns the config generation it runs under."""
+        gen = self.generation
+        self.active[gen] += 1
+        return gen
+
+    def end(self, gen: int) -> None:
+        self.active[gen] -= 1
+        if self.active[gen] <= 0:
+            del self.active[gen]
+            self._settled.set()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.active.values())
+
+    async def settle(self, timeout: float, up_to: int | None = None) -> bool:
+        """Wait until no request of generation ``up_to`` or older (all, when None) is in
+        flight; False when ``timeout`` ran out first."""
+        deadline = time.monotonic() + timeout
+        while any(n for g, n in self.active.items() if up_to is None or g <= up_to):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._settled.clear()
+            try:
+                await asyncio.wait_for(self._settled.wait(), left)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new requests (503) and wait up to ``grace_s`` for those in flight."""
+        self.draining = True
+        n = self.in_flight
+        if n:
+            log.info("draining: waiting up to %g s for %d request(s) in flight", grace_s, n)
+        done = await self.settle(grace_s)
+        if not done:
+            log.warning("draining: %d request(s) still running after %g s; they are cut off", self.in_flight,
+                        grace_s)
+        return done
+
+    def reload(self, new: Settings, actor: str = "daemon") -> list[str]:
+        """Apply a new config's providers, routes, router settings, API keys and limits.
+
+        Everything is built before anything is swapped, so an invalid config (raising
+        ``ConfigError``) leaves the running one whole. Requests in flight finish on the
+        providers they started with; those are closed once the requests are done. Returns
+        the settings that differ but need a restart (they keep their old values).
+        """
+        old = self.settings
+        try:
+            providers: dict[str, Backend] = {}
+            for name, ps in new.providers.items():
+                if name in self.local:
+                    raise ConfigError(f"providers.{name}: the name is already a model id")
+                providers[name] = backend_class(ps.backend).from_provider(name, ps)
+            router = Router(self.local, providers, new.routes, new.router)
+            keys = KeyCheck(new.server.api_keys) if new.server.api_keys else None
+        except ConfigError as exc:
+            if self.audit is not None:
+                self.audit.action(actor, "config.reload_rejected", str(new.source or ""), {"error": exc.message})
+            raise
+        if new.server.rate_limit_per_minute != old.server.rate_limit_per_minute:
+            self.limiter = RateLimiter(new.server.rate_limit_per_minute) if new.server.rate_limit_per_minute \
+                else None
+        server = old.server.model_copy(update={k: getattr(new.server, k) for k in RELOADABLE_SERVER})
+        merged = old.model_copy(update={**{k: getattr(new, k) for k in RELOADABLE}, "server": server})
+        merged.source = new.source
+        restart = [k for k in Settings.model_fields if k not in (*RELOADABLE, "server", "source")
+                   and getattr(old, k) != getattr(new, k)]
+        restart += [f"server.{k}" for k in ServerSettings.model_fields
+                    if k not in RELOADABLE_SERVER and getattr(old.server, k) != getattr(new.server, k)]
+        for name, breaker in self.router.breakers.items():  # an unchanged provider keeps its breaker's state
+            provider = name.partition("/")[0]
+            if provider in providers and old.providers.get(provider) == new.providers.get(provider):
+                router.breakers[name] = breaker
+        router.on_skip = self.metrics.fallback
+        old_router, old_providers = self.router, [b for b in self.backends if b.remote]
+        self.router, self.keys, self.settings = router, keys, merged
+        self.backends = [*self.local.values(), *providers.values()]
+        if self.cache is not None:
+            self.cache.router = router
+        logging.getLogger().setLevel(merged.server.log_level.upper())
+        gen, self.generation = self.generation, self.generation + 1
+        self._spawn(self._retire(gen, old_router, old_providers))
+        for backend in providers.values():
+            self._spawn(backend.start())
+        log.info("config reloaded from %s: %d provider(s), %d route(s)%s", new.source or "settings",
+                 len(providers), len(new.routes),
+                 f"; needs a restart to apply: {', '.join(restart)}" if restart else "")
+        if self.audit is not None:
+            self.audit.action(actor, "config.reload", str(new.source or ""),
+                              {"providers": sorted(providers), "routes": [r.name for r in new.routes],
+                               **({"needs_restart": restart} if restart else {})})
+        return restart
+
+    async def _retire(self, gen: int, router: Router, providers: list[Backend]) -> None:
+        """Close what a reload replaced, once the requests that may still use it are done."""
+        await self.settle(RETIRE_AFTER_S, up_to=gen)
+        await router.close()
+        await asyncio.gather(*(b.close() for b in providers), return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _start_all(self) -> None:
         for backend in self.backends:
@@ -103,7 +250,7 @@ class Daemon:
                 **self.router.status()}
 
     async def close(self) -> None:
-        for t in self._starting:
+        for t in [*self._starting, *self._tasks]:
             t.cancel()
         await self.router.close()
         await self.scheduler.close()

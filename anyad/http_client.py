@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Any
 
 import aiohttp
@@ -13,9 +14,11 @@ from anyad import __version__, secrets
 from anyad.backend import Backend, ModelInfo
 from anyad.jsoncodec import dumpb, loads
 
-JSON_HEADERS = {"Content-Type": "application/json"}
 from anyad.config import ProviderSettings
 from anyad.errors import AnyadError, BackendError, ConfigError, NetworkError, Timeout, Unavailable, UpstreamError
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+SECRET_TTL_S = 60.0
 
 
 class ProviderClient:
@@ -26,6 +29,8 @@ class ProviderClient:
         self.settings = settings
         self.base_url = settings.base_url
         self._session: aiohttp.ClientSession | None = None
+        self._key: str | None = None
+        self._key_at = 0.0
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -39,14 +44,23 @@ class ProviderClient:
             )
         return self._session
 
-    def api_key(self) -> str | None:
-        if self.settings.api_key is None:
+    async def api_key(self) -> str | None:
+        """The provider's key, resolved off the event loop (a keyring lookup is a D-Bus round
+        trip) and kept for ``SECRET_TTL_S``, so that a key changed with ``anyad secrets set``
+        is picked up within that time (at once on reload) without a lookup per request."""
+        ref = self.settings.api_key
+        if ref is None:
             return None
+        now = time.monotonic()
+        if self._key is not None and now - self._key_at < SECRET_TTL_S:
+            return self._key
         try:
-            return secrets.resolve(self.settings.api_key)
+            key = await asyncio.to_thread(secrets.resolve, ref)
         except ConfigError as exc:
             # The provider is unusable, not the request: another target may answer.
             raise Unavailable(f"{self.name}: {exc}") from None
+        self._key, self._key_at = key, now
+        return key
 
     def probe_address(self) -> tuple[str, int] | None:
         url = URL(self.base_url)
@@ -71,7 +85,11 @@ class ProviderClient:
             raise BackendError(f"{self.name}: request failed: {type(exc).__name__}: {exc}") from None
         if resp.status >= 400:
             async with resp:
-                raise await upstream_error(self.name, resp)
+                err = await upstream_error(self.name, resp)
+            if self._key and self._key in err.message:
+                # Some providers quote the key they were sent; it must not reach a client or a log.
+                err.message = err.message.replace(self._key, "[redacted]")
+            raise err
         return resp
 
     async def close(self) -> None:

@@ -54,10 +54,14 @@ def client_of(request: web.Request) -> str:
     return "addr:" + (request.remote or "?")
 
 
-def rate_limit_middleware(limiter: RateLimiter) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def rate_limit_middleware(current: Callable[[], RateLimiter | None]) -> Callable[[web.Request, Handler],
+                                                                                 Awaitable[web.StreamResponse]]:
+    """``current()``: the limiter in force now (a reload may change it), None for no limit."""
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS or request.method == "OPTIONS":
+        limiter = current()
+        if limiter is None or request.path in OPEN_PATHS or request.method == "OPTIONS":
             return await handler(request)
         allowed, remaining, reset, retry = limiter.take(client_of(request))
         request[RATE] = (int(limiter.capacity), remaining, reset)

@@ -103,6 +103,25 @@ def m003_deferred_search_index(db: Database) -> None:
     """)
 
 
+@migration
+def m004_audit(db: Database) -> None:
+    """Who did what: admin actions (secrets, model loads, reloads) and, per request, who
+    asked for which model and how it ended."""
+    db.executescript("""
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,        -- wall-clock seconds
+            actor TEXT,              -- an API key's reference, addr:<client>, cli:<user>, daemon
+            action TEXT NOT NULL,    -- request, secret.set, model.load, config.reload, ...
+            target TEXT,             -- the model, secret or file acted on
+            status INTEGER,          -- HTTP status for requests
+            request_id TEXT,
+            detail TEXT              -- JSON
+        );
+        CREATE INDEX idx_audit_at ON audit (at);
+    """)
+
+
 def migrate(db: Database) -> list[str]:
     """Apply the migrations this database lacks; returns their names."""
     if "_migrations" not in db.table_names():

@@ -22,7 +22,8 @@ from typing import Awaitable, Callable, TypeVar
 from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.breaker import Breaker
 from anyad.config import RouterSettings, RouteSettings
-from anyad.errors import AnyadError, BackendError, ConfigError, ModelNotFound, NetworkError, Timeout, Unavailable
+from anyad.errors import (AnyadError, BackendError, ConfigError, ModelNotFound, NetworkError, QueueFull, Timeout,
+                          Unavailable)
 from anyad.offline import Connectivity
 from anyad.stream import ChatRequest, Chunk, ChunkStream
 
@@ -57,6 +58,19 @@ class Opened:
 
 
 
+def _reason(exc: AnyadError) -> str:
+    """One word for why a target failed, for the metrics' labels."""
+    if isinstance(exc, Timeout):
+        return "timeout"
+    if isinstance(exc, NetworkError):
+        return "network"
+    if isinstance(exc, QueueFull):
+        return "busy"
+    if isinstance(exc, Unavailable):
+        return "unavailable"
+    return "error"
+
+
 def fallback_header(skipped: list[str]) -> str:
     """X-Anyad-Fallback: the targets skipped and why, as a safe header value."""
     return re.sub(r"[^\x20-\x7e]", " ", "; ".join(skipped))[:300]
@@ -82,6 +96,14 @@ class Router:
         self.connectivity = Connectivity(self.settings.offline_probe_interval_s)
         self.connectivity.addresses = [a for b in providers.values() if (a := b.probe_address())]
         self.breakers: dict[str, Breaker] = {}
+        # Called as on_skip(target, reason) for each target passed over (the metrics listen);
+        # reason is one word: offline, circuit_open, timeout, network, busy, unavailable, error.
+        self.on_skip: Callable[[str, str], None] | None = None
+
+    def _skip(self, skipped: list[str], target: Target, reason: str, text: str) -> None:
+        skipped.append(f"{target.name}: {text}")
+        if self.on_skip is not None:
+            self.on_skip(target.name, reason)
 
     def _direct(self, name: str) -> Target:
         if name in self.local:
@@ -142,11 +164,11 @@ class Router:
         for target in targets:
             remote = target.backend.remote
             if remote and self.connectivity.offline:
-                skipped.append(f"{target.name}: offline")
+                self._skip(skipped, target, "offline", "offline")
                 continue
             breaker = self.breaker(target) if remote else None
             if breaker is not None and not breaker.allow():
-                skipped.append(f"{target.name}: circuit open")
+                self._skip(skipped, target, "circuit_open", "circuit open")
                 continue
             attempts = 1 + (getattr(target.backend, "max_retries", 0) if remote else 0)
             for attempt in range(attempts):
@@ -169,7 +191,7 @@ class Router:
                         continue
                     if remote:
                         remote_outcomes.append(isinstance(exc, NetworkError))
-                    skipped.append(f"{target.name}: {exc.status} {exc.message}")
+                    self._skip(skipped, target, _reason(exc), f"{exc.status} {exc.message}")
                     break
                 except BaseException:
                     if breaker is not None:

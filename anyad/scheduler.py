@@ -28,7 +28,7 @@ import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from anyad.config import ModelPolicy, SchedulerSettings
 from anyad.errors import AnyadError, LoadFailed, QueueFull, Unavailable
@@ -106,6 +106,9 @@ class Scheduler:
         self._lock = asyncio.Lock()
         self._idle = asyncio.Event()  # set whenever a model becomes idle
         self._tasks: set[asyncio.Task[None]] = set()
+        # Called as listener(event, model, detail) on model.load, model.load_failed and
+        # model.unload: the metrics and the audit log listen.
+        self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
 
     def register(self, unit: Loadable, policy: ModelPolicy, notes: list[str] | None = None) -> None:
         self.models[unit.name] = ModelEntry(unit, policy, asyncio.Semaphore(policy.parallel),
@@ -159,13 +162,13 @@ class Scheduler:
         async with self.use(name, warm_up=warm_up):
             pass
 
-    async def unload(self, name: str, why: str = "asked to") -> bool:
+    async def unload(self, name: str, why: str = "asked to", reason: str = "asked") -> bool:
         """Unload a model unless it is busy; True when it was unloaded."""
         e = self.models[name]
         async with self._lock:
             if e.busy or e.state != "loaded":
                 return False
-            await self._unload(e, why)
+            await self._unload(e, why, reason)
             return True
 
     def ready(self, name: str) -> bool:
@@ -196,7 +199,7 @@ class Scheduler:
     async def _expire(self, e: ModelEntry, why: str) -> None:
         async with self._lock:
             if not e.busy and e.state == "loaded":
-                await self._unload(e, why)
+                await self._unload(e, why, "idle")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -215,8 +218,10 @@ class Scheduler:
             e.state = "loading"
             try:
                 await self._load(e, warm_up)
-            except BaseException:
+            except BaseException as exc:
                 e.state, e.placement = "unloaded", None
+                if isinstance(exc, AnyadError):
+                    self._emit("model.load_failed", e.name, error=exc.message)
                 raise
             e.state = "loaded"
 
@@ -254,7 +259,7 @@ class Scheduler:
             if limit and len(others) >= limit:
                 victim = self._victim(e)
                 if victim is not None:
-                    await self._unload(victim, f"to load {e.name} within max_loaded_models = {limit}")
+                    await self._unload(victim, f"to load {e.name} within max_loaded_models = {limit}", "evicted")
                 elif not await self._wait_idle(give_up):
                     raise Unavailable(f"cannot load model {e.name!r}: {len(others)} models are loaded "
                                       f"(max_loaded_models = {limit}) and all of them stayed busy for "
@@ -272,7 +277,7 @@ class Scheduler:
                 victim = self._victim(e)
                 if victim is not None:
                     pending = self._expected_free(victim, snap)
-                    await self._unload(victim, f"to free memory for {e.name} ({exc.message})")
+                    await self._unload(victim, f"to free memory for {e.name} ({exc.message})", "evicted")
                     memory_deadline = time.monotonic() + s.memory_wait_s
                     continue
                 busy = [m.name for m in self.models.values() if m is not e and m.state == "loaded"]
@@ -326,6 +331,8 @@ class Scheduler:
             e.placement, e.loaded_once, e.load_s = placement, True, time.monotonic() - t0
             log.info("model %s loaded in %.2f s: %s; estimated %.0f MiB RAM, %.0f MiB VRAM", e.name, e.load_s,
                      placement.reason, placement.ram_bytes / MIB, placement.vram_bytes / MIB)
+            self._emit("model.load", e.name, seconds=e.load_s, placement=placement.kind,
+                       gpu_layers=placement.gpu_layers)
             return
 
     def _fallbacks(self, e: ModelEntry, est: Estimate, first: Placement) -> list[Placement]:
@@ -340,8 +347,10 @@ class Scheduler:
             out.append(Placement(0, None, 0, est.ram_bytes(0), "CPU, after loading on the GPU failed"))
         return out
 
-    async def _unload(self, e: ModelEntry, why: str) -> None:
-        """Stop a model's engine; the caller holds the lock and has checked that it is idle."""
+    async def _unload(self, e: ModelEntry, why: str, reason: str) -> None:
+        """Stop a model's engine; the caller holds the lock and has checked that it is idle.
+        ``why`` is for people (the log), ``reason`` one word for the listeners (asked,
+        idle, evicted)."""
         self._cancel_timer(e)
         e.state = "unloading"
         log.info("unloading model %s: %s", e.name, why)
@@ -349,6 +358,14 @@ class Scheduler:
             await e.unit.unload()
         finally:
             e.state, e.placement = "unloaded", None
+            self._emit("model.unload", e.name, reason=reason, why=why)
+
+    def _emit(self, event: str, model: str, **detail: Any) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, model, detail)
+            except Exception:  # metrics or the audit failing must never stop a load
+                log.exception("a listener of %s failed", event)
 
     # -- visibility and shutdown -----------------------------------------------------------------
 

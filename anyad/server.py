@@ -7,13 +7,16 @@ HTML page ever reaches a client.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from typing import Awaitable, Callable
 
 from aiohttp import web
 
 from anyad import errors
+from anyad.access import actor, auth_middleware, cors_headers, preflight_middleware
 from anyad.daemon import Daemon
 from anyad.jsoncodec import dumps, loads
 
@@ -22,6 +25,12 @@ log = logging.getLogger("anyad.server")
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon", Daemon)
 # Typed request keys arrived in aiohttp 3.14; older versions take a plain string.
 REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
+# What a handler learned, for the metrics and the audit log: the model asked for, the
+# target that answered, and (when the audit keeps content) the exchange.
+MODEL = web.RequestKey("model", str) if hasattr(web, "RequestKey") else "model"
+BACKEND = web.RequestKey("backend", str) if hasattr(web, "RequestKey") else "backend"
+CONTENT = web.RequestKey("content", dict) if hasattr(web, "RequestKey") else "content"
+UNACCOUNTED = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes: counted, not audited
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -70,6 +79,50 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return resp
 
 
+def accounting_middleware(daemon: Daemon) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Inside ``error_middleware``: refuses new work while draining, keeps the count of
+    requests in flight (drain and reload wait on it), and after each reply, streams
+    included, updates the metrics and the audit log."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if daemon.draining and request.path not in ("/health", "/metrics"):
+            raise errors.Unavailable("anyad is shutting down; retry shortly", retry_after=5)
+        t0 = time.monotonic()
+        gen = daemon.begin()
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except errors.AnyadError as exc:
+            status = exc.status
+            raise
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away first
+            raise
+        finally:
+            daemon.end(gen)
+            seconds = time.monotonic() - t0
+            resource = request.match_info.route.resource
+            endpoint = resource.canonical if resource is not None else "unmatched"
+            model, backend = request.get(MODEL), request.get(BACKEND)
+            daemon.metrics.request(endpoint, model, backend, status, seconds)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request %s: %s %s model=%s backend=%s -> %d in %.1f ms", request[REQUEST_ID],
+                          request.method, request.path, model, backend, status, seconds * 1000)
+            audit = daemon.audit
+            if audit is not None and audit.settings.requests and request.path not in UNACCOUNTED \
+                    and request.method != "OPTIONS":
+                audit.request(actor(request), endpoint, model, backend, status, request[REQUEST_ID], seconds,
+                              request.get(CONTENT))
+
+    return middleware
+
+
 async def read_json(request: web.Request) -> object:
     """The request body as JSON; malformed JSON is a 400, an oversized body a 413."""
     raw = await request.read()
@@ -82,21 +135,19 @@ async def read_json(request: web.Request) -> object:
 def build_app(daemon: Daemon) -> web.Application:
     from anyad.api import register_routes
 
-    from anyad.access import KeyCheck, auth_middleware, cors_headers, preflight_middleware
 
-    server = daemon.settings.server
-    middlewares = [error_middleware, preflight_middleware(server.allowed_origins)]
-    if server.api_keys:
-        middlewares.append(auth_middleware(KeyCheck(server.api_keys)))
-    if server.rate_limit_per_minute:
-        from anyad.limits import RateLimiter, rate_limit_headers, rate_limit_middleware
+    from anyad.limits import rate_limit_headers, rate_limit_middleware
 
-        middlewares.append(rate_limit_middleware(RateLimiter(server.rate_limit_per_minute)))
-    app = web.Application(middlewares=middlewares, client_max_size=server.max_body_bytes)
-    if server.rate_limit_per_minute:
-        app.on_response_prepare.append(rate_limit_headers)
-    if server.allowed_origins:
-        app.on_response_prepare.append(cors_headers(server.allowed_origins))
+    # Access, origins and limits are read from the daemon on each request: a reload
+    # (SIGHUP) changes them without rebuilding the application.
+    def origins() -> list[str]:
+        return daemon.settings.server.allowed_origins
+
+    middlewares = [error_middleware, accounting_middleware(daemon), preflight_middleware(origins),
+                   auth_middleware(lambda: daemon.keys), rate_limit_middleware(lambda: daemon.limiter)]
+    app = web.Application(middlewares=middlewares, client_max_size=daemon.settings.server.max_body_bytes)
+    app.on_response_prepare.append(rate_limit_headers)
+    app.on_response_prepare.append(cors_headers(origins))
     app[DAEMON] = daemon
 
     async def on_startup(app: web.Application) -> None:

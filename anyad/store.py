@@ -56,6 +56,15 @@ class Exchange:
     ttft_ms: float | None
 
 
+class AuditRow(tuple):
+    """(at, actor, action, target, status, request_id, detail JSON): one row of the audit table."""
+
+    __slots__ = ()
+
+
+AUDIT_COLUMNS = "at, actor, action, target, status, request_id, detail"
+
+
 @dataclass(slots=True)
 class _Job:
     fn: Callable[[Database], Any]
@@ -242,6 +251,11 @@ class Store(HistoryReader):
         if not self._closed:
             self._queue.put(_Prepared.of(exchange))
 
+    def audit(self, row: AuditRow) -> None:
+        """Queue an audit row for the next batch; never blocks."""
+        if not self._closed:
+            self._queue.put(row)
+
     def submit(self, fn: Callable[[Database], Any]) -> concurrent.futures.Future[Any]:
         """Run ``fn`` in the writer thread, after what is already queued."""
         job = _Job(fn)
@@ -303,9 +317,13 @@ class Store(HistoryReader):
         """Runs of exchanges are written together; jobs in their place between them."""
         done: list[tuple[_Job, Any]] = []
         run: list[_Prepared] = []
+        audit: list[AuditRow] = []
         for item in batch:
             if isinstance(item, _Prepared):
                 run.append(item)
+                continue
+            if isinstance(item, AuditRow):
+                audit.append(item)
                 continue
             if run:
                 self._write_exchanges(self._db.conn, run)
@@ -314,6 +332,7 @@ class Store(HistoryReader):
                 done.append((item, item.fn(self._db)))
         if run:
             self._write_exchanges(self._db.conn, run)
+        _insert(self._db.conn, "audit", AUDIT_COLUMNS, audit)
         return done
 
     @staticmethod

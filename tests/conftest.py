@@ -56,6 +56,19 @@ async def make_client(aiohttp_client):
 
 
 @pytest.fixture
+def start_fake(aiohttp_server):
+    """Start a fake OpenAI-compatible provider on loopback: (fake, its base URL)."""
+    from fakes import FakeOpenAI
+
+    async def start(mode: str = "ok", **kw):
+        fake = FakeOpenAI(mode, **kw)
+        server = await aiohttp_server(fake.app())
+        return fake, f"http://127.0.0.1:{server.port}/v1"
+
+    return start
+
+
+@pytest.fixture
 async def client(make_client, settings):
     c = await make_client(settings)
     await c.daemon.scheduler.load(MODEL_ID)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from anyad.config import (ModelDefaults, ModelSettings, ProviderSettings, RouterSettings, RouteSettings,
+from anyad.config import (AuditSettings, ModelDefaults, ModelSettings, ProviderSettings, RouterSettings, RouteSettings,
                           CacheSettings, HistorySettings, SchedulerSettings, ServerSettings, Settings, find_config,
                           load_settings)
 from anyad.errors import ConfigError
@@ -40,7 +40,7 @@ def test_example_loads_as_it_stands_and_documents_every_key(env):
     text = EXAMPLE.read_text()
     keys = set(Settings.model_fields) - {"source"}
     for model in (ServerSettings, ModelDefaults, ModelSettings, ProviderSettings, RouterSettings, RouteSettings,
-                  SchedulerSettings, HistorySettings, CacheSettings):
+                  SchedulerSettings, HistorySettings, CacheSettings, AuditSettings):
         keys |= set(model.model_fields)
     undocumented = [k for k in sorted(keys) if not re.search(rf"^#?\s*(\[+)?{k}\b", text, re.M)]
     assert not undocumented, f"config.example.toml does not document {undocumented}"

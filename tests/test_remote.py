@@ -16,16 +16,6 @@ from fakes import REPLY, FakeOpenAI
 MSGS = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture
-def start_fake(aiohttp_server):
-    async def start(mode: str = "ok", **kw) -> tuple[FakeOpenAI, str]:
-        fake = FakeOpenAI(mode, **kw)
-        server = await aiohttp_server(fake.app())
-        return fake, f"http://127.0.0.1:{server.port}/v1"
-
-    return start
-
-
 def gateway_settings(tiny_model, providers: dict, routes: list | None = None, **router):
     return parse_settings({
         "models": {MODEL_ID: {"path": str(tiny_model)}},

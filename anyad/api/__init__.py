@@ -13,6 +13,7 @@ def register_routes(app: web.Application) -> None:
     app.router.add_get("/health", system.health)
     app.router.add_get("/ready", system.ready)
     app.router.add_get("/api/status", system.status)
+    app.router.add_get("/metrics", system.metrics)
     app.router.add_get("/api/conversations", history.list_conversations)
     app.router.add_get("/api/conversations/{id}", history.get_conversation)
     app.router.add_delete("/api/conversations/{id}", history.delete_conversation)

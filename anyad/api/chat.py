@@ -17,7 +17,7 @@ from anyad.config import ServerSettings
 from anyad.router import Opened, fallback_header
 from anyad.schemas import parse_chat_request
 from anyad.daemon import Daemon
-from anyad.server import DAEMON, REQUEST_ID, read_json
+from anyad.server import BACKEND, CONTENT, DAEMON, MODEL, REQUEST_ID, read_json
 from anyad.store import CONVERSATION_ID, Exchange
 from anyad.stream import ChatRequest, Usage, content_text
 
@@ -79,6 +79,7 @@ def check_caps(chat: ChatRequest, server: ServerSettings) -> None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
     chat = parse_chat_request(await read_json(request))
+    request[MODEL] = chat.model
     check_caps(chat, daemon.settings.server)
     history = daemon.history
     conv_id = conversation_id(request) if history is not None else None
@@ -88,6 +89,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # failure can still fall back, or get its own HTTP status.
     opened, cached = await _open(daemon, chat, decision)
     ttft_ms = (time.monotonic() - t0) * 1000
+    request[BACKEND] = opened.name
+    metrics = daemon.metrics
+    metrics.first_chunk(opened.name, ttft_ms / 1000)
+    if cached is not None:
+        metrics.cache_result(cached)
     headers = {"X-Anyad-Backend": opened.name, "X-Request-Id": request[REQUEST_ID]}
     if opened.skipped:
         headers["X-Anyad-Fallback"] = fallback_header(opened.skipped)
@@ -156,6 +162,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 log.info("request %s: client disconnected mid-stream", request[REQUEST_ID])
             return resp
     finally:
+        if reply.usage is not None and cached not in ("hit", "stale"):
+            metrics.usage(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+        if daemon.audit is not None and daemon.audit.settings.include_content:
+            request[CONTENT] = {"messages": chat.messages, "reply": reply.message()}
         if decision is not None and decision.store and cached in ("miss", "bypass") \
                 and outcome not in ("cancelled", "error"):
             daemon.cache.put(decision.key, chat.model, opened.name, reply.message(), outcome, reply.usage)

@@ -11,7 +11,7 @@ from aiohttp import web
 from anyad.jsoncodec import dumps
 from anyad.router import fallback_header
 from anyad.schemas import EmbeddingsRequest, validate
-from anyad.server import DAEMON, REQUEST_ID, read_json
+from anyad.server import BACKEND, DAEMON, MODEL, REQUEST_ID, read_json
 
 
 def _b64(vector: list[float]) -> str:
@@ -23,7 +23,11 @@ def _b64(vector: list[float]) -> str:
 
 async def embeddings(request: web.Request) -> web.Response:
     req = validate(EmbeddingsRequest, await read_json(request))
-    target, result, skipped = await request.app[DAEMON].router.embed(req.model, req.inputs(), req.options())
+    request[MODEL] = req.model
+    daemon = request.app[DAEMON]
+    target, result, skipped = await daemon.router.embed(req.model, req.inputs(), req.options())
+    request[BACKEND] = target.name
+    daemon.metrics.usage(result.prompt_tokens, None)
     encode = _b64 if req.encoding_format == "base64" else (lambda v: v)
     body = {
         "object": "list",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from anyad import __version__
@@ -9,7 +11,8 @@ from anyad.server import DAEMON
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
+    state = "draining" if request.app[DAEMON].draining else "ok"
+    return web.json_response({"status": state, "version": __version__})
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -21,6 +24,15 @@ async def list_models(request: web.Request) -> web.Response:
     data = [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by, **m.meta}
             for m in request.app[DAEMON].router.models()]
     return web.json_response({"object": "list", "data": data})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text, made off the event loop: NVML and psutil can take milliseconds."""
+    from anyad.metrics import CONTENT_TYPE
+
+    daemon = request.app[DAEMON]
+    body = await asyncio.to_thread(daemon.metrics.render, daemon, daemon.in_flight)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def status(request: web.Request) -> web.Response:

@@ -122,17 +122,17 @@ def chunk_from_message(data: dict[str, Any]) -> Chunk:
 class AnthropicBackend(RemoteBackend):
     kind = "anthropic"
 
-    def headers(self) -> dict[str, str]:
+    async def headers(self) -> dict[str, str]:
         # A configured anthropic-version (e.g. for a beta) rides on the session's headers.
         h = {} if any(k.lower() == "anthropic-version" for k in self.settings.headers) else \
             {"anthropic-version": API_VERSION}
-        key = self.client.api_key()
+        key = await self.client.api_key()
         if key:
             h["x-api-key"] = key
         return h
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
-        resp = await self.client.post("/messages", to_messages_request(request, model), self.headers())
+        resp = await self.client.post("/messages", to_messages_request(request, model), await self.headers())
         async with resp:
             try:
                 if not request.stream:

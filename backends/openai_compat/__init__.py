@@ -62,13 +62,13 @@ def chunk_from_completion(data: dict[str, Any]) -> Chunk:
 class OpenAIBackend(RemoteBackend):
     kind = "openai"
 
-    def headers(self) -> dict[str, str] | None:
-        key = self.client.api_key()
+    async def headers(self) -> dict[str, str] | None:
+        key = await self.client.api_key()
         return {"Authorization": f"Bearer {key}"} if key else None
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
         body = {**request.body, "model": model, "messages": request.messages}
-        resp = await self.client.post("/chat/completions", body, self.headers())
+        resp = await self.client.post("/chat/completions", body, await self.headers())
         async with resp:
             try:
                 if not request.stream:
@@ -98,7 +98,7 @@ class OpenAIBackend(RemoteBackend):
                     options: dict[str, Any] | None = None) -> Embeddings:
         # Floats from upstream whatever the client asked: the edge encodes for the client.
         body = {**(options or {}), "model": model, "input": inputs, "encoding_format": "float"}
-        resp = await self.client.post("/embeddings", body, self.headers())
+        resp = await self.client.post("/embeddings", body, await self.headers())
         async with resp:
             try:
                 data = await self.reply_json(resp)

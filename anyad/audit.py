@@ -1,0 +1,93 @@
+"""The audit log: who did what, in the ``audit`` table of ``anyad.db``.
+
+Admin actions (secrets set or deleted, models loaded and unloaded, config reloaded or
+refused) are always recorded while ``audit.enabled``; each API request too when
+``audit.requests`` (who: the API key's reference, or the client's address without keys;
+which model; the status), with its messages and reply only when
+``audit.include_content``. No secret value is ever written: actors are references.
+
+In the daemon rows go through the store's writer thread, batched with the history; the
+CLI (``anyad secrets``) writes its own row straight to the file.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlite_utils import Database
+
+from anyad.config import AuditSettings
+from anyad.jsoncodec import dumps
+from anyad.migrations import migrate
+from anyad.store import AUDIT_COLUMNS, DB_NAME, AuditRow, Store
+
+log = logging.getLogger("anyad.audit")
+
+
+def cli_actor() -> str:
+    try:
+        return "cli:" + getpass.getuser()
+    except Exception:  # no user name (a container's odd uid)
+        return "cli:?"
+
+
+class AuditLog:
+    def __init__(self, store: Store, settings: AuditSettings) -> None:
+        self.store = store
+        self.settings = settings
+
+    def action(self, actor: str, action: str, target: str | None = None, detail: dict[str, Any] | None = None,
+               status: int | None = None) -> None:
+        self.store.audit(AuditRow((time.time(), actor, action, target, status, None,
+                                   dumps(detail) if detail else None)))
+
+    def request(self, actor: str, endpoint: str, model: str | None, backend: str | None, status: int,
+                request_id: str, seconds: float, content: dict[str, Any] | None = None) -> None:
+        detail: dict[str, Any] = {"endpoint": endpoint, "ms": round(seconds * 1000, 1)}
+        if backend:
+            detail["backend"] = backend
+        if content is not None and self.settings.include_content:
+            detail["content"] = content
+        self.store.audit(AuditRow((time.time(), actor, "request", model, status, request_id, dumps(detail))))
+
+    def model_event(self, event: str, model: str, detail: dict[str, Any]) -> None:
+        """A scheduler event (``anyad.scheduler.Scheduler.listeners``)."""
+        self.action("daemon", event, model, detail)
+
+    def apply_retention(self) -> Any:
+        cutoff = time.time() - self.settings.max_age_days * 86400
+        return self.store.submit(lambda db: db.conn.execute("DELETE FROM audit WHERE at < ?", (cutoff,)).rowcount)
+
+
+def record_offline(data_dir: Path, actor: str, action: str, target: str | None = None,
+                   detail: dict[str, Any] | None = None) -> None:
+    """One admin row written by a command outside the daemon (the CLI); WAL lets it go in
+    beside a running daemon's writer."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(data_dir / DB_NAME, timeout=10)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        db = Database(conn)
+        migrate(db)
+        with conn:
+            conn.execute(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (time.time(), actor, action, target, None, None, dumps(detail) if detail else None))
+    finally:
+        conn.close()
+
+
+def read(path: Path, *, limit: int = 50, action: str | None = None) -> Iterator[dict[str, Any]]:
+    """The newest rows first."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        where, args = ("WHERE action = ?", [action]) if action else ("", [])
+        for row in conn.execute(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?", [*args, limit]):
+            yield dict(row)
+    finally:
+        conn.close()

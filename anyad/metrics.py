@@ -1,0 +1,149 @@
+"""``GET /metrics``: the daemon's numbers in Prometheus text, through prometheus-client.
+
+Counters and histograms are updated as things happen (a few microseconds per request);
+gauges (loaded models, queues, breakers, devices) are read from the daemon's own state
+when Prometheus scrapes, so nothing polls in between. Each daemon has its own registry,
+so two in one process (the tests) never mix their numbers.
+
+Label values that come from clients (model names) are capped: after ``MAX_LABEL_VALUES``
+distinct ones the rest count as ``other``, so a client inventing names cannot grow the
+daemon's memory for weeks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from anyad.daemon import Daemon
+
+MAX_LABEL_VALUES = 200
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Chat replies take from milliseconds (cache hits) to minutes (long local generations).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
+
+
+class _Bounded:
+    """Client-chosen label values, at most ``limit`` distinct ones."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+        self.seen: set[str] = set()
+        self.limit = limit
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return ""
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return "other"
+        self.seen.add(value)
+        return value
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=False)
+        self._model = _Bounded()
+        self._backend = _Bounded()
+        self.requests = Counter("anyad_requests", "HTTP requests answered",
+                                ["endpoint", "model", "backend", "status"], registry=r)
+        self.duration = Histogram("anyad_request_duration_seconds", "Time from request to the end of the reply",
+                                  ["endpoint"], buckets=DURATION_BUCKETS, registry=r)
+        self.ttft = Histogram("anyad_time_to_first_token_seconds", "Time from request to the reply's first chunk",
+                              ["backend"], buckets=TTFT_BUCKETS, registry=r)
+        self.tokens = Counter("anyad_tokens", "Tokens processed, as the backends report them", ["kind"], registry=r)
+        self.loads = Counter("anyad_model_loads", "Local model loads", ["model", "result"], registry=r)
+        self.load_seconds = Histogram("anyad_model_load_seconds", "Time to load a local model", ["model"],
+                                      buckets=LOAD_BUCKETS, registry=r)
+        self.unloads = Counter("anyad_model_unloads", "Local model unloads", ["model", "reason"], registry=r)
+        self.cache = Counter("anyad_cache_requests", "Chat requests by what the response cache did",
+                             ["result"], registry=r)
+        self.fallbacks = Counter("anyad_fallbacks", "Targets skipped on the way to an answer",
+                                 ["from", "reason"], registry=r)
+        self.loaded = Gauge("anyad_loaded_models", "Local models loaded now", registry=r)
+        self.queue = Gauge("anyad_queue_depth", "Requests waiting for a model's slot", ["model"], registry=r)
+        self.active = Gauge("anyad_active_requests", "Requests holding a model's slot", ["model"], registry=r)
+        self.in_flight = Gauge("anyad_in_flight_requests", "HTTP requests being answered", registry=r)
+        self.breaker = Gauge("anyad_breaker_open", "1 while a remote target's circuit breaker is open",
+                             ["target"], registry=r)
+        self.offline = Gauge("anyad_offline", "1 while the machine is believed offline", registry=r)
+        self.ram_total = Gauge("anyad_ram_total_bytes", "RAM of the machine", registry=r)
+        self.ram_available = Gauge("anyad_ram_available_bytes", "RAM available to new allocations", registry=r)
+        self.gpu_total = Gauge("anyad_gpu_memory_total_bytes", "GPU memory", ["gpu", "name"], registry=r)
+        self.gpu_used = Gauge("anyad_gpu_memory_used_bytes", "GPU memory in use (all processes)", ["gpu", "name"],
+                              registry=r)
+        self.gpu_util = Gauge("anyad_gpu_utilization_ratio", "GPU busy fraction over the last sample",
+                              ["gpu", "name"], registry=r)
+        self.model_memory = Gauge("anyad_model_memory_bytes", "Memory a loaded model holds (measured where the "
+                                  "device says, else estimated)", ["model", "kind"], registry=r)
+
+    # -- as things happen ---------------------------------------------------------------------
+
+    def request(self, endpoint: str, model: str | None, backend: str | None, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, self._model(model), self._backend(backend), str(status)).inc()
+        self.duration.labels(endpoint).observe(seconds)
+
+    def first_chunk(self, backend: str, seconds: float) -> None:
+        self.ttft.labels(self._backend(backend)).observe(seconds)
+
+    def usage(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        if prompt_tokens:
+            self.tokens.labels("prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels("completion").inc(completion_tokens)
+
+    def cache_result(self, result: str) -> None:
+        self.cache.labels(result).inc()
+
+    def fallback(self, target: str, reason: str) -> None:
+        self.fallbacks.labels(self._backend(target), reason).inc()
+
+    def model_event(self, event: str, model: str, detail: dict[str, Any]) -> None:
+        """A scheduler event (``anyad.scheduler.Scheduler.listeners``)."""
+        if event == "model.load":
+            self.loads.labels(model, "ok").inc()
+            self.load_seconds.labels(model).observe(detail["seconds"])
+        elif event == "model.load_failed":
+            self.loads.labels(model, "failed").inc()
+        elif event == "model.unload":
+            self.unloads.labels(model, detail.get("reason", "asked")).inc()
+
+    # -- at scrape time -----------------------------------------------------------------------
+
+    def render(self, daemon: "Daemon", in_flight: int) -> bytes:
+        """The text exposition, with the gauges read from the daemon's state and the devices
+        now. Runs in a worker thread: it copies what it iterates over."""
+        probe = daemon.probe
+        snap = probe.snapshot() if probe is not None else None
+        self.in_flight.set(in_flight)
+        entries = dict(daemon.scheduler.models)
+        self.loaded.set(sum(1 for e in entries.values() if e.state == "loaded"))
+        for gauge in (self.queue, self.active, self.model_memory, self.breaker, self.gpu_total, self.gpu_used,
+                      self.gpu_util):
+            gauge.clear()  # labels of models or targets that are gone must go too
+        for name, e in entries.items():
+            self.queue.labels(name).set(e.waiting)
+            self.active.labels(name).set(e.active)
+            if e.placement is not None and e.state == "loaded":
+                measured = probe.process_memory(e.unit.pid) if (probe is not None and e.unit.pid) else {}
+                self.model_memory.labels(name, "ram").set(measured.get("rss_bytes") or e.placement.ram_bytes)
+                self.model_memory.labels(name, "vram").set(measured.get("vram_bytes") or e.placement.vram_bytes)
+        router = daemon.router
+        for target, b in list(router.breakers.items()):
+            self.breaker.labels(target).set(1 if b.state == "open" else 0)
+        self.offline.set(1 if router.connectivity.offline else 0)
+        if snap is not None:
+            self.ram_total.set(snap.ram_total_bytes)
+            self.ram_available.set(snap.ram_available_bytes)
+            for g in snap.gpus:
+                labels = (str(g.index), g.name)
+                self.gpu_total.labels(*labels).set(g.total_bytes)
+                self.gpu_used.labels(*labels).set(g.used_bytes)
+                if g.utilization_pct is not None:
+                    self.gpu_util.labels(*labels).set(g.utilization_pct / 100.0)
+        return generate_latest(self.registry)
