@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from anyad import __version__
 from anyad.errors import ConfigError
@@ -17,31 +17,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("anyad")
 
-SHUTDOWN_GRACE_S = 5.0
+# After the drain's grace period, how long aiohttp gives what is left before cancelling it.
+CUT_OFF_S = 1.0
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-async def _serve(settings) -> int:
+async def _serve(settings: "Settings", load: Callable[[], "Settings"]) -> int:
+    """Listen until SIGTERM/SIGINT, then drain; SIGHUP re-reads the config with ``load``."""
     from aiohttp import web
 
+    from anyad.access import check_bind
     from anyad.daemon import Daemon
+    from anyad.sdnotify import Notifier
     from anyad.server import build_app
 
-    from anyad.access import check_bind
-
     check_bind(settings.server)
+    notifier = Notifier()
     daemon = Daemon(settings)
     app = build_app(daemon)
     # handler_cancellation: a client that hangs up cancels its request, which
     # stops generation in the worker instead of finishing a reply nobody reads.
-    # shutdown_timeout: on SIGTERM, replies in flight get a few seconds, then are cancelled
-    # (which stops their generation), well inside systemd's stop timeout.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_OFF_S)
     await runner.setup()
     host, port = settings.server.host, settings.server.port
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -51,18 +46,61 @@ async def _serve(settings) -> int:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    stop, now = asyncio.Event(), asyncio.Event()
+
+    def on_stop() -> None:
+        if stop.is_set():  # a second signal: no more waiting
+            log.info("stopping now")
+            now.set()
+        stop.set()
+
+    background: set[asyncio.Task[Any]] = set()
+
+    def spawn(coro: Any) -> None:
+        task = loop.create_task(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    async def reload() -> None:
+        notifier.reloading()
+        ok = await daemon.reload_from(load, actor="signal:SIGHUP")
+        notifier.ready(_status(daemon, "reloaded" if ok else "reload refused (see the log)"))
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    bound = site._server.sockets[0].getsockname()[:2] if site._server and site._server.sockets else (host, port)
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload()))
+    addrs = site._server.sockets if site._server is not None else None  # aiohttp keeps the bound sockets here
+    bound = addrs[0].getsockname()[:2] if addrs else (host, port)
     models = ", ".join(info.id for info in daemon.router.models()) or "none"
     log.info("anyad %s listening on http://%s:%s serving models: %s", __version__, bound[0], bound[1], models)
+
+    async def announce() -> None:
+        if daemon.preloaded is not None:
+            await asyncio.shield(daemon.preloaded)
+        notifier.ready(_status(daemon, f"listening on {bound[0]}:{bound[1]}"))
+
+    spawn(announce())
+    spawn(notifier.watchdog())
     await stop.wait()
+    daemon.draining = True  # from this moment on: no request is admitted that the drain would not wait for
+    notifier.stopping()
     log.info("shutting down")
-    await runner.cleanup()
+    drain = loop.create_task(daemon.drain(daemon.settings.server.shutdown_grace_s if not now.is_set() else 0))
+    cut = loop.create_task(now.wait())
+    await asyncio.wait([drain, cut], return_when=asyncio.FIRST_COMPLETED)
+    cut.cancel()
+    for task in list(background):
+        task.cancel()
+    await runner.cleanup()  # cancels what is left, closes the daemon: workers stopped, database flushed
+    notifier.close()
     log.info("stopped")
     return 0
+
+
+def _status(daemon: Any, what: str) -> str:
+    ok, models = daemon.ready()
+    return f"{what}; models ready: {sum(models.values())} of {len(models)}"
 
 
 def settings_or_report(config: str | None, **overrides: Any) -> "Settings | None":
@@ -77,10 +115,16 @@ def settings_or_report(config: str | None, **overrides: Any) -> "Settings | None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from anyad.config import load_settings
+    from anyad.logs import setup_logging
+
+    def load() -> "Settings":
+        return load_settings(args.config, host=args.host, port=args.port, model_paths=args.model)
+
     settings = settings_or_report(args.config, host=args.host, port=args.port, model_paths=args.model)
     if settings is None:
         return 2
-    _setup_logging(settings.server.log_level)
+    setup_logging(settings.server.log_level)
     try:
         import uvloop
 
@@ -88,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - uvloop is optional outside Linux/macOS
         run = asyncio.run
     try:
-        return run(_serve(settings))
+        return run(_serve(settings, load))
     except ConfigError as exc:
         print(f"anyad: {exc}", file=sys.stderr)
         return 2
@@ -149,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     from anyad.audit_cli import add_parser as add_audit
 
     add_audit(sub)
+    from anyad.install_service import add_parser as add_install_service
+
+    add_install_service(sub)
     return p
 
 

@@ -7,9 +7,9 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
-from anyad.access import KeyCheck
+from anyad.access import KeyCheck, check_bind
 from anyad.audit import AuditLog
 from anyad.backend import Backend, backend_class
 from anyad.cache import ResponseCache
@@ -61,6 +61,8 @@ class Daemon:
         self.limiter = RateLimiter(settings.server.rate_limit_per_minute) if settings.server.rate_limit_per_minute \
             else None
         self._starting: list[asyncio.Task[None]] = []
+        self.preloaded: asyncio.Task[None] | None = None  # done once the models to preload are loaded
+        self._reloading = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.store: Store | None = None  # opened at start when the history, the cache or the audit is on
         self.cache: ResponseCache | None = None
@@ -95,7 +97,8 @@ class Daemon:
         # Preloading runs in the background: the listener answers /health at once
         # and /ready says when the models are usable. One after another, in config
         # order, so that placement sees each load's memory before the next.
-        self._starting.append(asyncio.create_task(self._start_all()))
+        self.preloaded = asyncio.create_task(self._start_all())
+        self._starting.append(self.preloaded)
 
     @property
     def history(self) -> Store | None:
@@ -172,17 +175,19 @@ class Daemon:
         the settings that differ but need a restart (they keep their old values).
         """
         old = self.settings
+        providers: dict[str, Backend] = {}
         try:
-            providers: dict[str, Backend] = {}
             for name, ps in new.providers.items():
                 if name in self.local:
                     raise ConfigError(f"providers.{name}: the name is already a model id")
                 providers[name] = backend_class(ps.backend).from_provider(name, ps)
             router = Router(self.local, providers, new.routes, new.router)
+            # Still listening where it listens now: dropping the keys there must not open it up.
+            check_bind(old.server.model_copy(update={"api_keys": new.server.api_keys}))
             keys = KeyCheck(new.server.api_keys) if new.server.api_keys else None
-        except ConfigError as exc:
-            if self.audit is not None:
-                self.audit.action(actor, "config.reload_rejected", str(new.source or ""), {"error": exc.message})
+        except BaseException:
+            for backend in providers.values():
+                self._spawn(backend.close())
             raise
         if new.server.rate_limit_per_minute != old.server.rate_limit_per_minute:
             self.limiter = RateLimiter(new.server.rate_limit_per_minute) if new.server.rate_limit_per_minute \
@@ -204,7 +209,8 @@ class Daemon:
         self.backends = [*self.local.values(), *providers.values()]
         if self.cache is not None:
             self.cache.router = router
-        logging.getLogger().setLevel(merged.server.log_level.upper())
+        if merged.server.log_level != old.server.log_level:
+            logging.getLogger().setLevel(merged.server.log_level.upper())
         gen, self.generation = self.generation, self.generation + 1
         self._spawn(self._retire(gen, old_router, old_providers))
         for backend in providers.values():
@@ -217,6 +223,21 @@ class Daemon:
                               {"providers": sorted(providers), "routes": [r.name for r in new.routes],
                                **({"needs_restart": restart} if restart else {})})
         return restart
+
+    async def reload_from(self, load: Callable[[], Settings], actor: str = "daemon") -> bool:
+        """Read the config again (off the event loop) and apply it; False, with the reason
+        logged and audited, when it is invalid: the running one then stays as it was."""
+        async with self._reloading:
+            try:
+                new = await asyncio.to_thread(load)
+                self.reload(new, actor)
+            except Exception as exc:  # whatever the new config breaks, the running one stays
+                why = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+                log.error("reload refused; the running configuration stays: %s", why)
+                if self.audit is not None:
+                    self.audit.action(actor, "config.reload_rejected", None, {"error": why})
+                return False
+            return True
 
     async def _retire(self, gen: int, router: Router, providers: list[Backend]) -> None:
         """Close what a reload replaced, once the requests that may still use it are done."""
