@@ -57,8 +57,8 @@ for gw in $GATEWAYS; do
       cfg=/tmp/gwbench/anyad.toml
       printf '[server]\nport = %s\nlog_level = "warning"\n[providers.up]\nbase_url = "http://127.0.0.1:%s/v1"\nmax_retries = 0\n' \
         "$GW_PORT" "$UP_PORT" > "$cfg"
-      # anyad-nostore: the same with the history and the cache off, to show what they cost.
-      [[ $gw == anyad-nostore ]] && printf '[history]\nenabled = false\n[cache]\nenabled = false\n' >> "$cfg"
+      # anyad-nostore: the same with the history, the cache and the audit log off, to show what they cost.
+      [[ $gw == anyad-nostore ]] && printf '[history]\nenabled = false\n[cache]\nenabled = false\n[audit]\nenabled = false\n' >> "$cfg"
       XDG_DATA_HOME=/tmp/gwbench/data setsid "$ANYAD" serve --config "$cfg" > "$LOGS/anyad.log" 2>&1 < /dev/null &
       GW_PID=$!; model=up/bench
       wait_url "http://127.0.0.1:$GW_PORT/health"
