@@ -44,8 +44,9 @@ class Serve:
         self.env = clean_env(tmp_path)
         self.env.update(env_extra or {})
         with self.log_path.open("w") as log:
+            # A session of its own: a terminal's Ctrl-C goes to the whole process group.
             self.proc = subprocess.Popen(anyad_cmd("serve", "--config", str(config)), env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT)
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
     def log(self) -> str:
@@ -192,7 +193,8 @@ async def test_notify_socket_hears_ready_watchdog_reloading_and_stopping(tmp_pat
     assert "Traceback" not in serve.log
 
 
-async def test_sigterm_mid_stream_drains_then_exits_0(tmp_path, tiny_model):
+@pytest.mark.parametrize("how", ["SIGTERM to the daemon", "Ctrl-C to the process group"])
+async def test_sigterm_mid_stream_drains_then_exits_0(tmp_path, tiny_model, how):
     port = free_port()
     data = tmp_path / "data"
     cfg = write_config(tmp_path / "anyad.toml", port, tiny_model, data)
@@ -204,7 +206,10 @@ async def test_sigterm_mid_stream_drains_then_exits_0(tmp_path, tiny_model):
             started = asyncio.Event()
             stream = asyncio.create_task(stream_tokens(http, base, started))
             await asyncio.wait_for(started.wait(), 30)
-            serve.signal(signal.SIGTERM)
+            if how.startswith("SIGTERM"):
+                serve.signal(signal.SIGTERM)
+            else:  # the workers get it too, and must leave stopping to the daemon
+                os.killpg(serve.proc.pid, signal.SIGINT)
 
             async def draining() -> bool:
                 async with http.get(base + "/health") as r:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -269,6 +270,9 @@ def _serve(engine: Engine, llm: Any, ops: "queue.Queue[dict[str, Any]]", cancell
 
 
 def main() -> int:
+    # Ctrl-C in a terminal reaches the whole process group: the daemon decides when a
+    # worker stops (after draining), not the keyboard.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Keep fd 1 for frames only: anything native code prints goes to stderr.
     out = Output(os.fdopen(os.dup(1), "wb"))
     os.dup2(2, 1)
