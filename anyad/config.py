@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from anyad.errors import ConfigError
 
@@ -227,6 +228,24 @@ class AuditSettings(_Strict):
     max_age_days: float = Field(90.0, ge=0)
 
 
+class PluginsSettings(BaseModel):
+    # Plugins (found through the anyad.plugins entry points; `anyad plugins` lists them)
+    # that run; none by default. Each may have its own table, [plugins.<name>].
+    enabled: list[str] = []
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _tables(self) -> "PluginsSettings":
+        for name, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"plugins.{name} must be a table ([plugins.{name}]) of that plugin's settings")
+        return self
+
+    def options(self, name: str) -> dict[str, Any]:
+        """``[plugins.<name>]``: one plugin's own settings, which it validates itself."""
+        return dict((self.model_extra or {}).get(name, {}))
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     data_dir: Path | None = None
@@ -239,6 +258,7 @@ class Settings(_Strict):
     history: HistorySettings = HistorySettings()
     cache: CacheSettings = CacheSettings()
     audit: AuditSettings = AuditSettings()
+    plugins: PluginsSettings = PluginsSettings()
     # Where the settings came from, for log lines and relative paths; not a TOML key.
     source: Path | None = Field(None, exclude=True)
 

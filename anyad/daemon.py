@@ -17,10 +17,12 @@ from anyad.config import ServerSettings, Settings
 from anyad.errors import ConfigError
 from anyad.limits import RateLimiter
 from anyad.metrics import Metrics
+from anyad.plugins import Plugins
 from anyad.resources import DeviceProbe
 from anyad.router import Router
 from anyad.scheduler import Scheduler
 from anyad.store import DB_NAME, Store
+from anyad.stream import ChatRequest
 
 log = logging.getLogger("anyad")
 
@@ -41,21 +43,18 @@ class Daemon:
         """
         self.settings = settings
         self.probe = probe
+        self.plugins = Plugins(settings.plugins)
+        self.backend_kinds: dict[str, type[Backend]] = {}
+        self.plugins.register("anyad_register_backends", self._register_backend)
         self.scheduler = Scheduler(settings.scheduler, probe)
-        local: dict[str, Backend] = {}
-        for model_id, ms in settings.models.items():
-            local[model_id] = backend_class(ms.backend).from_model(model_id, ms, settings.defaults, self.scheduler)
-        providers: dict[str, Backend] = {}
-        for name, ps in settings.providers.items():
-            if name in local:
-                raise ConfigError(f"providers.{name}: the name is already a model id")
-            providers[name] = backend_class(ps.backend).from_provider(name, ps)
-        self.backends: list[Backend] = [*local.values(), *providers.values()]
-        self.local = local
+        self.local: dict[str, Backend] = {
+            model_id: self._backend_class(ms.backend).from_model(model_id, ms, settings.defaults, self.scheduler)
+            for model_id, ms in settings.models.items()}
+        providers = self._providers(settings)
+        self.backends: list[Backend] = [*self.local.values(), *providers.values()]
         self.metrics = Metrics()
         self.scheduler.listeners.append(self.metrics.model_event)
-        self.router = Router(local, providers, settings.routes, settings.router)
-        self.router.on_skip = self.metrics.fallback
+        self.router = self._router(providers, settings)
         # Access and limits, read by the middlewares on every request (a reload swaps them).
         self.keys = KeyCheck(settings.server.api_keys) if settings.server.api_keys else None
         self.limiter = RateLimiter(settings.server.rate_limit_per_minute) if settings.server.rate_limit_per_minute \
@@ -74,6 +73,32 @@ class Daemon:
         self._settled = asyncio.Event()
         self.draining = False
         self.started_at = time.time()
+
+    def _register_backend(self, kind: str, cls: type) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            raise ConfigError(f"backend {kind!r} registered by a plugin is not an anyad Backend")
+        self.backend_kinds[kind] = cls
+
+    def _backend_class(self, kind: str) -> type[Backend]:
+        return self.backend_kinds.get(kind) or backend_class(kind)
+
+    def _providers(self, settings: Settings) -> dict[str, Backend]:
+        providers: dict[str, Backend] = {}
+        for name, ps in settings.providers.items():
+            if name in self.local:
+                raise ConfigError(f"providers.{name}: the name is already a model id")
+            providers[name] = self._backend_class(ps.backend).from_provider(name, ps)
+        return providers
+
+    def _router(self, providers: dict[str, Backend], settings: Settings) -> Router:
+        router = Router(self.local, providers, settings.routes, settings.router)
+        router.on_skip = self.metrics.fallback
+        if self.plugins.remote_request:
+            router.outbound = self._outbound
+        return router
+
+    async def _outbound(self, request: ChatRequest, target: Any) -> ChatRequest:
+        return await self.plugins.guard("anyad_remote_request", request, "request", target=target)
 
     async def start(self) -> None:
         # NVML and the engine's GPU support are read once, off the event loop.
@@ -99,6 +124,7 @@ class Daemon:
         # order, so that placement sees each load's memory before the next.
         self.preloaded = asyncio.create_task(self._start_all())
         self._starting.append(self.preloaded)
+        await self.plugins.notify("anyad_startup", lambda name: {"config": self.plugins.options(name)}, daemon=self)
 
     @property
     def history(self) -> Store | None:
@@ -177,17 +203,14 @@ class Daemon:
         old = self.settings
         providers: dict[str, Backend] = {}
         try:
-            for name, ps in new.providers.items():
-                if name in self.local:
-                    raise ConfigError(f"providers.{name}: the name is already a model id")
-                providers[name] = backend_class(ps.backend).from_provider(name, ps)
-            router = Router(self.local, providers, new.routes, new.router)
+            providers = self._providers(new)
+            router = self._router(providers, new)
             # Still listening where it listens now: dropping the keys there must not open it up.
             check_bind(old.server.model_copy(update={"api_keys": new.server.api_keys}))
             keys = KeyCheck(new.server.api_keys) if new.server.api_keys else None
         except BaseException:
             for backend in providers.values():
-                self._spawn(backend.close())
+                self.spawn(backend.close())
             raise
         if new.server.rate_limit_per_minute != old.server.rate_limit_per_minute:
             self.limiter = RateLimiter(new.server.rate_limit_per_minute) if new.server.rate_limit_per_minute \
@@ -203,7 +226,6 @@ class Daemon:
             provider = name.partition("/")[0]
             if provider in providers and old.providers.get(provider) == new.providers.get(provider):
                 router.breakers[name] = breaker
-        router.on_skip = self.metrics.fallback
         old_router, old_providers = self.router, [b for b in self.backends if b.remote]
         self.router, self.keys, self.settings = router, keys, merged
         self.backends = [*self.local.values(), *providers.values()]
@@ -212,9 +234,9 @@ class Daemon:
         if merged.server.log_level != old.server.log_level:
             logging.getLogger().setLevel(merged.server.log_level.upper())
         gen, self.generation = self.generation, self.generation + 1
-        self._spawn(self._retire(gen, old_router, old_providers))
+        self.spawn(self._retire(gen, old_router, old_providers))
         for backend in providers.values():
-            self._spawn(backend.start())
+            self.spawn(backend.start())
         log.info("config reloaded from %s: %d provider(s), %d route(s)%s", new.source or "settings",
                  len(providers), len(new.routes),
                  f"; needs a restart to apply: {', '.join(restart)}" if restart else "")
@@ -245,7 +267,8 @@ class Daemon:
         await router.close()
         await asyncio.gather(*(b.close() for b in providers), return_exceptions=True)
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background; cancelled when the daemon closes."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -271,6 +294,7 @@ class Daemon:
                 **self.router.status()}
 
     async def close(self) -> None:
+        await self.plugins.notify("anyad_shutdown", daemon=self)
         for t in [*self._starting, *self._tasks]:
             t.cancel()
         await self.router.close()

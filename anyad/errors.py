@@ -157,6 +157,14 @@ class Unavailable(AnyadError):
             self.headers["Retry-After"] = str(max(1, int(value)))
 
 
+class PluginError(AnyadError):
+    """A plugin guarding requests failed: the request is refused rather than let through."""
+
+    status = 500
+    type = "server_error"
+    code = "plugin_error"
+
+
 class ConfigError(Exception):
     """Invalid configuration: stops the daemon with one readable message."""
 

@@ -99,6 +99,8 @@ class Router:
         # Called as on_skip(target, reason) for each target passed over (the metrics listen);
         # reason is one word: offline, circuit_open, timeout, network, busy, unavailable, error.
         self.on_skip: Callable[[str, str], None] | None = None
+        # What a request becomes before it leaves the machine (the plugins' anyad_remote_request).
+        self.outbound: Callable[[ChatRequest, Target], Awaitable[ChatRequest]] | None = None
 
     def _skip(self, skipped: list[str], target: Target, reason: str, text: str) -> None:
         skipped.append(f"{target.name}: {text}")
@@ -216,7 +218,10 @@ class Router:
         """Start the reply: returns once a target has produced its first chunk."""
 
         async def start(target: Target) -> tuple[Chunk, ChunkStream]:
-            stream = target.backend.chat(request, target.model)
+            outgoing = request
+            if self.outbound is not None and target.backend.remote:
+                outgoing = await self.outbound(request, target)
+            stream = target.backend.chat(outgoing, target.model)
             try:
                 first = await anext(stream)
             except StopAsyncIteration:

@@ -1,0 +1,182 @@
+"""One chat request's way through the daemon, whatever wire format it came in.
+
+``ChatFlow`` does everything between parsing and encoding: the server's caps, the
+plugins' guards, the conversation id, the response cache (lookup, and the expired
+answer as a last resort), the route's walk to a first chunk, and after the reply the
+cache write, the history, the metrics and the ``after_reply`` plugins. The OpenAI
+handler (``anyad.api.chat``) and the Ollama one (``anyad.plugins.ollama``) each only
+turn a wire request into a ``ChatRequest`` and the chunks into their own bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from aiohttp import web
+
+from anyad.cache import Decision, Replayed, replay
+from anyad.config import ServerSettings
+from anyad.daemon import Daemon
+from anyad.encoders import Reply
+from anyad.errors import AnyadError, BackendError, InvalidRequest
+from anyad.plugins import ExchangeRecord
+from anyad.router import Opened, fallback_header
+from anyad.server import BACKEND, CONTENT, MODEL, REQUEST_ID
+from anyad.store import CONVERSATION_ID, Exchange
+from anyad.stream import ChatRequest, Chunk, content_text
+
+log = logging.getLogger("anyad.chat")
+
+CONVERSATION_HEADER = "X-Anyad-Conversation-Id"
+
+
+def new_conversation_id() -> str:
+    """32 hex digits, time-ordered (milliseconds, then 80 random bits, as UUIDv7 does): new
+    conversations land at the end of the database's indexes instead of all over them."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+def conversation_id(request: web.Request) -> str:
+    """The conversation this request continues (its header), or a new one."""
+    cid = request.headers.get(CONVERSATION_HEADER)
+    if cid is None:
+        return new_conversation_id()
+    if not CONVERSATION_ID.match(cid):
+        raise InvalidRequest(f"{CONVERSATION_HEADER} must be 1-128 letters, digits, '_', '-', '.' or ':'",
+                             param=CONVERSATION_HEADER)
+    return cid
+
+
+def check_caps(chat: ChatRequest, server: ServerSettings) -> None:
+    """The server's caps on one request: how many messages, how much text."""
+    if len(chat.messages) > server.max_messages:
+        raise InvalidRequest(f"messages: {len(chat.messages)} messages; this server takes at most "
+                             f"{server.max_messages} (server.max_messages)", param="messages")
+    chars = sum(len(content_text(m.get("content"))) for m in chat.messages)
+    if chars > server.max_prompt_chars:
+        raise InvalidRequest(f"messages: {chars} characters of text; this server takes at most "
+                             f"{server.max_prompt_chars} (server.max_prompt_chars)", param="messages")
+
+
+class ChatFlow:
+    """Use: ``await flow.open()``; then feed ``flow.first`` and each chunk of ``flow.rest``
+    through ``flow.take`` while encoding; ``flow.failed(exc)`` if the reply breaks; and
+    ``flow.finish(outcome)`` in a ``finally``."""
+
+    def __init__(self, daemon: Daemon, request: web.Request, chat: ChatRequest) -> None:
+        self.daemon = daemon
+        self.request = request
+        self.chat = chat
+        self.reply = Reply()
+        self.opened: Opened | Replayed | None = None
+        self.cached: str | None = None
+        self.conversation_id: str | None = None
+        self.decision: Decision | None = None
+        self.started = time.time()
+        self.t0 = time.monotonic()
+        self.ttft_ms: float | None = None
+        self.headers: dict[str, str] = {}
+        self._chunk_hooks = daemon.plugins.stream_chunk
+        request[MODEL] = chat.model
+
+    async def open(self) -> Opened | Replayed:
+        """Everything up to the reply's first chunk; raises the AnyadError to answer with."""
+        daemon, request = self.daemon, self.request
+        check_caps(self.chat, daemon.settings.server)
+        if daemon.plugins.before_request:
+            self.chat = await daemon.plugins.guard("anyad_before_request", self.chat, "request",
+                                                   endpoint=request.path)
+            request[MODEL] = self.chat.model
+        if daemon.history is not None:
+            self.conversation_id = conversation_id(request)
+        if daemon.cache is not None:
+            self.decision = daemon.cache.decide(self.chat, request)
+        # The router waits for a target's first chunk before we answer: until then a
+        # failure can still fall back, or get its own HTTP status.
+        self.opened, self.cached = await self._open()
+        opened = self.opened
+        self.ttft_ms = (time.monotonic() - self.t0) * 1000
+        request[BACKEND] = opened.name
+        metrics = daemon.metrics
+        metrics.first_chunk(opened.name, self.ttft_ms / 1000)
+        headers = self.headers
+        headers["X-Anyad-Backend"] = opened.name
+        headers["X-Request-Id"] = request[REQUEST_ID]
+        if opened.skipped:
+            headers["X-Anyad-Fallback"] = fallback_header(opened.skipped)
+        if self.cached is not None:
+            metrics.cache_result(self.cached)
+            headers["X-Anyad-Cache"] = self.cached
+        if self.conversation_id is not None:
+            headers[CONVERSATION_HEADER] = self.conversation_id
+        return opened
+
+    async def _open(self) -> tuple[Opened | Replayed, str | None]:
+        """The reply's beginning, and what the cache had to do with it: a fresh cached answer,
+        else the route's first target that answers, else (all failed) an expired cached one."""
+        daemon, chat, decision = self.daemon, self.chat, self.decision
+        cache = daemon.cache
+        if cache is None or decision is None:
+            return await daemon.router.open(chat), None
+        if decision.lookup and (entry := await cache.get(decision.key)) is not None:
+            return replay(entry), "hit"
+        try:
+            return await daemon.router.open(chat), decision.header
+        except AnyadError as exc:
+            if not exc.retryable or (entry := await cache.get(decision.key, stale_ok=True)) is None:
+                raise
+            log.warning("every target for %s failed (%s); answering from an expired cache entry", chat.model,
+                        exc.message)
+            return replay(entry), "stale"
+
+    def take(self, chunk: Chunk) -> Chunk:
+        """A chunk on its way out: the plugins may change it, the reply keeps it."""
+        if self._chunk_hooks:
+            chunk = self.daemon.plugins.chunk(chunk, self.chat, self.opened.name if self.opened else "")
+        self.reply.add(chunk)
+        return chunk
+
+    def failed(self, exc: AnyadError) -> None:
+        """The reply broke after it began."""
+        if self.opened is not None:
+            self.opened.failed(exc)
+        log.warning("request %s: reply from %s failed: %s", self.request[REQUEST_ID],
+                    self.opened.name if self.opened else "?", exc.message)
+
+    def check_finished(self) -> None:
+        if self.reply.finish_reason is None:
+            raise BackendError(f"{self.opened.name if self.opened else '?'} ended the reply without a "
+                               "finish reason")
+
+    def finish(self, outcome: str) -> None:
+        """After the reply (whole, cut off by the client, or failed): cache, history,
+        metrics, audit content, plugins. Nothing here waits on the disk."""
+        daemon, chat, reply, opened, cached = self.daemon, self.chat, self.reply, self.opened, self.cached
+        if opened is None:
+            return
+        usage = reply.usage
+        if usage is not None and cached not in ("hit", "stale"):
+            daemon.metrics.usage(usage.prompt_tokens, usage.completion_tokens)
+        if daemon.audit is not None and daemon.audit.settings.include_content:
+            self.request[CONTENT] = {"messages": chat.messages, "reply": reply.message()}
+        decision = self.decision
+        if decision is not None and decision.store and cached in ("miss", "bypass") \
+                and outcome not in ("cancelled", "error"):
+            daemon.cache.put(decision.key, chat.model, opened.name, reply.message(), outcome, usage)
+        latency_ms = (time.monotonic() - self.t0) * 1000
+        history = daemon.history
+        if history is not None:
+            history.record(Exchange(
+                conversation_id=self.conversation_id, request_id=self.request[REQUEST_ID], model=chat.model,
+                backend=opened.name, stream=chat.stream, cache=cached, messages=chat.messages,
+                reply=reply.message(), finish_reason=outcome,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+                started=self.started, latency_ms=latency_ms, ttft_ms=self.ttft_ms))
+        if daemon.plugins.after_reply:
+            record = ExchangeRecord(chat, self.request.path, self.request[REQUEST_ID], opened.name,
+                                    reply.message(), outcome, usage, cached, self.conversation_id,
+                                    latency_ms / 1000)
+            daemon.spawn(daemon.plugins.notify("anyad_after_reply", exchange=record))
