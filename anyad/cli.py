@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     from anyad.install_service import add_parser as add_install_service
 
     add_install_service(sub)
+    from anyad.plugins_cli import add_parser as add_plugins
+
+    add_plugins(sub)
     return p
 
 

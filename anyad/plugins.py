@@ -72,6 +72,7 @@ class Plugins:
             try:
                 obj = ep.load()
                 self.pm.register(obj, name=name)
+                self.pm.check_pending()  # a hook with a misspelt name is an error, not silence
             except pluggy.PluginValidationError as exc:
                 raise ConfigError(f"plugin {name!r} ({ep.value}) has a hook anyad does not know: {exc}") from None
             except Exception as exc:

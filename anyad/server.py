@@ -159,4 +159,12 @@ def build_app(daemon: Daemon) -> web.Application:
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     register_routes(app)
+
+    def add_route(method: str, path: str, handler: Handler) -> None:
+        try:
+            app.router.add_route(method, path, handler)
+        except (RuntimeError, ValueError) as exc:
+            raise errors.ConfigError(f"a plugin's route {method} {path}: {exc}") from None
+
+    daemon.plugins.register("anyad_register_routes", add_route)
     return app

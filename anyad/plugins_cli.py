@@ -1,0 +1,48 @@
+"""``anyad plugins``: what is installed (entry points ``anyad.plugins``) and what is enabled."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from anyad.cli import settings_or_report
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from anyad.plugins import describe, installed
+
+    settings = settings_or_report(args.config)
+    if settings is None:
+        return 2
+    enabled = set(settings.plugins.enabled)
+    rows = []
+    for ep in installed():
+        dist = ep.dist
+        rows.append({"name": ep.name, "enabled": ep.name in enabled, "object": ep.value,
+                     "package": f"{dist.name} {dist.version}" if dist is not None else "",
+                     "description": describe(ep)})
+    missing = sorted(enabled - {r["name"] for r in rows})
+    if args.json:
+        print(json.dumps({"plugins": rows, "enabled_but_not_installed": missing}, indent=2))
+        return 1 if missing else 0
+    if not rows:
+        print("no plugins installed")
+    else:
+        table = [["NAME", "ENABLED", "PACKAGE", "DESCRIPTION"]]
+        table += [[r["name"], "yes" if r["enabled"] else "no", r["package"], r["description"]] for r in rows]
+        widths = [max(len(r[i]) for r in table) for i in range(3)]
+        for r in table:
+            print("  ".join([*(v.ljust(w) for v, w in zip(r, widths)), r[3]]).rstrip())
+        print('\nenable one with [plugins] enabled = ["NAME", ...] in the config')
+    for name in missing:
+        print(f"anyad: plugins.enabled names {name!r}, which is not installed", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("plugins", help="list the installed plugins and which are enabled")
+    p.add_argument("--config", help="config file, for [plugins] enabled")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=cmd_plugins)
