@@ -21,7 +21,7 @@ from anyad.config import ServerSettings
 from anyad.daemon import Daemon
 from anyad.encoders import Reply
 from anyad.errors import AnyadError, BackendError, InvalidRequest
-from anyad.plugins import ExchangeRecord
+from anyad.plugin_manager import ExchangeRecord
 from anyad.router import Opened, fallback_header
 from anyad.server import BACKEND, CONTENT, MODEL, REQUEST_ID
 from anyad.store import CONVERSATION_ID, Exchange

@@ -17,7 +17,7 @@ from anyad.config import ServerSettings, Settings
 from anyad.errors import ConfigError
 from anyad.limits import RateLimiter
 from anyad.metrics import Metrics
-from anyad.plugins import Plugins
+from anyad.plugin_manager import Plugins
 from anyad.resources import DeviceProbe
 from anyad.router import Router
 from anyad.scheduler import Scheduler

@@ -21,6 +21,20 @@ class GGUFInfo:
     embedding_length: int | None
     chat_template: str | None
     size_bytes: int
+    file_type: int | None = None  # llama.cpp's LlamaFileType: the main quantisation
+    size_label: str | None = None  # e.g. "0.5B", where the file says
+
+    @property
+    def quantization(self) -> str | None:
+        """The quantisation's name as llama.cpp and Ollama print it ("Q8_0", "Q4_K_M", "F16")."""
+        if self.file_type is None:
+            return None
+        from gguf import LlamaFileType
+
+        try:
+            return LlamaFileType(self.file_type).name.removeprefix("MOSTLY_")
+        except ValueError:
+            return f"type {self.file_type}"
 
 
 def gguf_scalar(reader: Any, key: str, default: Any = None) -> Any:
@@ -70,4 +84,6 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         embedding_length=scalar(f"{arch}.embedding_length"),
         chat_template=scalar("tokenizer.chat_template"),
         size_bytes=path.stat().st_size,
+        file_type=scalar("general.file_type"),
+        size_label=scalar("general.size_label"),
     )

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from anyad.daemon import Daemon
-    from anyad.plugins import ExchangeRecord
+    from anyad.plugin_manager import ExchangeRecord
     from anyad.router import Target
     from anyad.stream import ChatRequest, Chunk
 

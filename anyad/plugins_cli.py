@@ -11,7 +11,7 @@ from anyad.cli import settings_or_report
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from anyad.plugins import describe, installed
+    from anyad.plugin_manager import describe, installed
 
     settings = settings_or_report(args.config)
     if settings is None:

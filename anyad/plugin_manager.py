@@ -113,6 +113,8 @@ class Plugins:
                 result = self._call(impl, args)
                 if inspect.isawaitable(result):
                     await result
+            except ConfigError:  # a plugin that cannot start as configured stops the start
+                raise
             except Exception:
                 log.exception("plugin %s failed in %s; going on without it", impl.plugin_name, hook)
 

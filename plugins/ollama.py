@@ -1,0 +1,455 @@
+"""Ollama's own API on its own listener (127.0.0.1:11434 by default), over anyad's models.
+
+For the many tools that speak only Ollama: ``/api/chat`` and ``/api/generate``
+(NDJSON streaming by default, ``stream: false``, ``options``, ``format``, ``keep_alive``),
+``/api/tags``, ``/api/ps``, ``/api/show``, ``/api/embed`` (and the older
+``/api/embeddings``), ``/api/version``, and ``GET /``. Requests go through the same
+router, scheduler, history, cache, API keys, limits and metrics as the OpenAI API;
+errors come in Ollama's shape, ``{"error": "..."}``.
+
+Enable with ``[plugins] enabled = ["ollama"]``; ``[plugins.ollama]`` takes ``host`` and
+``port``. A host beyond loopback needs ``server.api_keys``, as the main listener does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import weakref
+from contextlib import aclosing
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import anyad
+from anyad import errors
+from anyad.access import auth_middleware, check_bind
+from anyad.chatflow import ChatFlow
+from anyad.config import parse_keep_alive
+from anyad.jsoncodec import dumpb, loads
+from anyad.schemas import parse_chat_request
+from anyad.server import DAEMON, REQUEST_ID, accounting_middleware, read_json
+from anyad.stream import Usage
+
+log = logging.getLogger("anyad.ollama")
+
+# What /api/version answers: clients check for a minimum, and anyad speaks this much of the API.
+OLLAMA_VERSION = "0.12.6"
+NDJSON = "application/x-ndjson"
+EPOCH_ISO = "1970-01-01T00:00:00Z"
+
+
+class OllamaSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(11434, ge=0, le=65535)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# -- requests: Ollama's fields → the OpenAI body anyad validates ------------------------------
+
+OPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                 "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
+                 "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop"}
+
+
+def _openai_body(body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise errors.InvalidRequest("options must be an object", param="options")
+    out: dict[str, Any] = {"model": body.get("model"), "messages": messages,
+                           "stream": body.get("stream", True) is not False}
+    for src, dst in OPTION_FIELDS.items():
+        if options.get(src) is not None:
+            out[dst] = options[src]
+    n = options.get("num_predict")
+    if isinstance(n, int) and n > 0:
+        out["max_tokens"] = n
+    fmt = body.get("format")
+    if fmt == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+    elif fmt not in (None, ""):
+        raise errors.InvalidRequest('format must be "json" or a JSON schema', param="format")
+    if body.get("keep_alive") is not None:
+        out["keep_alive"] = body["keep_alive"]
+    if body.get("tools"):
+        out["tools"] = body["tools"]
+    return out
+
+
+def _message(m: Any) -> dict[str, Any]:
+    """One Ollama message → OpenAI's: images become image parts, tool-call arguments a JSON string."""
+    if not isinstance(m, dict):
+        raise errors.InvalidRequest("each message must be an object", param="messages")
+    out = {k: v for k, v in m.items() if k not in ("images", "tool_calls", "thinking", "tool_name")}
+    images = m.get("images") or []
+    if images:
+        out["content"] = [{"type": "text", "text": m.get("content") or ""}] + [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}} for img in images]
+    if m.get("tool_calls"):
+        out["tool_calls"] = [{"id": f"call_{i}", "type": "function",
+                              "function": {"name": tc.get("function", {}).get("name"),
+                                           "arguments": dumpb(tc.get("function", {}).get("arguments", {})).decode()}}
+                             for i, tc in enumerate(m["tool_calls"])]
+    if m.get("tool_name"):
+        out["name"] = m["tool_name"]
+    return out
+
+
+def _tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """OpenAI tool calls (arguments as a JSON string) → Ollama's (arguments as an object)."""
+    if not calls:
+        return None
+    out = []
+    for c in calls:
+        fn = c.get("function") or {}
+        try:
+            args = loads(fn.get("arguments") or "{}")
+        except ValueError:
+            args = {}
+        out.append({"function": {"name": fn.get("name"), "arguments": args}})
+    return out
+
+
+# -- the chat and generate endpoints ----------------------------------------------------------
+
+async def _load_or_unload(request: web.Request, body: dict[str, Any], kind: str) -> web.Response:
+    """Ollama's convention: a request with nothing to answer loads the model (or, with
+    ``keep_alive: 0``, unloads it)."""
+    daemon = request.app[DAEMON]
+    model = body.get("model") or ""
+    targets = daemon.router.resolve(model)  # 404 for an unknown name
+    ka = body.get("keep_alive")
+    try:
+        unload = ka is not None and parse_keep_alive(ka) == 0
+    except ValueError as exc:
+        raise errors.InvalidRequest(str(exc), param="keep_alive") from None
+    for t in targets:
+        if t.name in daemon.local:
+            if unload:
+                await daemon.scheduler.unload(t.name)
+            else:
+                await daemon.scheduler.load(t.name)
+            break
+    done = {"model": model, "created_at": _now(), "done": True, "done_reason": "unload" if unload else "load"}
+    done["message" if kind == "chat" else "response"] = {"role": "assistant", "content": ""} if kind == "chat" else ""
+    return web.json_response(done, dumps=lambda o: dumpb(o).decode())
+
+
+async def _answer(request: web.Request, body: dict[str, Any], messages: list[dict[str, Any]],
+                  kind: str) -> web.StreamResponse:
+    chat = parse_chat_request(_openai_body(body, messages))
+    flow = ChatFlow(request.app[DAEMON], request, chat)
+    opened = await flow.open()
+    model = body.get("model")
+    t0 = flow.t0
+
+    def piece(text: str, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        obj: dict[str, Any] = {"model": model, "created_at": _now()}
+        if kind == "chat":
+            msg: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_calls:
+                msg["tool_calls"] = tool_calls
+            obj["message"] = msg
+        else:
+            obj["response"] = text
+        obj["done"] = False
+        return obj
+
+    def final(text: str, usage: Usage | None, reason: str | None) -> dict[str, Any]:
+        obj = piece(text, _tool_calls(flow.reply.message().get("tool_calls")) if kind == "chat" else None)
+        total = time.monotonic() - t0
+        ttft = (flow.ttft_ms or 0) / 1000
+        obj.update(done=True, done_reason=reason or "stop", total_duration=int(total * 1e9), load_duration=0,
+                   prompt_eval_count=usage.prompt_tokens if usage else 0, prompt_eval_duration=int(ttft * 1e9),
+                   eval_count=usage.completion_tokens if usage else 0,
+                   eval_duration=int(max(0.0, total - ttft) * 1e9))
+        return obj
+
+    outcome = "cancelled"
+    try:
+        async with aclosing(opened.rest) as rest:
+            if not chat.stream:
+                flow.take(opened.first)
+                try:
+                    async for chunk in rest:
+                        flow.take(chunk)
+                    flow.check_finished()
+                except errors.AnyadError as exc:
+                    outcome = "error"
+                    flow.failed(exc)
+                    raise
+                outcome = flow.reply.finish_reason or "stop"
+                return web.Response(body=dumpb(final(flow.reply.text, flow.reply.usage, outcome)),
+                                    headers=flow.headers, content_type="application/json")
+            resp = web.StreamResponse(headers={**flow.headers, "Content-Type": NDJSON})
+            await resp.prepare(request)
+            try:
+                chunk = opened.first
+                while chunk is not None:
+                    chunk = flow.take(chunk)
+                    if chunk.text:
+                        await resp.write(dumpb(piece(chunk.text)) + b"\n")
+                    chunk = await anext(rest, None)
+                flow.check_finished()
+                outcome = flow.reply.finish_reason or "stop"
+                await resp.write(dumpb(final("", flow.reply.usage, outcome)) + b"\n")
+            except errors.AnyadError as exc:
+                outcome = "error"
+                flow.failed(exc)
+                try:  # Ollama reports a failure mid-stream as a line of its own
+                    await resp.write(dumpb({"error": exc.message}) + b"\n")
+                except ConnectionError:
+                    pass
+            except ConnectionError:
+                log.info("request %s: client disconnected mid-stream", request[REQUEST_ID])
+            return resp
+    finally:
+        flow.finish(outcome)
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    body = await _body(request)
+    messages = body.get("messages") or []
+    if not isinstance(messages, list):
+        raise errors.InvalidRequest("messages must be a list", param="messages")
+    if not messages:
+        return await _load_or_unload(request, body, "chat")
+    return await _answer(request, body, [_message(m) for m in messages], "chat")
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    body = await _body(request)
+    prompt = body.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise errors.InvalidRequest("prompt must be a string", param="prompt")
+    if not prompt and not body.get("images"):
+        return await _load_or_unload(request, body, "generate")
+    messages: list[dict[str, Any]] = []
+    if body.get("system"):
+        messages.append({"role": "system", "content": str(body["system"])})
+    messages.append(_message({"role": "user", "content": prompt, "images": body.get("images")}))
+    return await _answer(request, body, messages, "generate")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise errors.InvalidRequest("the request body must be a JSON object")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise errors.InvalidRequest("model is required", param="model")
+    return body
+
+
+# -- models: tags, ps, show -------------------------------------------------------------------
+
+def _details(backend: Any) -> dict[str, Any]:
+    info = getattr(backend, "info", None)
+    if info is None:
+        return {"format": "", "family": "", "families": None, "parameter_size": "", "quantization_level": ""}
+    return {"parent_model": "", "format": "gguf", "family": info.architecture, "families": [info.architecture],
+            "parameter_size": info.size_label or "", "quantization_level": info.quantization or ""}
+
+
+def _digest(name: str, backend: Any) -> str:
+    info = getattr(backend, "info", None)
+    sha = getattr(getattr(backend, "settings", None), "sha256", None)
+    if sha:
+        return sha.lower()
+    stamp = f"{name}:{info.path}:{info.size_bytes}" if info is not None else name
+    return hashlib.sha256(stamp.encode()).hexdigest()
+
+
+def _entries(daemon: Any) -> list[tuple[str, Any]]:
+    """(name, backend or None) for every model the router knows."""
+    out: list[tuple[str, Any]] = []
+    for m in daemon.router.models():
+        backend = daemon.local.get(m.id)
+        out.append((m.id, backend))
+    return out
+
+
+async def tags(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    models = []
+    for name, backend in _entries(daemon):
+        info = getattr(backend, "info", None)
+        modified = info.path.stat().st_mtime if info is not None else daemon.started_at
+        models.append({"name": name, "model": name, "modified_at": _iso(modified),
+                       "size": info.size_bytes if info is not None else 0, "digest": _digest(name, backend),
+                       "details": _details(backend)})
+    return web.json_response({"models": models})
+
+
+async def ps(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    models = []
+    for name, e in daemon.scheduler.models.items():
+        if e.state != "loaded" or e.placement is None:
+            continue
+        backend = daemon.local.get(name)
+        p = e.placement
+        expires = _iso(e.expires_at) if e.expires_at else \
+            ("2318-01-01T00:00:00Z" if e.keep_alive == float("inf") else _now())
+        models.append({"name": name, "model": name, "size": p.ram_bytes + p.vram_bytes, "size_vram": p.vram_bytes,
+                       "digest": _digest(name, backend), "details": _details(backend), "expires_at": expires,
+                       "context_length": getattr(backend, "n_ctx", None)})
+    return web.json_response({"models": models})
+
+
+async def show(request: web.Request) -> web.Response:
+    body = await _body(request)
+    daemon = request.app[DAEMON]
+    name = body["model"]
+    known = {n: b for n, b in _entries(daemon)}
+    if name not in known:
+        daemon.router.resolve(name)  # a provider/model name is known without being listed
+        known[name] = None
+    backend = known[name]
+    info = getattr(backend, "info", None)
+    model_info: dict[str, Any] = {}
+    if info is not None:
+        arch = info.architecture
+        model_info = {"general.architecture": arch, "general.name": info.name,
+                      f"{arch}.context_length": info.context_length, f"{arch}.block_count": info.block_count,
+                      f"{arch}.embedding_length": info.embedding_length}
+    n_ctx = getattr(backend, "n_ctx", None)
+    return web.json_response({
+        "modelfile": f"# served by anyad {anyad.__version__}\nFROM {info.path if info else name}\n",
+        "parameters": f"num_ctx {n_ctx}" if n_ctx else "",
+        "template": (info.chat_template or "") if info else "",
+        "details": _details(backend), "model_info": model_info,
+        "capabilities": ["completion", "embedding"] if info is not None else ["completion"],
+        "modified_at": _iso(info.path.stat().st_mtime if info else daemon.started_at),
+    })
+
+
+# -- embeddings, version, root ----------------------------------------------------------------
+
+async def embed(request: web.Request) -> web.Response:
+    body = await _body(request)
+    inputs = body.get("input", "")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs) or not inputs:
+        raise errors.InvalidRequest("input must be a string or a list of strings", param="input")
+    t0 = time.monotonic()
+    options = {"dimensions": body["dimensions"]} if body.get("dimensions") else None
+    target, result, _ = await request.app[DAEMON].router.embed(body["model"], inputs, options)
+    return web.json_response({"model": body["model"], "embeddings": result.vectors,
+                              "total_duration": int((time.monotonic() - t0) * 1e9), "load_duration": 0,
+                              "prompt_eval_count": result.prompt_tokens},
+                             headers={"X-Anyad-Backend": target.name})
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """The older single-prompt endpoint."""
+    body = await _body(request)
+    target, result, _ = await request.app[DAEMON].router.embed(body["model"], [str(body.get("prompt", ""))])
+    return web.json_response({"embedding": result.vectors[0]}, headers={"X-Anyad-Backend": target.name})
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": OLLAMA_VERSION}, headers={"X-Anyad-Version": anyad.__version__})
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Ollama is running")
+
+
+# -- the listener -----------------------------------------------------------------------------
+
+@web.middleware
+async def ollama_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Errors in Ollama's shape: ``{"error": "..."}`` with the status anyad gives them."""
+    rid = request.headers.get("X-Request-Id") or os.urandom(12).hex()
+    request[REQUEST_ID] = rid
+    try:
+        return await handler(request)
+    except errors.AnyadError as exc:
+        if exc.status >= 500:
+            log.warning("request %s: %s", rid, exc.message)
+        return web.json_response({"error": exc.message}, status=exc.status,
+                                 headers={**exc.headers, "X-Request-Id": rid})
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response({"error": f"{exc.reason}: {request.method} {request.path}"}, status=exc.status,
+                                 headers={"X-Request-Id": rid})
+    except ValidationError as exc:
+        return web.json_response({"error": str(exc)}, status=400, headers={"X-Request-Id": rid})
+    except Exception:
+        log.exception("request %s: unhandled error", rid)
+        return web.json_response({"error": f"internal error; see the daemon's log for request {rid}"}, status=500,
+                                 headers={"X-Request-Id": rid})
+
+
+def build_app(daemon: Any) -> web.Application:
+    app = web.Application(middlewares=[ollama_errors, accounting_middleware(daemon),
+                                       auth_middleware(lambda: daemon.keys)],
+                          client_max_size=daemon.settings.server.max_body_bytes)
+    app[DAEMON] = daemon
+    r = app.router
+    r.add_get("/", root)
+    r.add_get("/api/version", version)
+    r.add_get("/api/tags", tags)
+    r.add_get("/api/ps", ps)
+    r.add_post("/api/show", show)
+    r.add_post("/api/chat", chat)
+    r.add_post("/api/generate", generate)
+    r.add_post("/api/embed", embed)
+    r.add_post("/api/embeddings", embeddings)
+    return app
+
+
+# Each daemon's listener (tests run several daemons in one process).
+LISTENERS: "weakref.WeakKeyDictionary[Any, tuple[web.AppRunner, tuple[str, int]]]" = weakref.WeakKeyDictionary()
+
+
+def address(daemon: Any) -> tuple[str, int] | None:
+    """Where this daemon's Ollama API listens, once started."""
+    entry = LISTENERS.get(daemon)
+    return entry[1] if entry else None
+
+
+@anyad.hookimpl
+async def anyad_startup(daemon: Any, config: dict[str, Any]) -> None:
+    try:
+        settings = OllamaSettings.model_validate(config)
+    except ValidationError as exc:
+        raise errors.ConfigError(f"plugins.ollama: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") \
+            from None
+    check_bind(daemon.settings.server.model_copy(update={"host": settings.host}))
+    runner = web.AppRunner(build_app(daemon), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise errors.ConfigError(f"plugins.ollama: cannot listen on {settings.host}:{settings.port}: "
+                                 f"{exc.strerror or exc}") from None
+    socks = site._server.sockets if site._server is not None else []  # aiohttp keeps the bound sockets here
+    bound = socks[0].getsockname()[:2] if socks else (settings.host, settings.port)
+    LISTENERS[daemon] = (runner, bound)
+    log.info("Ollama API listening on http://%s:%s", *bound)
+
+
+@anyad.hookimpl
+async def anyad_shutdown(daemon: Any) -> None:
+    entry = LISTENERS.pop(daemon, None)
+    if entry is not None:
+        await entry[0].cleanup()
