@@ -87,7 +87,7 @@ class ChatFlow:
         check_caps(self.chat, daemon.settings.server)
         if daemon.plugins.before_request:
             self.chat = await daemon.plugins.guard("anyad_before_request", self.chat, "request",
-                                                   endpoint=request.path)
+                                                   endpoint=request.path, daemon=daemon)
             request[MODEL] = self.chat.model
         if daemon.history is not None:
             self.conversation_id = conversation_id(request)

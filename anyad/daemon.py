@@ -98,7 +98,7 @@ class Daemon:
         return router
 
     async def _outbound(self, request: ChatRequest, target: Any) -> ChatRequest:
-        return await self.plugins.guard("anyad_remote_request", request, "request", target=target)
+        return await self.plugins.guard("anyad_remote_request", request, "request", target=target, daemon=self)
 
     async def start(self) -> None:
         # NVML and the engine's GPU support are read once, off the event loop.

@@ -54,16 +54,18 @@ def anyad_register_backends(register: Callable[[str, type], None]) -> None:
 
 
 @hookspec
-def anyad_before_request(request: "ChatRequest", endpoint: str) -> "ChatRequest | None":
+def anyad_before_request(request: "ChatRequest", endpoint: str, daemon: "Daemon") -> "ChatRequest | None":
     """Before a chat request is routed. Return a changed request (or None to keep it);
     raise an ``AnyadError`` to refuse it. ``endpoint``: the path it came in on."""
 
 
 @hookspec
-def anyad_remote_request(request: "ChatRequest", target: "Target") -> "ChatRequest | None":
+def anyad_remote_request(request: "ChatRequest", target: "Target", daemon: "Daemon") -> "ChatRequest | None":
     """Just before a request leaves the machine for a remote provider (each remote target
     of a route, fallbacks included); local models never pass here. Return a changed
-    request (or None to keep it); raise an ``AnyadError`` to refuse sending it."""
+    request (or None to keep it: never change the one given, a later local target must
+    still see it as it was); raise ``anyad.errors.Unavailable`` to skip this target (the
+    route goes on), another ``AnyadError`` to refuse the request."""
 
 
 @hookspec
