@@ -23,6 +23,8 @@ from anyad.secrets import resolve
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/health", "/ready"})
+# The dashboard's page and files: no data in them, and a browser cannot send a key for them.
+DASHBOARD_PATHS = frozenset({"/", "/ui/app.js", "/ui/style.css"})
 WHO = web.RequestKey("who", str) if hasattr(web, "RequestKey") else "who"
 EXPOSED = "X-Request-Id, X-Anyad-Backend, X-Anyad-Cache, X-Anyad-Conversation-Id, X-Anyad-Fallback, Retry-After"
 
@@ -76,7 +78,8 @@ def auth_middleware(current: Callable[[], KeyCheck | None]) -> Callable[[web.Req
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         check = current()
-        if check is not None and request.method != "OPTIONS" and request.path not in OPEN_PATHS:
+        if check is not None and request.method != "OPTIONS" and request.path not in OPEN_PATHS \
+                and request.path not in DASHBOARD_PATHS:
             who = check.who(request)
             if who is None:
                 missing = "Authorization" not in request.headers

@@ -220,7 +220,8 @@ class AuditSettings(_Strict):
     # Record admin actions (secrets changed, models loaded and unloaded, config reloaded)
     # in anyad.db's audit table.
     enabled: bool = True
-    # Also one row per API request: who, when, which model, the status.
+    # Also one row per API request that uses a model or changes something: who, when,
+    # which model, the status.
     requests: bool = True
     # Also the request's messages and the reply, in the request's row.
     include_content: bool = False

@@ -115,8 +115,10 @@ def accounting_middleware(daemon: Daemon) -> Callable[[web.Request, Handler], Aw
                 log.debug("request %s: %s %s model=%s backend=%s -> %d in %.1f ms", request[REQUEST_ID],
                           request.method, request.path, model, backend, status, seconds * 1000)
             audit = daemon.audit
+            # Audited: what uses a model, and what changes something; not the reads a
+            # dashboard or a scraper repeats every few seconds.
             if audit is not None and audit.settings.requests and request.path not in UNACCOUNTED \
-                    and request.method != "OPTIONS":
+                    and (model is not None or request.method not in ("GET", "HEAD", "OPTIONS")):
                 audit.request(actor(request), endpoint, model, backend, status, request[REQUEST_ID], seconds,
                               request.get(CONTENT))
 

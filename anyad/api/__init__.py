@@ -4,7 +4,7 @@ from aiohttp import web
 
 
 def register_routes(app: web.Application) -> None:
-    from anyad.api import chat, embeddings, history, system
+    from anyad.api import chat, dashboard, embeddings, history, system
 
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
     app.router.add_post("/api/chat", chat.chat_completions)
@@ -14,6 +14,8 @@ def register_routes(app: web.Application) -> None:
     app.router.add_get("/ready", system.ready)
     app.router.add_get("/api/status", system.status)
     app.router.add_get("/metrics", system.metrics)
+    app.router.add_get("/", dashboard.index)
+    app.router.add_get("/ui/{name}", dashboard.asset)
     app.router.add_get("/api/conversations", history.list_conversations)
     app.router.add_get("/api/conversations/{id}", history.get_conversation)
     app.router.add_delete("/api/conversations/{id}", history.delete_conversation)

@@ -1,0 +1,190 @@
+// anyad's dashboard: reads /api/status, /v1/models and /api/conversations, and chats
+// through /v1/chat/completions (streamed). No framework, no build step.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const STATUS_EVERY_MS = 2000;
+const HISTORY_EVERY_MS = 5000;
+let needsKey = false;
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v; else if (k === "style") node.style.cssText = v; else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c ?? "")));
+  return node;
+}
+
+function headers(extra = {}) {
+  const key = localStorage.getItem("anyad-key");
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+// Every API call: a 401 shows the key box instead of failing quietly.
+async function api(path, options = {}) {
+  const resp = await fetch(path, { ...options, headers: headers(options.headers || {}) });
+  if (resp.status === 401) {
+    needsKey = true;
+    $("#key-box").hidden = false;
+    throw new Error("this anyad needs an API key");
+  }
+  return resp;
+}
+
+function mib(bytes) {
+  if (bytes == null) return "–";
+  return bytes >= 1024 ** 3 ? `${(bytes / 1024 ** 3).toFixed(1)} GiB` : `${Math.round(bytes / 1024 ** 2)} MiB`;
+}
+
+function bar(used, total) {
+  const pct = total ? Math.min(100, Math.round((100 * used) / total)) : 0;
+  return el("div", { class: "bar", role: "meter", "aria-valuenow": pct, "aria-valuemin": 0, "aria-valuemax": 100 },
+            el("span", { style: `width:${pct}%` }));
+}
+
+function renderDevices(devices) {
+  const box = $("#devices");
+  box.replaceChildren();
+  if (!devices) { box.append(el("p", { class: "muted" }, "not read yet")); return; }
+  for (const g of devices.gpus || []) {
+    box.append(el("div", {}, `GPU ${g.index} ${g.name}: ${mib(g.used_bytes)} of ${mib(g.total_bytes)} used`
+      + (g.utilization_pct != null ? `, ${g.utilization_pct} % busy` : "")), bar(g.used_bytes, g.total_bytes));
+  }
+  if (!(devices.gpus || []).length) box.append(el("div", { class: "muted" }, "no GPU: models run on the CPU"));
+  const used = devices.ram_total_bytes - devices.ram_available_bytes;
+  box.append(el("div", {}, `RAM: ${mib(used)} of ${mib(devices.ram_total_bytes)} used; `
+    + `${devices.cpu_logical} CPU threads, load ${Number(devices.load_1m).toFixed(2)}`), bar(used, devices.ram_total_bytes));
+}
+
+function renderModels(status) {
+  const body = $("#models tbody");
+  body.replaceChildren();
+  for (const [name, m] of Object.entries(status.models || {})) {
+    const p = m.placement;
+    const placement = p ? `${p.kind}${p.gpu_layers ? ` (${p.gpu_layers}/${p.n_layers} layers on GPU ${p.gpu})` : ""}` : "–";
+    const mem = m.memory || {};
+    const memory = `${mib(mem.rss_bytes ?? mem.estimated_ram_bytes)} RAM`
+      + (mem.estimated_vram_bytes ? `, ${mib(mem.vram_bytes ?? mem.estimated_vram_bytes)} VRAM` : "");
+    const expires = m.state !== "loaded" ? "–" : m.expires_in_s == null ? (m.keep_alive_s == null ? "never" : "in use")
+      : `in ${Math.round(m.expires_in_s)} s`;
+    const q = m.queue || {};
+    body.append(el("tr", { "data-model": name },
+      el("td", {}, name), el("td", {}, m.state), el("td", { title: p ? p.reason : "" }, placement),
+      el("td", {}, memory), el("td", {}, expires),
+      el("td", {}, `${q.active ?? 0} running, ${q.waiting ?? 0} waiting (of ${q.parallel ?? 1})`)));
+  }
+  const breakers = Object.entries(status.breakers || {});
+  $("#breakers").replaceChildren(...breakers.map(([name, b]) =>
+    el("div", { class: b.state === "closed" ? "muted" : "pill warn" }, `${name}: circuit ${b.state}`)));
+  const offline = status.offline || {};
+  $("#offline").hidden = !offline.offline;
+}
+
+async function refreshStatus() {
+  try {
+    const [health, status] = await Promise.all([api("/health").then((r) => r.json()), api("/api/status").then((r) => r.json())]);
+    $("#version").textContent = `v${health.version}`;
+    $("#health").textContent = health.status;
+    $("#health").className = `pill ${health.status === "ok" ? "ok" : "warn"}`;
+    renderDevices(status.devices);
+    renderModels(status);
+  } catch (err) {
+    $("#health").textContent = needsKey ? "API key needed" : "unreachable";
+    $("#health").className = "pill warn";
+  }
+}
+
+async function refreshModels() {
+  try {
+    const data = await (await api("/v1/models")).json();
+    const picker = $("#model-picker");
+    const current = picker.value;
+    picker.replaceChildren(...data.data.map((m) => el("option", { value: m.id }, m.id)));
+    if (current) picker.value = current;
+  } catch (err) { /* the status line says why */ }
+}
+
+async function refreshHistory() {
+  const q = $("#search").value.trim();
+  const list = $("#conversations");
+  try {
+    const resp = await api(`/api/conversations?limit=20${q ? `&q=${encodeURIComponent(q)}` : ""}`);
+    if (resp.status === 404) { list.replaceChildren(el("li", { class: "muted" }, "the history is off")); return; }
+    const page = await resp.json();
+    list.replaceChildren(...page.data.map((c) => el("li", { "data-id": c.id },
+      el("span", { class: "when" }, new Date(c.updated * 1000).toLocaleString()),
+      el("span", { class: "title" }, c.title || "(no text)"), el("span", { class: "muted" }, ` · ${c.model}`))));
+    if (!page.data.length) list.append(el("li", { class: "muted" }, q ? "nothing matches" : "no conversations yet"));
+  } catch (err) { /* the status line says why */ }
+}
+
+async function sendChat(event) {
+  event.preventDefault();
+  const prompt = $("#prompt").value.trim();
+  const model = $("#model-picker").value;
+  if (!prompt || !model) return;
+  const reply = $("#reply");
+  const meta = $("#reply-meta");
+  reply.textContent = "";
+  delete reply.dataset.done;
+  meta.textContent = "…";
+  $("#send").disabled = true;
+  try {
+    const resp = await api("/v1/chat/completions", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model, stream: true, stream_options: { include_usage: true },
+                             messages: [{ role: "user", content: prompt }] }),
+    });
+    if (!resp.ok) {
+      const err = await resp.json().catch(() => ({}));
+      meta.textContent = `error ${resp.status}: ${err.error ? err.error.message : resp.statusText}`;
+      return;
+    }
+    const backend = resp.headers.get("X-Anyad-Backend");
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    let usage = null;
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
+        const data = JSON.parse(event.slice(6));
+        if (data.error) { meta.textContent = `error: ${data.error.message}`; return; }
+        if (data.usage) usage = data.usage;
+        const delta = data.choices && data.choices[0] && data.choices[0].delta;
+        if (delta && delta.content) reply.textContent += delta.content;
+      }
+    }
+    meta.textContent = `done · ${backend}` + (usage ? ` · ${usage.completion_tokens} tokens` : "");
+    reply.dataset.done = "true";
+    refreshHistory();
+  } catch (err) {
+    meta.textContent = `error: ${err.message}`;
+  } finally {
+    $("#send").disabled = false;
+  }
+}
+
+function start() {
+  $("#api-key").value = localStorage.getItem("anyad-key") || "";
+  $("#api-key").addEventListener("change", (e) => {
+    localStorage.setItem("anyad-key", e.target.value);
+    needsKey = false;
+    refreshStatus(); refreshModels(); refreshHistory();
+  });
+  $("#chat-form").addEventListener("submit", sendChat);
+  let searchTimer = null;
+  $("#search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(refreshHistory, 250); });
+  refreshStatus(); refreshModels(); refreshHistory();
+  setInterval(refreshStatus, STATUS_EVERY_MS);
+  setInterval(refreshHistory, HISTORY_EVERY_MS);
+}
+
+start();

@@ -1,0 +1,88 @@
+"""The dashboard at GET /, in a real headless Chromium (Debian's) driven by Playwright."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+
+import pytest
+
+from anyad.config import parse_settings
+from conftest import MODEL_ID
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+# As on this machine's closed network: no background traffic, no first-run, no sandbox as root.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+
+@pytest.fixture
+async def browser():
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        await b.close()
+
+
+async def test_the_dashboard_shows_the_model_and_chats(make_client, tiny_model, tmp_path, browser):
+    c = await make_client(parse_settings({"data_dir": str(tmp_path / "data"),
+                                          "models": {MODEL_ID: {"path": str(tiny_model), "preload": True}}}))
+    base = str(c.make_url("/"))
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+    await page.goto(base)
+    # The model table shows the tiny model, loaded (it preloads), with its placement.
+    row = page.locator(f'#models tr[data-model="{MODEL_ID}"]')
+    await row.wait_for(timeout=20000)
+    await page.wait_for_function(
+        f"document.querySelector('#models tr[data-model=\"{MODEL_ID}\"] td:nth-child(2)').textContent === 'loaded'",
+        timeout=20000)
+    assert "cpu" in (await row.locator("td").nth(2).text_content()).lower()
+    assert "RAM" in await page.locator("#devices").text_content()
+    assert (await page.locator("#health").text_content()) == "ok"
+    # A chat typed into the page streams a reply…
+    await page.wait_for_function(f"[...document.querySelectorAll('#model-picker option')].some(o => o.value === '{MODEL_ID}')")
+    await page.select_option("#model-picker", MODEL_ID)
+    await page.fill("#prompt", "hello from the browser")
+    await page.click("#send")
+    await page.wait_for_selector("#reply[data-done=true]", timeout=60000)
+    reply = await page.locator("#reply").text_content()
+    meta = await page.locator("#reply-meta").text_content()
+    assert reply and f"done · {MODEL_ID}" in meta and "tokens" in meta
+    # …that then appears in the history list, and the search finds it.
+    item = page.locator("#conversations li", has_text="hello from the browser")
+    await item.wait_for(timeout=20000)
+    await page.fill("#search", "browser")
+    await page.wait_for_timeout(600)
+    assert await page.locator("#conversations li[data-id]").count() == 1
+    await page.fill("#search", "nothing-like-this")
+    await page.locator("#conversations li", has_text="nothing matches").wait_for(timeout=5000)
+    shot = tmp_path / "dashboard.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10000
+    assert not problems, problems
+
+
+async def test_the_dashboard_asks_for_the_key_when_one_is_needed(make_client, tiny_model, tmp_path, browser,
+                                                                monkeypatch):
+    monkeypatch.setenv("DASH_KEY", "dash-key-81")
+    c = await make_client(parse_settings({"data_dir": str(tmp_path / "data"), "server": {"api_keys": ["env:DASH_KEY"]},
+                                          "models": {MODEL_ID: {"path": str(tiny_model)}}}))
+    page = await browser.new_page()
+    await page.goto(str(c.make_url("/")))  # the page itself needs no key
+    await page.locator("#key-box").wait_for(state="visible", timeout=10000)
+    assert (await page.locator("#health").text_content()) == "API key needed"
+    await page.fill("#api-key", "dash-key-81")
+    await page.dispatch_event("#api-key", "change")
+    await page.locator(f'#models tr[data-model="{MODEL_ID}"]').wait_for(timeout=10000)
+    assert (await page.locator("#health").text_content()) == "ok"
+    # The data behind it still needs the key.
+    assert (await c.get("/api/status")).status == 401 and (await c.get("/")).status == 200
