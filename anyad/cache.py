@@ -102,7 +102,7 @@ class ResponseCache:
         self.router = router
 
     def key(self, chat: ChatRequest) -> str:
-        identity = [t.backend.identity(t.model) for t in self.router.resolve(chat.model)]
+        identity = [t.backend.identity(t.model) for t in self.router.resolve(chat.model, chat.route_key)]
         body = {k: v for k, v in chat.body.items() if k not in DELIVERY_FIELDS}
         return hashlib.sha256(dumpb({"targets": identity, "body": body})).hexdigest()
 

@@ -10,6 +10,7 @@ turn a wire request into a ``ChatRequest`` and the chunks into their own bytes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -47,6 +48,18 @@ def conversation_id(request: web.Request) -> str:
         raise InvalidRequest(f"{CONVERSATION_HEADER} must be 1-128 letters, digits, '_', '-', '.' or ':'",
                              param=CONVERSATION_HEADER)
     return cid
+
+
+def route_key(request: web.Request) -> str:
+    """Who a request is from, for a weighted route's sticky assignment: the conversation it
+    continues, else its API key (as a digest), else the client's address."""
+    cid = request.headers.get(CONVERSATION_HEADER)
+    if cid:
+        return "conversation:" + cid
+    auth = request.headers.get("Authorization")
+    if auth:
+        return "key:" + hashlib.sha256(auth.encode()).hexdigest()[:32]
+    return "addr:" + (request.remote or "")
 
 
 def check_caps(chat: ChatRequest, server: ServerSettings) -> None:
@@ -91,6 +104,7 @@ class ChatFlow:
             request[MODEL] = self.chat.model
         if daemon.history is not None:
             self.conversation_id = conversation_id(request)
+        self.chat.route_key = route_key(request)
         if daemon.cache is not None:
             self.decision = daemon.cache.decide(self.chat, request)
         # The router waits for a target's first chunk before we answer: until then a

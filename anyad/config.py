@@ -192,9 +192,22 @@ class RouterSettings(_Strict):
     offline_probe_interval_s: float = Field(10.0, gt=0)
 
 
+class RouteTarget(_Strict):
+    model: str = Field(min_length=1)
+    # Share of new assignments this target gets first (canary, A/B); 0: only a fallback.
+    weight: float = Field(0.0, ge=0)
+
+
 class RouteSettings(_Strict):
     name: str = Field(min_length=1)
-    targets: list[str] = Field(min_length=1)
+    # In order: a fallback chain. With weights ({ model = "qwen-v2", weight = 10 }), each
+    # client or conversation is assigned one target by weight, which it keeps (sticky);
+    # the others stay its fallbacks, in order.
+    targets: list[str | RouteTarget] = Field(min_length=1)
+
+    @property
+    def target_list(self) -> list[RouteTarget]:
+        return [RouteTarget(model=t) if isinstance(t, str) else t for t in self.targets]
 
 
 class HistorySettings(_Strict):

@@ -13,6 +13,7 @@ see, never a silent switch.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import re
@@ -21,7 +22,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.breaker import Breaker
-from anyad.config import RouterSettings, RouteSettings
+from anyad.config import RouterSettings, RouteSettings, RouteTarget
 from anyad.errors import (AnyadError, BackendError, ConfigError, ModelNotFound, NetworkError, QueueFull, Timeout,
                           Unavailable)
 from anyad.offline import Connectivity
@@ -58,6 +59,21 @@ class Opened:
 
 
 
+def assign(route: str, key: str | None, targets: list[RouteTarget], total: float) -> str:
+    """A weighted route's target for ``key``: the key's hash picks a point in [0, total),
+    the targets' weights cover that range in config order. Without a key, a random point."""
+    if key is None:
+        point = random.random() * total
+    else:
+        digest = hashlib.sha256(f"{route}\0{key}".encode()).digest()
+        point = int.from_bytes(digest[:8], "big") / 2 ** 64 * total
+    for t in targets:
+        if point < t.weight:
+            return t.model
+        point -= t.weight
+    return next(t.model for t in reversed(targets) if t.weight > 0)  # rounding at the very top
+
+
 def _reason(exc: AnyadError) -> str:
     """One word for why a target failed, for the metrics' labels."""
     if isinstance(exc, Timeout):
@@ -82,17 +98,18 @@ class Router:
         self.local = local
         self.providers = providers
         self.settings = settings or RouterSettings()
-        self.routes: dict[str, list[str]] = {}
+        self.routes: dict[str, list[RouteTarget]] = {}
         for i, r in enumerate(routes or []):
             if r.name in local or r.name in self.routes:
                 raise ConfigError(f"routes[{i}].name: {r.name!r} is already a model or route name")
-            for j, t in enumerate(r.targets):
+            targets = r.target_list
+            for j, t in enumerate(targets):
                 try:
-                    self._direct(t)
+                    self._direct(t.model)
                 except ModelNotFound:
-                    raise ConfigError(f"routes[{i}].targets[{j}]: {t!r} is neither a configured model nor "
+                    raise ConfigError(f"routes[{i}].targets[{j}]: {t.model!r} is neither a configured model nor "
                                       "<provider>/<model> of a configured provider") from None
-            self.routes[r.name] = list(r.targets)
+            self.routes[r.name] = targets
         self.connectivity = Connectivity(self.settings.offline_probe_interval_s)
         self.connectivity.addresses = [a for b in providers.values() if (a := b.probe_address())]
         self.breakers: dict[str, Breaker] = {}
@@ -118,15 +135,26 @@ class Router:
                             f"remote providers take <provider>/<model>: {', '.join(self.providers) or 'none'})",
                             param="model")
 
-    def resolve(self, name: str) -> list[Target]:
-        if name in self.routes:
-            return [self._direct(t) for t in self.routes[name]]
-        return [self._direct(name)]
+    def resolve(self, name: str, route_key: str | None = None) -> list[Target]:
+        """The targets to try, in order. On a weighted route the first is the one assigned
+        to ``route_key`` (the same key, the same target, while the weights stay)."""
+        targets = self.routes.get(name)
+        if targets is None:
+            return [self._direct(name)]
+        order = [t.model for t in targets]
+        total = sum(t.weight for t in targets)
+        if total > 0:
+            chosen = assign(name, route_key, targets, total)
+            order.remove(chosen)
+            order.insert(0, chosen)
+        return [self._direct(m) for m in order]
 
     def models(self) -> list[ModelInfo]:
         infos = [m for b in self.local.values() for m in b.models()]
         infos += [m for b in self.providers.values() for m in b.models()]
-        infos += [ModelInfo(id=name, owned_by="anyad-route", created=0, meta={"targets": targets})
+        infos += [ModelInfo(id=name, owned_by="anyad-route", created=0,
+                            meta={"targets": [t.model if not t.weight else {"model": t.model, "weight": t.weight}
+                                              for t in targets]})
                   for name, targets in self.routes.items()]
         return infos
 
@@ -156,10 +184,10 @@ class Router:
         except asyncio.TimeoutError:
             raise Timeout(f"{target.name} sent nothing within {timeout:g} s") from None
 
-    async def _walk(self, name: str, call: Callable[[Target], Awaitable[T]]) -> tuple[Target, T, list[str],
-                                                                                     Breaker | None]:
+    async def _walk(self, name: str, call: Callable[[Target], Awaitable[T]],
+                    route_key: str | None = None) -> tuple[Target, T, list[str], Breaker | None]:
         """Try the targets of ``name`` in order; the first success wins, client errors end the walk."""
-        targets = self.resolve(name)
+        targets = self.resolve(name, route_key)
         skipped: list[str] = []
         last: AnyadError | None = None
         remote_outcomes: list[bool] = []  # per remote target tried: did it fail at the network level?
@@ -231,7 +259,7 @@ class Router:
                 raise
             return first, stream
 
-        target, (first, stream), skipped, breaker = await self._walk(request.model, start)
+        target, (first, stream), skipped, breaker = await self._walk(request.model, start, request.route_key)
         return Opened(target, first, stream, skipped, breaker)
 
     async def embed(self, model: str, inputs: list[str] | list[list[int]],

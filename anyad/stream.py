@@ -64,6 +64,9 @@ class ChatRequest:
     include_usage: bool = False
     # Seconds the model stays loaded after this request (Ollama's keep_alive); None: its default.
     keep_alive: float | None = None
+    # Who the request is from, for a weighted route's sticky assignment (the conversation
+    # id, else the API key's digest, else the client's address); None: no stickiness.
+    route_key: str | None = None
     # The whole validated request body: relaying backends send it on with the fields
     # anyad does not interpret (tools, tool_choice, logprobs, user, …) unchanged.
     body: dict[str, Any] = field(default_factory=dict)
