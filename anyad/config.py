@@ -260,6 +260,20 @@ class PluginsSettings(BaseModel):
         return dict((self.model_extra or {}).get(name, {}))
 
 
+DISCOVERY_KEYS = ("discover", "directories", "sources")
+
+
+class DiscoverySettings(_Strict):
+    """``[models] discover = true``: serve the GGUF files found in these places too."""
+
+    discover: bool = False
+    # Folders searched (recursively) for *.gguf; the model id is the file's stem.
+    directories: list[Path] = []
+    # Where to look, in order (the first to claim an id keeps it; configured models come first).
+    sources: list[Literal["directories", "ollama", "lmstudio", "huggingface"]] = [
+        "directories", "ollama", "lmstudio", "huggingface"]
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     data_dir: Path | None = None
@@ -273,8 +287,20 @@ class Settings(_Strict):
     cache: CacheSettings = CacheSettings()
     audit: AuditSettings = AuditSettings()
     plugins: PluginsSettings = PluginsSettings()
+    # From the [models] table's own keys (discover, directories, sources), not a TOML table.
+    discovery: DiscoverySettings = DiscoverySettings()
     # Where the settings came from, for log lines and relative paths; not a TOML key.
     source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _discovery_keys(cls, data: Any) -> Any:
+        # [models] holds model tables, and also the discovery switches beside them.
+        models = data.get("models") if isinstance(data, dict) else None
+        if isinstance(models, dict) and any(k in models for k in DISCOVERY_KEYS):
+            data = {**data, "models": {k: v for k, v in models.items() if k not in DISCOVERY_KEYS},
+                    "discovery": {k: models[k] for k in DISCOVERY_KEYS if k in models}}
+        return data
 
     @property
     def resolved_data_dir(self) -> Path:
@@ -305,6 +331,8 @@ def find_config(explicit: str | os.PathLike[str] | None = None) -> Path | None:
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
+    if loc and loc[0] == "discovery":  # written in the [models] table
+        loc = ("models", *loc[1:])
     return ".".join(str(part) for part in loc)
 
 

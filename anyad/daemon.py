@@ -50,6 +50,10 @@ class Daemon:
         self.local: dict[str, Backend] = {
             model_id: self._backend_class(ms.backend).from_model(model_id, ms, settings.defaults, self.scheduler)
             for model_id, ms in settings.models.items()}
+        # Where each local model came from: the config, or a discovery source.
+        self.sources: dict[str, str] = {model_id: "config" for model_id in self.local}
+        if settings.discovery.discover:
+            self._add_discovered(settings)
         providers = self._providers(settings)
         self.backends: list[Backend] = [*self.local.values(), *providers.values()]
         self.metrics = Metrics()
@@ -73,6 +77,23 @@ class Daemon:
         self._settled = asyncio.Event()
         self.draining = False
         self.started_at = time.time()
+
+    def _add_discovered(self, settings: Settings) -> None:
+        from anyad.config import ModelSettings
+        from anyad.discovery import discover
+
+        found = discover(settings.discovery, taken=set(self.local))
+        for f in found:
+            try:
+                ms = ModelSettings(path=f.path)
+                self.local[f.id] = self._backend_class(ms.backend).from_model(f.id, ms, settings.defaults,
+                                                                              self.scheduler)
+            except ConfigError as exc:  # one odd file must not stop the daemon
+                log.warning("discovery: skipping %s (%s): %s", f.id, f.path, exc)
+                continue
+            self.sources[f.id] = f.source
+        if found:
+            log.info("discovered %d model(s): %s", len(found), ", ".join(f"{f.id} ({f.source})" for f in found))
 
     def _register_backend(self, kind: str, cls: type) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Backend)):

@@ -1,4 +1,5 @@
-"""``anyad models verify``: every configured model file against its ``sha256``."""
+"""``anyad models list`` (configured and discovered GGUF files) and ``anyad models verify``
+(every configured model file against its ``sha256``)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,58 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 1024 ** 3:.1f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.0f} MiB"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Configured models, then what discovery finds (whether or not ``models.discover`` serves them)."""
+    import json
+    import logging
+
+    from anyad.discovery import Found, discover
+    from anyad.errors import ConfigError
+    from anyad.gguf_meta import read_gguf_info
+
+    settings = settings_or_report(args.config)
+    if settings is None:
+        return 2
+    if args.verbose:
+        logging.basicConfig(level="INFO", format="%(message)s")
+    rows: list[Found] = []
+    for model_id, m in settings.models.items():
+        try:
+            rows.append(Found(model_id, m.path, "config", read_gguf_info(m.path)))
+        except ConfigError as exc:
+            print(f"anyad: {model_id}: {exc}")
+    rows += discover(settings.discovery, taken=set(settings.models))
+    if args.json:
+        print(json.dumps([{"id": f.id, "size_bytes": f.info.size_bytes, "quantization": f.info.quantization,
+                           "context_length": f.info.context_length, "architecture": f.info.architecture,
+                           "source": f.source, "path": str(f.path)} for f in rows], indent=2))
+        return 0
+    if not rows:
+        print("no models configured or found (sources: " + ", ".join(settings.discovery.sources) + ")")
+        return 0
+    table = [["ID", "SIZE", "QUANT", "CONTEXT", "ARCH", "SOURCE", "PATH"]]
+    table += [[f.id, _size(f.info.size_bytes), f.info.quantization or "?", str(f.info.context_length or "?"),
+               f.info.architecture, f.source, str(f.path)] for f in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    if not settings.discovery.discover and any(f.source != "config" for f in rows):
+        print("\nfound models are listed here only; [models] discover = true serves them too")
+    return 0
+
+
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("models", help="check the configured model files")
+    p = sub.add_parser("models", help="list the configured and discovered models, check model files")
     ps = p.add_subparsers(dest="action", required=True)
+    ls = ps.add_parser("list", help="configured models and GGUF files found in known places")
+    ls.add_argument("--config", help="config file")
+    ls.add_argument("--json", action="store_true", help="print the list as JSON")
+    ls.add_argument("-v", "--verbose", action="store_true", help="say which files were skipped and why")
+    ls.set_defaults(func=cmd_list)
     v = ps.add_parser("verify", help="check every model that has a sha256 against its file")
     v.add_argument("--config", help="config file")
     v.set_defaults(func=cmd_verify)

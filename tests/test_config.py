@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from anyad.config import (AuditSettings, ModelDefaults, ModelSettings, ProviderSettings, RouterSettings, RouteSettings,
+from anyad.config import (AuditSettings, DiscoverySettings, ModelDefaults, ModelSettings, ProviderSettings, RouterSettings, RouteSettings,
                           CacheSettings, HistorySettings, SchedulerSettings, ServerSettings, Settings, find_config,
                           load_settings)
 from anyad.errors import ConfigError
@@ -38,9 +38,9 @@ def test_example_loads_as_it_stands_and_documents_every_key(env):
     assert s.server.port == 2692 and s.server.host == "127.0.0.1"
     assert "qwen2.5-0.5b-instruct" in s.models
     text = EXAMPLE.read_text()
-    keys = set(Settings.model_fields) - {"source"}
+    keys = set(Settings.model_fields) - {"source", "discovery"}
     for model in (ServerSettings, ModelDefaults, ModelSettings, ProviderSettings, RouterSettings, RouteSettings,
-                  SchedulerSettings, HistorySettings, CacheSettings, AuditSettings):
+                  SchedulerSettings, HistorySettings, CacheSettings, AuditSettings, DiscoverySettings):
         keys |= set(model.model_fields)
     undocumented = [k for k in sorted(keys) if not re.search(rf"^#?\s*(\[+)?{k}\b", text, re.M)]
     assert not undocumented, f"config.example.toml does not document {undocumented}"

@@ -21,8 +21,10 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    data = [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by, **m.meta}
-            for m in request.app[DAEMON].router.models()]
+    daemon = request.app[DAEMON]
+    data = [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by, **m.meta,
+             **({"source": daemon.sources[m.id]} if m.id in daemon.sources else {})}
+            for m in daemon.router.models()]
     return web.json_response({"object": "list", "data": data})
 
 
