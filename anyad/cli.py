@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     from anyad.plugins_cli import add_parser as add_plugins
 
     add_plugins(sub)
+    from anyad.pull_cli import add_parser as add_pull
+
+    add_pull(sub)
     return p
 
 

@@ -1,0 +1,194 @@
+"""``anyad pull``: fetch a GGUF file safely.
+
+The bytes go to ``.<name>.part`` beside the destination, hashed as they arrive; an
+interrupted download resumes from there with an HTTP range request; the file is renamed
+into place only when it is complete and its SHA-256 matches (``--sha256``, else the hash
+the Hugging Face hub publishes for the file, when it does). ``hf:ORG/REPO/FILE.gguf``
+means the hub's download URL for that file (``$HF_ENDPOINT`` as huggingface_hub reads it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import unquote, urlparse
+
+import aiohttp
+
+from anyad import __version__
+
+HF_ENDPOINT = "https://huggingface.co"
+CHUNK = 1 << 20
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class DownloadError(Exception):
+    """A download that cannot finish; the message says why and what to do."""
+
+
+@dataclass(slots=True)
+class Progress:
+    name: str
+    total: int | None
+    done: int
+    started_at: float
+    resumed_from: int
+
+
+def resolve_source(source: str, revision: str = "main") -> str:
+    """A URL for ``source``: itself, or the hub's download URL for ``hf:ORG/REPO/PATH``."""
+    if source.startswith("hf:"):
+        parts = source[3:].strip("/").split("/")
+        if len(parts) < 3 or not all(parts):
+            raise DownloadError(f"{source!r}: expected hf:ORG/REPO/FILE.gguf")
+        endpoint = (os.environ.get("HF_ENDPOINT") or HF_ENDPOINT).rstrip("/")
+        return f"{endpoint}/{parts[0]}/{parts[1]}/resolve/{revision}/{'/'.join(parts[2:])}"
+    if not re.match(r"^https?://[^/\s]+/", source):
+        raise DownloadError(f"{source!r}: expected an http(s):// URL or hf:ORG/REPO/FILE.gguf")
+    return source
+
+
+def file_name(url: str) -> str:
+    name = unquote(Path(urlparse(url).path).name)
+    if not name or name in (".", ".."):
+        raise DownloadError(f"{url}: the URL does not end in a file name")
+    return name
+
+
+def _published_sha256(resp: aiohttp.ClientResponse) -> str | None:
+    """The hub's hash of an LFS file: ``X-Linked-Etag`` on the answer (or on the redirect to its storage)."""
+    for r in (resp, *resp.history):
+        etag = r.headers.get("X-Linked-Etag", "").strip('"').lower()
+        if SHA256.match(etag):
+            return etag
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def progress_bar(stream=sys.stderr) -> Callable[[Progress], None]:
+    """A one-line progress bar (size, speed, time left), redrawn at most 10 times a second."""
+    last = [0.0]
+    decile = [-1]
+    tty = stream.isatty()
+
+    def show(p: Progress) -> None:
+        now = time.monotonic()
+        finished = p.total is not None and p.done >= p.total
+        if tty and now - last[0] < 0.1 and not finished:
+            return
+        if not tty:  # a log: one line per tenth
+            step = int(10 * p.done / p.total) if p.total else 0
+            if step == decile[0] and not finished:
+                return
+            decile[0] = step
+        last[0] = now
+        elapsed = max(now - p.started_at, 1e-6)
+        speed = (p.done - p.resumed_from) / elapsed
+        if p.total:
+            pct = 100 * p.done / p.total
+            left = (p.total - p.done) / speed if speed > 0 else float("inf")
+            eta = f"{left:.0f} s left" if left != float("inf") else "--"
+            width = 24
+            fill = int(width * p.done / p.total)
+            line = (f"{p.name} [{'#' * fill}{'.' * (width - fill)}] {pct:5.1f} %  {_size(p.done)} / {_size(p.total)}"
+                    f"  {_size(speed)}/s  {eta}")
+        else:
+            line = f"{p.name}  {_size(p.done)}  {_size(speed)}/s"
+        if tty:
+            stream.write("\r" + line.ljust(100) + ("\n" if finished else ""))
+        else:
+            stream.write(line + "\n")
+        stream.flush()
+
+    return show
+
+
+async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revision: str = "main",
+               progress: Callable[[Progress], None] | None = None, timeout_s: float = 60.0) -> Path:
+    """Download ``source`` into ``dest_dir``; returns the final path."""
+    url = resolve_source(source, revision)
+    name = file_name(url)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final = dest_dir / name
+    part = dest_dir / f".{name}.part"
+    if sha256 is not None and not SHA256.match(sha256.lower()):
+        raise DownloadError("--sha256 must be 64 hex digits")
+    expected = sha256.lower() if sha256 else None
+
+    have = part.stat().st_size if part.exists() else 0
+    digest = hashlib.sha256()
+    if have:
+        with part.open("rb") as f:  # the hash continues from the bytes already here
+            for block in iter(lambda: f.read(CHUNK), b""):
+                digest.update(block)
+    headers = {"User-Agent": f"anyad/{__version__}"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        try:
+            resp = await session.get(url, headers=headers)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise DownloadError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
+        async with resp:
+            if resp.status == 416 and have:  # the part is already whole
+                total = have
+            elif resp.status == 404:
+                raise DownloadError(f"not found (404): {url}")
+            elif resp.status >= 400:
+                raise DownloadError(f"the server refused the download: {resp.status} {resp.reason}: {url}")
+            else:
+                if resp.status == 200 and have:  # no range support: start again
+                    have, digest = 0, hashlib.sha256()
+                length = resp.content_length
+                total = have + length if length is not None else None
+                expected = expected or _published_sha256(resp)
+                free = shutil.disk_usage(dest_dir).free
+                if length is not None and length > free:
+                    raise DownloadError(f"not enough disk space in {dest_dir}: the download needs {_size(length)} "
+                                        f"more, {_size(free)} is free")
+                p = Progress(name, total, have, time.monotonic(), have)
+                try:
+                    with part.open("ab" if have else "wb") as f:
+                        async for block in resp.content.iter_chunked(CHUNK):
+                            f.write(block)
+                            digest.update(block)
+                            p.done += len(block)
+                            if progress:
+                                progress(p)
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        raise DownloadError(f"the disk is full ({dest_dir}); {_size(p.done)} of "
+                                            f"{_size(total) if total else '?'} are kept in {part}: free some space "
+                                            "and run the same command again to resume") from None
+                    raise DownloadError(f"cannot write {part}: {exc.strerror}") from None
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    raise DownloadError(f"the download was interrupted after {_size(p.done)}"
+                                        f"{' of ' + _size(total) if total else ''} ({type(exc).__name__}); "
+                                        "run the same command again to resume") from None
+                if total is not None and p.done < total:
+                    raise DownloadError(f"the download was interrupted after {_size(p.done)} of {_size(total)}; "
+                                        "run the same command again to resume")
+    actual = digest.hexdigest()
+    if expected is not None and actual != expected:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"{name}: SHA-256 mismatch: expected {expected}, the download has {actual}; "
+                            "nothing was kept")
+    os.replace(part, final)
+    return final

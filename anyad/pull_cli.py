@@ -1,0 +1,43 @@
+"""``anyad pull URL | hf:ORG/REPO/FILE.gguf``: download a model file, resumable and verified."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from anyad.cli import settings_or_report
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from anyad.download import DownloadError, progress_bar, pull
+
+    settings = settings_or_report(args.config)
+    if settings is None:
+        return 2
+    dest = Path(args.dir).expanduser() if args.dir else settings.resolved_data_dir / "models"
+    try:
+        path = asyncio.run(pull(args.source, dest, sha256=args.sha256, revision=args.revision,
+                                progress=None if args.quiet else progress_bar()))
+    except DownloadError as exc:
+        print(f"anyad: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nanyad: stopped; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"saved {path}")
+    print(f"serve it: anyad serve --model {path}   (or a [models.{path.stem}] table with path = \"{path}\")")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("pull", help="download a GGUF file (resumable, verified) by URL or hf:ORG/REPO/FILE.gguf")
+    p.add_argument("source", help="an http(s) URL, or hf:ORG/REPO/FILE.gguf for a file on the Hugging Face hub")
+    p.add_argument("--sha256", help="the file's expected SHA-256 (else the hub's published one, when it has one)")
+    p.add_argument("--dir", help="where to save it (default: the data directory's models/)")
+    p.add_argument("--revision", default="main", help="for hf: sources, the branch, tag or commit (default main)")
+    p.add_argument("--config", help="config file, to find the data directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pull)
