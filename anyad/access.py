@@ -10,8 +10,6 @@ call the API (none by default; ``"*"`` only when configured).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 from typing import Awaitable, Callable
 
@@ -19,13 +17,14 @@ from aiohttp import web
 
 from anyad import errors
 from anyad.config import ServerSettings
-from anyad.secrets import resolve
+from anyad.keys import ANONYMOUS, Identity, KeyRing
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/health", "/ready"})
 # The dashboard's page and files: no data in them, and a browser cannot send a key for them.
 DASHBOARD_PATHS = frozenset({"/", "/ui/app.js", "/ui/style.css"})
 WHO = web.RequestKey("who", str) if hasattr(web, "RequestKey") else "who"
+IDENT = web.RequestKey("identity", Identity) if hasattr(web, "RequestKey") else "identity"
 EXPOSED = "X-Request-Id, X-Anyad-Backend, X-Anyad-Cache, X-Anyad-Conversation-Id, X-Anyad-Fallback, Retry-After"
 
 
@@ -38,57 +37,51 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(server: ServerSettings) -> None:
+def check_bind(server: ServerSettings, named_keys: bool = False) -> None:
     """Refuse to listen beyond this machine without API keys."""
-    if not is_loopback(server.host) and not server.api_keys:
+    if not is_loopback(server.host) and not server.api_keys and not named_keys:
         raise errors.ConfigError(
             f"refusing to listen on {server.host} without API keys: anyone who can reach it could use your "
             "models and providers. Set server.api_keys (e.g. [\"keyring:anyad-client\"], stored with "
             "`anyad secrets set anyad-client`) or listen on 127.0.0.1")
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+# What only admin keys may use: the machine's details and the daemon's controls.
+ADMIN_PATHS = ("/api/status", "/metrics", "/api/models/", "/api/reload", "/api/audit")
 
 
-class KeyCheck:
-    def __init__(self, refs: list[str]) -> None:
-        # Resolved once, kept only as digests beside their references (which name the
-        # key in the audit log without revealing it).
-        self.keys = [(_digest(resolve(ref)), ref) for ref in refs]
-
-    def who(self, request: web.Request) -> str | None:
-        """The reference of the key the request carries, or None when it carries none of them."""
-        auth = request.headers.get("Authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        got = _digest(token.strip())
-        found = None
-        for d, ref in self.keys:  # every one compared: the time says nothing about which
-            if hmac.compare_digest(got, d):
-                found = ref
-        return found
-
-
-def auth_middleware(current: Callable[[], KeyCheck | None]) -> Callable[[web.Request, Handler],
-                                                                        Awaitable[web.StreamResponse]]:
-    """``current()``: the keys in force now (a reload may change them), None for none."""
+def auth_middleware(current: Callable[[], KeyRing | None]) -> Callable[[web.Request, Handler],
+                                                                       Awaitable[web.StreamResponse]]:
+    """``current()``: the keys in force now (a reload may change them)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        check = current()
-        if check is not None and request.method != "OPTIONS" and request.path not in OPEN_PATHS \
-                and request.path not in DASHBOARD_PATHS:
-            who = check.who(request)
-            if who is None:
-                missing = "Authorization" not in request.headers
-                raise errors.Unauthorized("this anyad needs an API key: send Authorization: Bearer <key>" if missing
-                                          else "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-            request[WHO] = who
+        path = request.path
+        if request.method == "OPTIONS" or path in OPEN_PATHS or path in DASHBOARD_PATHS:
+            return await handler(request)
+        ring = current()
+        if ring is None or not ring.required:
+            request[IDENT] = ANONYMOUS
+            return await handler(request)
+        auth = request.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        ident = ring.identify(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if ident is None:
+            raise errors.Unauthorized("this anyad needs an API key: send Authorization: Bearer <key>"
+                                      if not auth else "the API key is not valid (unknown, revoked or expired)",
+                                      headers={"WWW-Authenticate": "Bearer"})
+        request[IDENT] = ident
+        request[WHO] = ident.name
+        if not ident.admin and path.startswith(ADMIN_PATHS):
+            raise errors.Forbidden(f"the key {ident.name!r} has the role {ident.role!r}; {path} needs an admin key")
         return await handler(request)
 
     return middleware
+
+
+def identity(request: web.Request) -> Identity:
+    """The request's key (``ANONYMOUS`` where no keys are in force)."""
+    return request.get(IDENT) or ANONYMOUS
 
 
 def actor(request: web.Request) -> str:

@@ -21,10 +21,11 @@ from anyad.cache import Decision, Replayed, replay
 from anyad.config import ServerSettings
 from anyad.daemon import Daemon
 from anyad.encoders import Reply
-from anyad.errors import AnyadError, BackendError, InvalidRequest
+from anyad.access import identity
+from anyad.errors import AnyadError, BackendError, InvalidRequest, ModelNotAllowed
 from anyad.plugin_manager import ExchangeRecord
 from anyad.router import Opened, fallback_header
-from anyad.server import BACKEND, CONTENT, MODEL, REQUEST_ID
+from anyad.server import BACKEND, CONTENT, MODEL, REQUEST_ID, USAGE
 from anyad.store import CONVERSATION_ID, Exchange
 from anyad.stream import ChatRequest, Chunk, content_text
 
@@ -102,6 +103,10 @@ class ChatFlow:
             self.chat = await daemon.plugins.guard("anyad_before_request", self.chat, "request",
                                                    endpoint=request.path, daemon=daemon)
             request[MODEL] = self.chat.model
+        ident = identity(request)
+        if not ident.may_use(self.chat.model):
+            raise ModelNotAllowed(f"the key {ident.name!r} may not use the model {self.chat.model!r}", param="model")
+        daemon.quotas.check(ident)
         if daemon.history is not None:
             self.conversation_id = conversation_id(request)
         self.chat.route_key = route_key(request)
@@ -171,8 +176,11 @@ class ChatFlow:
         if opened is None:
             return
         usage = reply.usage
-        if usage is not None and cached not in ("hit", "stale"):
-            daemon.metrics.usage(usage.prompt_tokens, usage.completion_tokens)
+        if usage is not None:
+            self.request[USAGE] = (usage.prompt_tokens, usage.completion_tokens, cached)
+            if cached not in ("hit", "stale"):  # an answer from the cache cost nothing
+                daemon.metrics.usage(usage.prompt_tokens, usage.completion_tokens)
+                daemon.quotas.add(identity(self.request), usage.total_tokens)
         if daemon.audit is not None and daemon.audit.settings.include_content:
             self.request[CONTENT] = {"messages": chat.messages, "reply": reply.message()}
         decision = self.decision
@@ -188,7 +196,8 @@ class ChatFlow:
                 reply=reply.message(), finish_reason=outcome,
                 prompt_tokens=usage.prompt_tokens if usage else None,
                 completion_tokens=usage.completion_tokens if usage else None,
-                started=self.started, latency_ms=latency_ms, ttft_ms=self.ttft_ms))
+                started=self.started, latency_ms=latency_ms, ttft_ms=self.ttft_ms,
+                owner=identity(self.request).name))
         if daemon.plugins.after_reply:
             record = ExchangeRecord(chat, self.request.path, self.request[REQUEST_ID], opened.name,
                                     reply.message(), outcome, usage, cached, self.conversation_id,

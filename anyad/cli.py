@@ -30,7 +30,7 @@ async def _serve(settings: "Settings", load: Callable[[], "Settings"]) -> int:
     from anyad.sdnotify import Notifier
     from anyad.server import build_app
 
-    check_bind(settings.server)
+    check_bind(settings.server, bool(settings.keys))
     notifier = Notifier()
     daemon = Daemon(settings)
     app = build_app(daemon)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import datetime
 import re
 import sys
 from pathlib import Path
@@ -162,6 +163,13 @@ class SchedulerSettings(_Strict):
     memory_wait_s: float = Field(15.0, ge=0)
 
 
+class ModelPrice(_Strict):
+    """Price per million tokens, in whatever currency the provider bills."""
+
+    prompt: float = Field(0.0, ge=0)
+    completion: float = Field(0.0, ge=0)
+
+
 class ProviderSettings(_Strict):
     """A remote service; its models are addressed as ``<provider>/<model>``."""
 
@@ -175,6 +183,8 @@ class ProviderSettings(_Strict):
     first_byte_timeout_s: float = Field(60.0, gt=0)
     read_timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(1, ge=0, le=10)
+    # Prices per million tokens by model name ("*" for any other), for the usage report's cost.
+    prices: dict[str, ModelPrice] = {}
 
     @field_validator("base_url")
     @classmethod
@@ -242,6 +252,12 @@ class AuditSettings(_Strict):
     max_age_days: float = Field(90.0, ge=0)
 
 
+class UsageSettings(_Strict):
+    # One row per request that used a model (key, model, target, tokens, cost) in anyad.db,
+    # for `anyad usage`, /api/usage and key quotas that survive a restart.
+    enabled: bool = True
+
+
 class PluginsSettings(BaseModel):
     # Plugins (found through the anyad.plugins entry points; `anyad plugins` lists them)
     # that run; none by default. Each may have its own table, [plugins.<name>].
@@ -258,6 +274,19 @@ class PluginsSettings(BaseModel):
     def options(self, name: str) -> dict[str, Any]:
         """``[plugins.<name>]``: one plugin's own settings, which it validates itself."""
         return dict((self.model_extra or {}).get(name, {}))
+
+
+class KeySettings(_Strict):
+    """``[keys.NAME]``: one API key from the config, with its role, models and limits."""
+
+    key: SecretRef
+    role: Literal["user", "admin"] = "user"
+    # Glob patterns over the model names it may call (ids, provider/model, route aliases); empty: all.
+    models: list[str] = []
+    tokens_per_day: int | None = Field(None, ge=1)
+    tokens_per_month: int | None = Field(None, ge=1)
+    requests_per_minute: int | None = Field(None, ge=1)
+    expires: datetime | None = None
 
 
 DISCOVERY_KEYS = ("discover", "directories", "sources")
@@ -286,7 +315,10 @@ class Settings(_Strict):
     history: HistorySettings = HistorySettings()
     cache: CacheSettings = CacheSettings()
     audit: AuditSettings = AuditSettings()
+    usage: UsageSettings = UsageSettings()
     plugins: PluginsSettings = PluginsSettings()
+    # API keys with roles and limits, by name (more are made with `anyad keys create`).
+    keys: dict[str, KeySettings] = {}
     # From the [models] table's own keys (discover, directories, sources), not a TOML table.
     discovery: DiscoverySettings = DiscoverySettings()
     # Where the settings came from, for log lines and relative paths; not a TOML key.

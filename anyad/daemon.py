@@ -9,7 +9,9 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from anyad.access import KeyCheck, check_bind
+from anyad.access import check_bind
+from anyad.keys import KeyRing
+from anyad.quotas import Quotas
 from anyad.audit import AuditLog
 from anyad.backend import Backend, backend_class
 from anyad.cache import ResponseCache
@@ -29,7 +31,7 @@ log = logging.getLogger("anyad")
 RETENTION_INTERVAL_S = 3600.0
 # What a reload (SIGHUP) changes; any other difference in the new config needs a restart.
 RETIRE_AFTER_S = 600.0  # a reload closes replaced providers at the latest this long after
-RELOADABLE = ("providers", "routes", "router")
+RELOADABLE = ("providers", "routes", "router", "keys")
 RELOADABLE_SERVER = ("api_keys", "allowed_origins", "rate_limit_per_minute", "max_messages", "max_prompt_chars",
                      "log_level", "shutdown_grace_s")
 
@@ -60,7 +62,10 @@ class Daemon:
         self.scheduler.listeners.append(self.metrics.model_event)
         self.router = self._router(providers, settings)
         # Access and limits, read by the middlewares on every request (a reload swaps them).
-        self.keys = KeyCheck(settings.server.api_keys) if settings.server.api_keys else None
+        self.keys = KeyRing(settings.server.api_keys, settings.keys, settings.resolved_data_dir / DB_NAME)
+        self.quotas = Quotas(settings.resolved_data_dir / DB_NAME)
+        # How `anyad serve` reads its config again (POST /api/reload); None elsewhere.
+        self.load_settings: Callable[[], Settings] | None = None
         self.limiter = RateLimiter(settings.server.rate_limit_per_minute) if settings.server.rate_limit_per_minute \
             else None
         self._starting: list[asyncio.Task[None]] = []
@@ -127,7 +132,8 @@ class Daemon:
             self.probe = await asyncio.to_thread(DeviceProbe)
         self.scheduler.probe = self.probe
         await asyncio.to_thread(self.probe.log_once)
-        if self.settings.history.enabled or self.settings.cache.enabled or self.settings.audit.enabled:
+        st = self.settings
+        if st.history.enabled or st.cache.enabled or st.audit.enabled or st.usage.enabled:
             path = self.settings.resolved_data_dir / DB_NAME
             try:
                 self.store = await asyncio.to_thread(Store, path)
@@ -146,6 +152,20 @@ class Daemon:
         self.preloaded = asyncio.create_task(self._start_all())
         self._starting.append(self.preloaded)
         await self.plugins.notify("anyad_startup", lambda name: {"config": self.plugins.options(name)}, daemon=self)
+
+    @property
+    def usage(self) -> Store | None:
+        """Where a row per request is recorded for usage reports and quotas, when on."""
+        return self.store if self.settings.usage.enabled else None
+
+    def price(self, backend: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+        """What a remote target's tokens cost, where its provider has a price for the model."""
+        provider, sep, model = backend.partition("/")
+        ps = self.settings.providers.get(provider) if sep else None
+        p = (ps.prices.get(model) or ps.prices.get("*")) if ps is not None else None
+        if p is None:
+            return None
+        return (prompt_tokens * p.prompt + completion_tokens * p.completion) / 1e6
 
     @property
     def history(self) -> Store | None:
@@ -227,8 +247,8 @@ class Daemon:
             providers = self._providers(new)
             router = self._router(providers, new)
             # Still listening where it listens now: dropping the keys there must not open it up.
-            check_bind(old.server.model_copy(update={"api_keys": new.server.api_keys}))
-            keys = KeyCheck(new.server.api_keys) if new.server.api_keys else None
+            check_bind(old.server.model_copy(update={"api_keys": new.server.api_keys}), bool(new.keys))
+            keys = KeyRing(new.server.api_keys, new.keys, old.resolved_data_dir / DB_NAME)
         except BaseException:
             for backend in providers.values():
                 self.spawn(backend.close())
@@ -248,7 +268,9 @@ class Daemon:
             if provider in providers and old.providers.get(provider) == new.providers.get(provider):
                 router.breakers[name] = breaker
         old_router, old_providers = self.router, [b for b in self.backends if b.remote]
+        old_keys = self.keys
         self.router, self.keys, self.settings = router, keys, merged
+        old_keys.close()
         self.backends = [*self.local.values(), *providers.values()]
         if self.cache is not None:
             self.cache.router = router
@@ -325,4 +347,5 @@ class Daemon:
             await asyncio.to_thread(self.store.close)
         if self.probe is not None:
             self.probe.close()
+        self.keys.close()
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)

@@ -56,6 +56,10 @@ class Forbidden(AnyadError):
     code = "forbidden"
 
 
+class ModelNotAllowed(Forbidden):
+    code = "model_not_allowed"
+
+
 class NotFound(AnyadError):
     status = 404
     type = "invalid_request_error"
@@ -94,6 +98,12 @@ class RateLimited(QueueFull):
     """A client went past its request rate (``server.rate_limit_per_minute``)."""
 
     code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(RateLimited):
+    """A key went past its tokens per day or month, or its requests per minute."""
+
+    code = "quota_exceeded"
 
 
 class BackendError(AnyadError):

@@ -122,6 +122,43 @@ def m004_audit(db: Database) -> None:
     """)
 
 
+@migration
+def m005_keys_and_usage(db: Database) -> None:
+    """Keys made at run time (only their SHA-256), one usage row per request that used a
+    model, and who owns each conversation."""
+    db.executescript("""
+        CREATE TABLE api_keys (
+            name TEXT PRIMARY KEY,
+            hash TEXT NOT NULL UNIQUE,     -- SHA-256 of the key; the key itself is never stored
+            role TEXT NOT NULL,            -- user | admin
+            models TEXT,                   -- JSON list of glob patterns; empty: all
+            tokens_per_day INTEGER,
+            tokens_per_month INTEGER,
+            requests_per_minute INTEGER,
+            expires REAL,
+            created REAL NOT NULL,
+            revoked REAL
+        );
+        CREATE TABLE usage (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            key TEXT,                      -- the key's name; anonymous without keys
+            model TEXT,                    -- as asked for
+            backend TEXT,                  -- the target that answered
+            endpoint TEXT,
+            status INTEGER,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            cache TEXT,
+            cost REAL,                     -- in the providers' price unit, where a price is configured
+            request_id TEXT
+        );
+        CREATE INDEX idx_usage_key_at ON usage (key, at);
+        CREATE INDEX idx_usage_at ON usage (at);
+        ALTER TABLE conversations ADD COLUMN owner TEXT;
+    """)
+
+
 def migrate(db: Database) -> list[str]:
     """Apply the migrations this database lacks; returns their names."""
     if "_migrations" not in db.table_names():

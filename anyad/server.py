@@ -16,9 +16,10 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from anyad import errors
-from anyad.access import actor, auth_middleware, cors_headers, preflight_middleware
+from anyad.access import IDENT, actor, auth_middleware, cors_headers, identity, preflight_middleware
 from anyad.daemon import Daemon
 from anyad.jsoncodec import dumps, loads
+from anyad.store import UsageRow
 
 log = logging.getLogger("anyad.server")
 
@@ -30,6 +31,8 @@ REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") els
 MODEL = web.RequestKey("model", str) if hasattr(web, "RequestKey") else "model"
 BACKEND = web.RequestKey("backend", str) if hasattr(web, "RequestKey") else "backend"
 CONTENT = web.RequestKey("content", dict) if hasattr(web, "RequestKey") else "content"
+# (prompt tokens, completion tokens, cache outcome) of a request that used a model.
+USAGE = web.RequestKey("usage", tuple) if hasattr(web, "RequestKey") else "usage"
 UNACCOUNTED = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes: counted, not audited
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -114,6 +117,13 @@ def accounting_middleware(daemon: Daemon) -> Callable[[web.Request, Handler], Aw
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request %s: %s %s model=%s backend=%s -> %d in %.1f ms", request[REQUEST_ID],
                           request.method, request.path, model, backend, status, seconds * 1000)
+            store = daemon.usage
+            if store is not None and model is not None and request.method == "POST":
+                prompt, completion, cache = request.get(USAGE) or (0, 0, None)
+                cost = daemon.price(backend, prompt, completion) if backend and cache not in ("hit", "stale") \
+                    else None
+                store.audit(UsageRow((time.time(), identity(request).name, model, backend, endpoint, status, prompt,
+                                      completion, cache, cost, request[REQUEST_ID])))
             audit = daemon.audit
             # Audited: what uses a model, and what changes something; not the reads a
             # dashboard or a scraper repeats every few seconds.
@@ -123,6 +133,19 @@ def accounting_middleware(daemon: Daemon) -> Callable[[web.Request, Handler], Aw
                               request.get(CONTENT))
 
     return middleware
+
+
+def quota_header(daemon: Daemon) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """Every reply to a key with a token quota says how many tokens it has left."""
+
+    async def hook(request: web.Request, response: web.StreamResponse) -> None:
+        ident = request.get(IDENT)
+        if ident is not None and ident.limited:
+            left = daemon.quotas.remaining(ident)
+            if left is not None:
+                response.headers["X-Anyad-Quota-Remaining"] = str(left)
+
+    return hook
 
 
 async def read_json(request: web.Request) -> object:
@@ -149,6 +172,7 @@ def build_app(daemon: Daemon) -> web.Application:
                    auth_middleware(lambda: daemon.keys), rate_limit_middleware(lambda: daemon.limiter)]
     app = web.Application(middlewares=middlewares, client_max_size=daemon.settings.server.max_body_bytes)
     app.on_response_prepare.append(rate_limit_headers)
+    app.on_response_prepare.append(quota_header(daemon))
     app.on_response_prepare.append(cors_headers(origins))
     app[DAEMON] = daemon
 

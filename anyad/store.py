@@ -54,6 +54,7 @@ class Exchange:
     started: float  # wall-clock seconds
     latency_ms: float
     ttft_ms: float | None
+    owner: str | None = None  # the API key's name; the history shows a key only its own
 
 
 class AuditRow(tuple):
@@ -63,6 +64,15 @@ class AuditRow(tuple):
 
 
 AUDIT_COLUMNS = "at, actor, action, target, status, request_id, detail"
+
+
+class UsageRow(tuple):
+    """(at, key, model, backend, endpoint, status, prompt_tokens, completion_tokens, cache, cost, request_id)."""
+
+    __slots__ = ()
+
+
+USAGE_COLUMNS = "at, key, model, backend, endpoint, status, prompt_tokens, completion_tokens, cache, cost, request_id"
 
 
 @dataclass(slots=True)
@@ -159,15 +169,21 @@ class HistoryReader:
         conn.row_factory = sqlite3.Row
         return conn
 
-    def conversations(self, *, limit: int = 20, offset: int = 0, q: str | None = None) -> dict[str, Any]:
-        """A page of conversations, newest first; ``q`` keeps those with a message matching all its words."""
-        where, args = "", []
+    def conversations(self, *, limit: int = 20, offset: int = 0, q: str | None = None,
+                      owner: str | None = None) -> dict[str, Any]:
+        """A page of conversations, newest first; ``q`` keeps those with a message matching all
+        its words, ``owner`` those of one API key."""
+        conds, args = [], []
         query = fts_query(q) if q else ""
         if query:
             self.index_for_search()
-            where = ("WHERE id IN (SELECT conversation_id FROM messages WHERE id IN "
-                     "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?))")
+            conds.append("id IN (SELECT conversation_id FROM messages WHERE id IN "
+                         "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?))")
             args.append(query)
+        if owner is not None:
+            conds.append("owner = ?")
+            args.append(owner)
+        where = ("WHERE " + " AND ".join(conds)) if conds else ""
         conn = self.read_connection()
         try:
             total = conn.execute(f"SELECT count(*) FROM conversations {where}", args).fetchone()[0]
@@ -177,11 +193,11 @@ class HistoryReader:
             conn.close()
         return {"total": total, "limit": limit, "offset": offset, "data": [dict(r) for r in rows]}
 
-    def conversation(self, conversation_id: str) -> dict[str, Any] | None:
+    def conversation(self, conversation_id: str, owner: str | None = None) -> dict[str, Any] | None:
         conn = self.read_connection()
         try:
             row = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-            if row is None:
+            if row is None or (owner is not None and row["owner"] != owner):
                 return None
             messages = conn.execute("SELECT seq, role, content, extra, exchange_id, created FROM messages "
                                     "WHERE conversation_id = ? ORDER BY seq", (conversation_id,)).fetchall()
@@ -251,8 +267,8 @@ class Store(HistoryReader):
         if not self._closed:
             self._queue.put(_Prepared.of(exchange))
 
-    def audit(self, row: AuditRow) -> None:
-        """Queue an audit row for the next batch; never blocks."""
+    def audit(self, row: AuditRow | UsageRow) -> None:
+        """Queue an audit or usage row for the next batch; never blocks."""
         if not self._closed:
             self._queue.put(row)
 
@@ -318,12 +334,16 @@ class Store(HistoryReader):
         done: list[tuple[_Job, Any]] = []
         run: list[_Prepared] = []
         audit: list[AuditRow] = []
+        usage: list[UsageRow] = []
         for item in batch:
             if isinstance(item, _Prepared):
                 run.append(item)
                 continue
             if isinstance(item, AuditRow):
                 audit.append(item)
+                continue
+            if isinstance(item, UsageRow):
+                usage.append(item)
                 continue
             if run:
                 self._write_exchanges(self._db.conn, run)
@@ -333,6 +353,7 @@ class Store(HistoryReader):
         if run:
             self._write_exchanges(self._db.conn, run)
         _insert(self._db.conn, "audit", AUDIT_COLUMNS, audit)
+        _insert(self._db.conn, "usage", USAGE_COLUMNS, usage)
         return done
 
     @staticmethod
@@ -375,9 +396,9 @@ class Store(HistoryReader):
                 u = updates.setdefault(cid, [finished, ex.model, 0, 0, cid])
                 u[0], u[1], u[2], u[3] = max(u[0], finished), ex.model, u[2] + len(rows), u[3] + 1
             else:
-                n = new_convs.setdefault(cid, [cid, ex.started, finished, p.title, ex.model, 0, 0])
+                n = new_convs.setdefault(cid, [cid, ex.started, finished, p.title, ex.model, 0, 0, ex.owner])
                 n[2], n[4], n[5], n[6] = max(n[2], finished), ex.model, n[5] + len(rows), n[6] + 1
-        _insert(c, "conversations", "id, created, updated, title, model, messages, exchanges",
+        _insert(c, "conversations", "id, created, updated, title, model, messages, exchanges, owner",
                 [tuple(v) for v in new_convs.values()])
         c.executemany("UPDATE conversations SET updated = ?, model = ?, messages = messages + ?, "
                       "exchanges = exchanges + ? WHERE id = ?", [tuple(v) for v in updates.values()])
@@ -385,9 +406,12 @@ class Store(HistoryReader):
                 "completion_tokens, latency_ms, ttft_ms, finish_reason, started, finished", exchanges)
         _insert(c, "messages", "conversation_id, seq, role, content, extra, exchange_id, created", messages)
 
-    def delete(self, conversation_id: str) -> concurrent.futures.Future[bool]:
-        return self.submit(lambda db: db.conn.execute("DELETE FROM conversations WHERE id = ?",
-                                                      (conversation_id,)).rowcount > 0)
+    def delete(self, conversation_id: str, owner: str | None = None) -> concurrent.futures.Future[bool]:
+        if owner is None:
+            return self.submit(lambda db: db.conn.execute("DELETE FROM conversations WHERE id = ?",
+                                                          (conversation_id,)).rowcount > 0)
+        return self.submit(lambda db: db.conn.execute("DELETE FROM conversations WHERE id = ? AND owner = ?",
+                                                      (conversation_id, owner)).rowcount > 0)
 
     def purge(self) -> concurrent.futures.Future[int]:
         return self.submit(lambda db: db.conn.execute("DELETE FROM conversations").rowcount)

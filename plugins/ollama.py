@@ -432,7 +432,7 @@ async def anyad_startup(daemon: Any, config: dict[str, Any]) -> None:
     except ValidationError as exc:
         raise errors.ConfigError(f"plugins.ollama: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") \
             from None
-    check_bind(daemon.settings.server.model_copy(update={"host": settings.host}))
+    check_bind(daemon.settings.server.model_copy(update={"host": settings.host}), bool(daemon.settings.keys))
     runner = web.AppRunner(build_app(daemon), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)

@@ -174,9 +174,9 @@ async def test_history_can_be_turned_off(make_client, tiny_model, tmp_path):
     await asyncio.to_thread(c.daemon.store.flush)
     conn = sqlite3.connect(tmp_path / "data" / "anyad.db")  # there for the cache only
     assert conn.execute("SELECT count(*) FROM exchanges").fetchone()[0] == 0
-    # With the cache and the audit off too, there is no database at all.
+    # With the cache, the audit and the usage off too, there is no database at all.
     s = parse_settings({"data_dir": str(tmp_path / "data2"), "history": {"enabled": False},
-                        "cache": {"enabled": False}, "audit": {"enabled": False},
+                        "cache": {"enabled": False}, "audit": {"enabled": False}, "usage": {"enabled": False},
                         "models": {MODEL_ID: {"path": str(tiny_model)}}})
     c = await make_client(s)
     assert (await chat(c))[0].status == 200 and not (tmp_path / "data2").exists()

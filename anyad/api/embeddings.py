@@ -11,7 +11,9 @@ from aiohttp import web
 from anyad.jsoncodec import dumps
 from anyad.router import fallback_header
 from anyad.schemas import EmbeddingsRequest, validate
-from anyad.server import BACKEND, DAEMON, MODEL, REQUEST_ID, read_json
+from anyad.access import identity
+from anyad.errors import ModelNotAllowed
+from anyad.server import BACKEND, DAEMON, MODEL, REQUEST_ID, USAGE, read_json
 
 
 def _b64(vector: list[float]) -> str:
@@ -25,9 +27,15 @@ async def embeddings(request: web.Request) -> web.Response:
     req = validate(EmbeddingsRequest, await read_json(request))
     request[MODEL] = req.model
     daemon = request.app[DAEMON]
+    ident = identity(request)
+    if not ident.may_use(req.model):
+        raise ModelNotAllowed(f"the key {ident.name!r} may not use the model {req.model!r}", param="model")
+    daemon.quotas.check(ident)
     target, result, skipped = await daemon.router.embed(req.model, req.inputs(), req.options())
     request[BACKEND] = target.name
+    request[USAGE] = (result.prompt_tokens, 0, None)
     daemon.metrics.usage(result.prompt_tokens, None)
+    daemon.quotas.add(ident, result.prompt_tokens)
     encode = _b64 if req.encoding_format == "base64" else (lambda v: v)
     body = {
         "object": "list",

@@ -7,6 +7,7 @@ import asyncio
 
 from aiohttp import web
 
+from anyad.access import identity
 from anyad.errors import InvalidRequest, NotFound
 from anyad.server import DAEMON
 from anyad.store import CONVERSATION_ID, MAX_QUERY_CHARS, Store
@@ -34,6 +35,12 @@ def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int
     return value
 
 
+def _owner(request: web.Request) -> str | None:
+    """Whose conversations a request may see: its own key's, or (admin) everyone's."""
+    ident = identity(request)
+    return None if ident.admin else ident.name
+
+
 def _id(request: web.Request) -> str:
     cid = request.match_info["id"]
     if not CONVERSATION_ID.match(cid):
@@ -48,13 +55,13 @@ async def list_conversations(request: web.Request) -> web.Response:
     q = request.query.get("q")
     if q is not None and len(q) > MAX_QUERY_CHARS:
         raise InvalidRequest(f"q is longer than {MAX_QUERY_CHARS} characters", param="q")
-    page = await asyncio.to_thread(store.conversations, limit=limit, offset=offset, q=q)
+    page = await asyncio.to_thread(store.conversations, limit=limit, offset=offset, q=q, owner=_owner(request))
     return web.json_response({"object": "list", **page})
 
 
 async def get_conversation(request: web.Request) -> web.Response:
     cid = _id(request)
-    conv = await asyncio.to_thread(_store(request).conversation, cid)
+    conv = await asyncio.to_thread(_store(request).conversation, cid, _owner(request))
     if conv is None:
         raise NotFound(f"no conversation {cid!r}")
     return web.json_response(conv)
@@ -62,6 +69,6 @@ async def get_conversation(request: web.Request) -> web.Response:
 
 async def delete_conversation(request: web.Request) -> web.Response:
     cid = _id(request)
-    if not await asyncio.wrap_future(_store(request).delete(cid)):
+    if not await asyncio.wrap_future(_store(request).delete(cid, _owner(request))):
         raise NotFound(f"no conversation {cid!r}")
     return web.Response(status=204)

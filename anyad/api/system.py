@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from anyad import __version__
+from anyad.access import identity
 from anyad.server import DAEMON
 
 
@@ -22,9 +23,10 @@ async def ready(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
+    ident = identity(request)  # a key sees only the models it may use
     data = [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by, **m.meta,
              **({"source": daemon.sources[m.id]} if m.id in daemon.sources else {})}
-            for m in daemon.router.models()]
+            for m in daemon.router.models() if ident.may_use(m.id)]
     return web.json_response({"object": "list", "data": data})
 
 
