@@ -33,6 +33,7 @@ async def _serve(settings: "Settings", load: Callable[[], "Settings"]) -> int:
     check_bind(settings.server, bool(settings.keys))
     notifier = Notifier()
     daemon = Daemon(settings)
+    daemon.load_settings = load
     app = build_app(daemon)
     # handler_cancellation: a client that hangs up cancels its request, which
     # stops generation in the worker instead of finishing a reply nobody reads.
@@ -202,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     from anyad.pull_cli import add_parser as add_pull
 
     add_pull(sub)
+    from anyad.keys_cli import add_parser as add_keys
+
+    add_keys(sub)
+    from anyad.usage_cli import add_parser as add_usage
+
+    add_usage(sub)
     return p
 
 

@@ -4,7 +4,7 @@ from aiohttp import web
 
 
 def register_routes(app: web.Application) -> None:
-    from anyad.api import chat, dashboard, embeddings, history, system
+    from anyad.api import admin, chat, dashboard, embeddings, history, system
 
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
     app.router.add_post("/api/chat", chat.chat_completions)
@@ -14,6 +14,10 @@ def register_routes(app: web.Application) -> None:
     app.router.add_get("/ready", system.ready)
     app.router.add_get("/api/status", system.status)
     app.router.add_get("/metrics", system.metrics)
+    app.router.add_get("/api/usage", admin.usage)
+    app.router.add_post("/api/models/{id}/load", admin.load_model)
+    app.router.add_post("/api/models/{id}/unload", admin.unload_model)
+    app.router.add_post("/api/reload", admin.reload)
     app.router.add_get("/", dashboard.index)
     app.router.add_get("/ui/{name}", dashboard.asset)
     app.router.add_get("/api/conversations", history.list_conversations)

@@ -1,0 +1,140 @@
+"""``anyad keys create NAME | list | revoke NAME``: API keys kept (as hashes) in anyad.db.
+
+The daemon sees a new or revoked key on its next request, without a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from anyad.cli import settings_or_report
+from anyad.store import DB_NAME
+
+
+def _db(data_dir: Path) -> sqlite3.Connection:
+    from sqlite_utils import Database
+
+    from anyad.migrations import migrate
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(data_dir / DB_NAME, timeout=10)
+    conn.execute("PRAGMA journal_mode = WAL")
+    migrate(Database(conn))
+    return conn
+
+
+def _expires(text: str) -> float:
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD or an ISO date and time)") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from anyad.audit import cli_actor, record_offline
+    from anyad.keys import digest, new_key
+    from anyad.quotas import day_start, month_start
+
+    settings = settings_or_report(args.config)
+    if settings is None:
+        return 2
+    data_dir = settings.resolved_data_dir
+    conn = _db(data_dir)
+    try:
+        if args.action == "create":
+            if args.name in settings.keys:
+                print(f"anyad: {args.name!r} is already a key in the config", file=sys.stderr)
+                return 1
+            if conn.execute("SELECT 1 FROM api_keys WHERE name = ?", (args.name,)).fetchone():
+                print(f"anyad: a key named {args.name!r} exists (revoke it first)", file=sys.stderr)
+                return 1
+            key = new_key()
+            with conn:
+                conn.execute("INSERT INTO api_keys (name, hash, role, models, tokens_per_day, tokens_per_month, "
+                             "requests_per_minute, expires, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (args.name, digest(key), args.role, json.dumps(args.models or []), args.tokens_per_day,
+                              args.tokens_per_month, args.requests_per_minute, args.expires, time.time()))
+            record_offline(data_dir, cli_actor(), "key.create", args.name, {"role": args.role})
+            print(key)
+            print(f"the key {args.name!r} ({args.role}) is shown this once; only its hash is kept", file=sys.stderr)
+            return 0
+        if args.action == "revoke":
+            with conn:
+                n = conn.execute("UPDATE api_keys SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                                 (time.time(), args.name)).rowcount
+            if not n:
+                print(f"anyad: no active key named {args.name!r}", file=sys.stderr)
+                return 1
+            record_offline(data_dir, cli_actor(), "key.revoke", args.name)
+            print(f"revoked {args.name}")
+            return 0
+        now = time.time()
+        rows = []
+        for name, role, models, tpd, tpm, rpm, expires, created, revoked in conn.execute(
+                "SELECT name, role, models, tokens_per_day, tokens_per_month, requests_per_minute, expires, created, "
+                "revoked FROM api_keys ORDER BY name"):
+            day, month, total, last = conn.execute(
+                "SELECT coalesce(sum(CASE WHEN at >= ? THEN prompt_tokens + completion_tokens END), 0), "
+                "coalesce(sum(CASE WHEN at >= ? THEN prompt_tokens + completion_tokens END), 0), count(*), max(at) "
+                "FROM usage WHERE key = ?", (day_start(now), month_start(now), name)).fetchone()
+            state = "revoked" if revoked else ("expired" if expires and expires <= now else "active")
+            rows.append({"name": name, "role": role, "models": json.loads(models or "[]"), "tokens_per_day": tpd,
+                         "tokens_per_month": tpm, "requests_per_minute": rpm, "expires": expires, "state": state,
+                         "tokens_today": day, "tokens_this_month": month, "requests": total, "last_used": last,
+                         "created": created})
+        for name, ks in settings.keys.items():
+            rows.append({"name": name, "role": ks.role, "models": ks.models, "tokens_per_day": ks.tokens_per_day,
+                         "tokens_per_month": ks.tokens_per_month, "requests_per_minute": ks.requests_per_minute,
+                         "expires": ks.expires.timestamp() if ks.expires else None, "state": "config"})
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        if not rows:
+            print("no keys (create one with: anyad keys create NAME)")
+            return 0
+        table = [["NAME", "ROLE", "STATE", "MODELS", "LIMITS", "TODAY", "REQUESTS", "LAST USED", "EXPIRES"]]
+        for r in rows:
+            limits = ", ".join(f"{v} {k}" for k, v in (("tok/day", r["tokens_per_day"]), ("tok/month",
+                               r["tokens_per_month"]), ("req/min", r["requests_per_minute"])) if v) or "-"
+            table.append([r["name"], r["role"], r["state"], ",".join(r["models"]) or "*", limits,
+                          str(r.get("tokens_today", "-")), str(r.get("requests", "-")), _when(r.get("last_used")),
+                          _when(r["expires"])])
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for row in table:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        return 0
+    finally:
+        conn.close()
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("keys", help="create, list or revoke API keys (with roles, models and quotas)")
+    p.add_argument("--config", help="config file, to find the data directory")
+    ps = p.add_subparsers(dest="action", required=True)
+    c = ps.add_parser("create", help="make a key and print it once")
+    c.add_argument("name")
+    c.add_argument("--role", choices=["user", "admin"], default="user")
+    c.add_argument("--models", nargs="+", metavar="PATTERN", help="glob patterns of the models it may use")
+    c.add_argument("--tokens-per-day", type=int)
+    c.add_argument("--tokens-per-month", type=int)
+    c.add_argument("--requests-per-minute", type=int)
+    c.add_argument("--expires", type=_expires, help="a date (YYYY-MM-DD, UTC) or ISO date and time")
+    ps.add_parser("list", help="names, roles, limits, usage, last use (never the key)").add_argument(
+        "--json", action="store_true")
+    r = ps.add_parser("revoke", help="stop a key at once")
+    r.add_argument("name")
+    p.set_defaults(func=cmd_keys)
