@@ -73,6 +73,8 @@ class UsageRow(tuple):
 
 
 USAGE_COLUMNS = "at, key, model, backend, endpoint, status, prompt_tokens, completion_tokens, cache, cost, request_id"
+AUDIT_INSERT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+USAGE_INSERT = f"INSERT INTO usage ({USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 @dataclass(slots=True)
@@ -352,8 +354,12 @@ class Store(HistoryReader):
                 done.append((item, item.fn(self._db)))
         if run:
             self._write_exchanges(self._db.conn, run)
-        _insert(self._db.conn, "audit", AUDIT_COLUMNS, audit)
-        _insert(self._db.conn, "usage", USAGE_COLUMNS, usage)
+        # Rows of one fixed shape: one prepared statement, reused (a multi-row VALUES list
+        # would be parsed anew for every batch size).
+        if audit:
+            self._db.conn.executemany(AUDIT_INSERT, audit)
+        if usage:
+            self._db.conn.executemany(USAGE_INSERT, usage)
         return done
 
     @staticmethod
