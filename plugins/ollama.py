@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import anyad
 from anyad import errors
-from anyad.access import auth_middleware, check_bind
+from anyad.access import auth_middleware, check_bind, identity
 from anyad.chatflow import ChatFlow
 from anyad.config import parse_keep_alive
 from anyad.jsoncodec import dumpb, loads
@@ -285,7 +285,10 @@ def _entries(daemon: Any) -> list[tuple[str, Any]]:
 async def tags(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     models = []
+    ident = identity(request)
     for name, backend in _entries(daemon):
+        if not ident.may_use(name):
+            continue
         info = getattr(backend, "info", None)
         modified = info.path.stat().st_mtime if info is not None else daemon.started_at
         models.append({"name": name, "model": name, "modified_at": _iso(modified),
@@ -314,6 +317,7 @@ async def show(request: web.Request) -> web.Response:
     body = await _body(request)
     daemon = request.app[DAEMON]
     name = body["model"]
+    _allowed(request, name, uses_quota=False)
     known = {n: b for n, b in _entries(daemon)}
     if name not in known:
         daemon.router.resolve(name)  # a provider/model name is known without being listed
@@ -339,8 +343,18 @@ async def show(request: web.Request) -> web.Response:
 
 # -- embeddings, version, root ----------------------------------------------------------------
 
+def _allowed(request: web.Request, model: str, uses_quota: bool = True) -> None:
+    """The key's model patterns and (for work done) its quotas, as on the OpenAI API."""
+    ident = identity(request)
+    if not ident.may_use(model):
+        raise errors.ModelNotAllowed(f"the key {ident.name!r} may not use the model {model!r}", param="model")
+    if uses_quota:
+        request.app[DAEMON].quotas.check(ident)
+
+
 async def embed(request: web.Request) -> web.Response:
     body = await _body(request)
+    _allowed(request, body["model"])
     inputs = body.get("input", "")
     if isinstance(inputs, str):
         inputs = [inputs]
@@ -358,6 +372,7 @@ async def embed(request: web.Request) -> web.Response:
 async def embeddings(request: web.Request) -> web.Response:
     """The older single-prompt endpoint."""
     body = await _body(request)
+    _allowed(request, body["model"])
     target, result, _ = await request.app[DAEMON].router.embed(body["model"], [str(body.get("prompt", ""))])
     return web.json_response({"embedding": result.vectors[0]}, headers={"X-Anyad-Backend": target.name})
 

@@ -114,3 +114,25 @@ async def test_errors_in_ollamas_shape_and_the_history_records(api):
     await asyncio.to_thread(c.daemon.store.flush)
     page = await (await c.get("/api/conversations?q=remember")).json()
     assert page["total"] == 1
+
+
+async def test_a_keys_model_patterns_hold_on_the_ollama_api_too(make_client, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("U_KEY", "user-key-7")
+    s = parse_settings({"data_dir": str(tmp_path / "data"),
+                        "models": {MODEL_ID: {"path": str(tiny_model)}, "other": {"path": str(tiny_model)}},
+                        "keys": {"u": {"key": "env:U_KEY", "models": [MODEL_ID]}},
+                        "plugins": {"enabled": ["ollama"], "ollama": {"port": 0}}})
+    c = await make_client(s)
+    host, port = ollama_plugin.address(c.daemon)
+    api = ollama.AsyncClient(host=f"http://{host}:{port}", headers={"Authorization": "Bearer user-key-7"})
+    assert [m.model for m in (await api.list()).models] == [MODEL_ID]
+    for call in (lambda: api.chat(model="other", messages=[{"role": "user", "content": "hi"}]),
+                 lambda: api.embed(model="other", input="hi"), lambda: api.show("other")):
+        with pytest.raises(ollama.ResponseError) as err:
+            await call()
+        assert err.value.status_code == 403
+    assert (await api.generate(model=MODEL_ID, prompt="hi", options={"num_predict": 2})).done
+    nokey = ollama.AsyncClient(host=f"http://{host}:{port}")
+    with pytest.raises(ollama.ResponseError) as err:
+        await nokey.list()
+    assert err.value.status_code == 401
