@@ -11,13 +11,16 @@ call the API (none by default; ``"*"`` only when configured).
 from __future__ import annotations
 
 import ipaddress
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from aiohttp import web
 
 from anyad import errors
 from anyad.config import ServerSettings
 from anyad.keys import ANONYMOUS, Identity, KeyRing
+
+if TYPE_CHECKING:
+    from anyad.quotas import Quotas
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/health", "/ready"})
@@ -60,7 +63,9 @@ def auth_middleware(current: Callable[[], KeyRing | None]) -> Callable[[web.Requ
         if request.method == "OPTIONS" or path in OPEN_PATHS or path in DASHBOARD_PATHS:
             return await handler(request)
         ring = current()
-        if ring is None or not ring.required:
+        if ring is not None:
+            ring.refresh()
+        if ring is None or not ring.has_keys:
             request[IDENT] = ANONYMOUS
             return await handler(request)
         auth = request.headers.get("Authorization", "")
@@ -82,6 +87,17 @@ def auth_middleware(current: Callable[[], KeyRing | None]) -> Callable[[web.Requ
 def identity(request: web.Request) -> Identity:
     """The request's key (``ANONYMOUS`` where no keys are in force)."""
     return request.get(IDENT) or ANONYMOUS
+
+
+def admit(request: web.Request, model: str, quotas: "Quotas | None" = None) -> Identity:
+    """The request's key, if it may use ``model`` (else 403 ``model_not_allowed``) and,
+    when ``quotas`` is given (work is about to be done), is within them (else 429)."""
+    ident = identity(request)
+    if not ident.may_use(model):
+        raise errors.ModelNotAllowed(f"the key {ident.name!r} may not use the model {model!r}", param="model")
+    if quotas is not None:
+        quotas.check(ident)
+    return ident
 
 
 def actor(request: web.Request) -> str:

@@ -19,12 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlite_utils import Database
 
 from anyad.config import AuditSettings
 from anyad.jsoncodec import dumps
-from anyad.migrations import migrate
-from anyad.store import AUDIT_COLUMNS, DB_NAME, AuditRow, Store
+from anyad.store import AUDIT_COLUMNS, DB_NAME, AuditRow, Store, connect
 
 log = logging.getLogger("anyad.audit")
 
@@ -68,12 +66,8 @@ def record_offline(data_dir: Path, actor: str, action: str, target: str | None =
                    detail: dict[str, Any] | None = None) -> None:
     """One admin row written by a command outside the daemon (the CLI); WAL lets it go in
     beside a running daemon's writer."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(data_dir / DB_NAME, timeout=10)
+    conn = connect(data_dir / DB_NAME)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        db = Database(conn)
-        migrate(db)
         with conn:
             conn.execute(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (time.time(), actor, action, target, None, None, dumps(detail) if detail else None))

@@ -11,6 +11,7 @@ from typing import Any
 
 from anyad.cli import settings_or_report
 from anyad.store import DB_NAME
+from anyad.tables import table as text_table
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -37,9 +38,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     table = [["WHEN", "ACTOR", "ACTION", "TARGET", "STATUS"]]
     table += [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"])), r["actor"] or "-", r["action"],
                r["target"] or "-", "" if r["status"] is None else str(r["status"])] for r in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print("\n".join(text_table(table)))
     return 0
 
 

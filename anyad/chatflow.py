@@ -21,13 +21,13 @@ from anyad.cache import Decision, Replayed, replay
 from anyad.config import ServerSettings
 from anyad.daemon import Daemon
 from anyad.encoders import Reply
-from anyad.access import identity
-from anyad.errors import AnyadError, BackendError, InvalidRequest, ModelNotAllowed
+from anyad.access import admit, identity
+from anyad.errors import AnyadError, BackendError, InvalidRequest
 from anyad.plugin_manager import ExchangeRecord
 from anyad.router import Opened, fallback_header
 from anyad.server import BACKEND, CONTENT, MODEL, REQUEST_ID, USAGE
 from anyad.store import CONVERSATION_ID, Exchange
-from anyad.stream import ChatRequest, Chunk, content_text
+from anyad.stream import ChatRequest, Chunk, ChunkStream, content_text
 
 log = logging.getLogger("anyad.chat")
 
@@ -75,9 +75,10 @@ def check_caps(chat: ChatRequest, server: ServerSettings) -> None:
 
 
 class ChatFlow:
-    """Use: ``await flow.open()``; then feed ``flow.first`` and each chunk of ``flow.rest``
-    through ``flow.take`` while encoding; ``flow.failed(exc)`` if the reply breaks; and
-    ``flow.finish(outcome)`` in a ``finally``."""
+    """Use: ``await flow.open()``; then either ``await flow.collect(rest)`` for a whole
+    reply, or feed the first chunk and each of the rest through ``flow.take`` while
+    streaming and call ``flow.ended()`` at the end; ``flow.failed(exc)`` if the reply
+    breaks; and ``flow.finish()`` in a ``finally``."""
 
     def __init__(self, daemon: Daemon, request: web.Request, chat: ChatRequest) -> None:
         self.daemon = daemon
@@ -92,6 +93,7 @@ class ChatFlow:
         self.t0 = time.monotonic()
         self.ttft_ms: float | None = None
         self.headers: dict[str, str] = {}
+        self.outcome = "cancelled"  # unless the reply ends (its finish reason) or fails ("error")
         self._chunk_hooks = daemon.plugins.stream_chunk
         request[MODEL] = chat.model
 
@@ -103,13 +105,11 @@ class ChatFlow:
             self.chat = await daemon.plugins.guard("anyad_before_request", self.chat, "request",
                                                    endpoint=request.path, daemon=daemon)
             request[MODEL] = self.chat.model
-        ident = identity(request)
-        if not ident.may_use(self.chat.model):
-            raise ModelNotAllowed(f"the key {ident.name!r} may not use the model {self.chat.model!r}", param="model")
-        daemon.quotas.check(ident)
+        admit(request, self.chat.model, daemon.quotas)
         if daemon.history is not None:
             self.conversation_id = conversation_id(request)
-        self.chat.route_key = route_key(request)
+        if daemon.router.weighted:
+            self.chat.route_key = route_key(request)
         if daemon.cache is not None:
             self.decision = daemon.cache.decide(self.chat, request)
         # The router waits for a target's first chunk before we answer: until then a
@@ -157,8 +157,27 @@ class ChatFlow:
         self.reply.add(chunk)
         return chunk
 
+    async def collect(self, rest: ChunkStream) -> Reply:
+        """A whole (non-streamed) reply: the first chunk and the rest, taken in turn."""
+        assert self.opened is not None
+        self.take(self.opened.first)
+        try:
+            async for chunk in rest:
+                self.take(chunk)
+            self.check_finished()
+        except AnyadError as exc:
+            self.failed(exc)
+            raise
+        self.ended()
+        return self.reply
+
+    def ended(self) -> None:
+        """The reply ran to its end."""
+        self.outcome = self.reply.finish_reason or "stop"
+
     def failed(self, exc: AnyadError) -> None:
         """The reply broke after it began."""
+        self.outcome = "error"
         if self.opened is not None:
             self.opened.failed(exc)
         log.warning("request %s: reply from %s failed: %s", self.request[REQUEST_ID],
@@ -169,10 +188,11 @@ class ChatFlow:
             raise BackendError(f"{self.opened.name if self.opened else '?'} ended the reply without a "
                                "finish reason")
 
-    def finish(self, outcome: str) -> None:
+    def finish(self) -> None:
         """After the reply (whole, cut off by the client, or failed): cache, history,
         metrics, audit content, plugins. Nothing here waits on the disk."""
         daemon, chat, reply, opened, cached = self.daemon, self.chat, self.reply, self.opened, self.cached
+        outcome = self.outcome
         if opened is None:
             return
         usage = reply.usage

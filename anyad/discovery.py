@@ -85,26 +85,24 @@ def _inspect(path: Path, source: str) -> GGUFInfo | None:
     return info
 
 
-def from_directories(dirs: list[Path]) -> Iterator[Found]:
-    for d in dirs:
-        for path in _ggufs(d):
-            model_id = _stem_id(path)
-            if model_id is None:
-                continue
-            info = _inspect(path, "directory")
-            if info is not None:
-                yield Found(model_id, path, "directory", info)
-
-
-def from_lmstudio() -> Iterator[Found]:
-    for root in lmstudio_roots():
+def _from_roots(roots: list[Path], source: str) -> Iterator[Found]:
+    """Every *.gguf under ``roots``, named by its stem."""
+    for root in roots:
         for path in _ggufs(root):
             model_id = _stem_id(path)
             if model_id is None:
                 continue
-            info = _inspect(path, "lmstudio")
+            info = _inspect(path, source)
             if info is not None:
-                yield Found(model_id, path, "lmstudio", info)
+                yield Found(model_id, path, source, info)
+
+
+def from_directories(dirs: list[Path]) -> Iterator[Found]:
+    return _from_roots(dirs, "directory")
+
+
+def from_lmstudio() -> Iterator[Found]:
+    return _from_roots(lmstudio_roots(), "lmstudio")
 
 
 def from_huggingface() -> Iterator[Found]:

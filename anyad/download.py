@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlparse
 import aiohttp
 
 from anyad import __version__
+from anyad.tables import size as _size
 
 HF_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20
@@ -71,14 +72,6 @@ def _published_sha256(resp: aiohttp.ClientResponse) -> str | None:
         if SHA256.match(etag):
             return etag
     return None
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} PiB"
 
 
 def progress_bar(stream=sys.stderr) -> Callable[[Progress], None]:

@@ -9,16 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from anyad.cli import settings_or_report
 from anyad.store import CONVERSATION_ID, DB_NAME, MAX_QUERY_CHARS, HistoryReader, Store
-
-
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+from anyad.tables import table, when
 
 
 def _one_line(text: str | None, width: int) -> str:
@@ -35,11 +31,9 @@ def _list(reader: HistoryReader, args: argparse.Namespace, out: TextIO) -> int:
         out.write("no conversations" + (" match" if args.q else "") + "\n")
         return 0
     rows = [["ID", "UPDATED", "MODEL", "MESSAGES", "TITLE"]]
-    rows += [[c["id"], _when(c["updated"]), c["model"] or "-", str(c["messages"]), _one_line(c["title"], 60)]
+    rows += [[c["id"], when(c["updated"]), c["model"] or "-", str(c["messages"]), _one_line(c["title"], 60)]
              for c in page["data"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() + "\n")
+    out.writelines(line + "\n" for line in table(rows))
     if page["total"] > len(page["data"]):
         out.write(f"({len(page['data'])} of {page['total']}; --limit shows more)\n")
     return 0
@@ -50,7 +44,7 @@ def _show(reader: HistoryReader, args: argparse.Namespace, out: TextIO) -> int:
     if conv is None:
         print(f"anyad: no conversation {args.id!r}", file=sys.stderr)
         return 1
-    out.write(f"conversation {conv['id']}  (started {_when(conv['created'])}, updated {_when(conv['updated'])})\n")
+    out.write(f"conversation {conv['id']}  (started {when(conv['created'])}, updated {when(conv['updated'])})\n")
     exchanges = {x["id"]: x for x in conv["exchanges"]}
     for m in conv["messages"]:
         out.write(f"\n[{m['role']}]\n{m['content'] or ''}\n")

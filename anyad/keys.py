@@ -86,8 +86,9 @@ class KeyRing:
         self.dynamic: dict[str, Identity] = {}
         self._revoked: set[str] = set()
 
-    def _refresh(self) -> None:
-        """Re-read the database's keys when another connection changed the file."""
+    def refresh(self) -> None:
+        """Re-read the database's keys when another connection changed the file (once per
+        request, before ``has_keys`` and ``identify``)."""
         if self.db_path is None:
             return
         if self._conn is None:
@@ -120,14 +121,12 @@ class KeyRing:
         self.dynamic, self._revoked, self._version = dynamic, revoked, version
 
     @property
-    def required(self) -> bool:
+    def has_keys(self) -> bool:
         """Whether requests need a key: some key exists."""
-        self._refresh()
         return bool(self.static or self.dynamic)
 
     def identify(self, token: str) -> Identity | None:
         """The key's identity, or None for an unknown, revoked or expired key."""
-        self._refresh()
         h = digest(token)
         ident = self.static.get(h) or self.dynamic.get(h)
         if ident is None or (ident.expires is not None and ident.expires <= time.time()):

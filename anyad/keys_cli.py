@@ -7,27 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from anyad.cli import settings_or_report
-from anyad.store import DB_NAME
-
-
-def _db(data_dir: Path) -> sqlite3.Connection:
-    from sqlite_utils import Database
-
-    from anyad.migrations import migrate
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(data_dir / DB_NAME, timeout=10)
-    conn.execute("PRAGMA journal_mode = WAL")
-    migrate(Database(conn))
-    return conn
+from anyad.store import DB_NAME, connect
+from anyad.tables import table as text_table
+from anyad.tables import when
 
 
 def _expires(text: str) -> float:
@@ -40,10 +28,6 @@ def _expires(text: str) -> float:
     return dt.timestamp()
 
 
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
-
-
 def cmd_keys(args: argparse.Namespace) -> int:
     from anyad.audit import cli_actor, record_offline
     from anyad.keys import digest, new_key
@@ -53,7 +37,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     data_dir = settings.resolved_data_dir
-    conn = _db(data_dir)
+    conn = connect(data_dir / DB_NAME)
     try:
         if args.action == "create":
             if args.name in settings.keys:
@@ -111,11 +95,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
             limits = ", ".join(f"{v} {k}" for k, v in (("tok/day", r["tokens_per_day"]), ("tok/month",
                                r["tokens_per_month"]), ("req/min", r["requests_per_minute"])) if v) or "-"
             table.append([r["name"], r["role"], r["state"], ",".join(r["models"]) or "*", limits,
-                          str(r.get("tokens_today", "-")), str(r.get("requests", "-")), _when(r.get("last_used")),
-                          _when(r["expires"])])
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        for row in table:
-            print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+                          str(r.get("tokens_today", "-")), str(r.get("requests", "-")), when(r.get("last_used")),
+                          when(r["expires"])])
+        print("\n".join(text_table(table)))
         return 0
     finally:
         conn.close()

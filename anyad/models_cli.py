@@ -8,6 +8,8 @@ from typing import Any
 
 from anyad.cli import settings_or_report
 from anyad.integrity import file_sha256
+from anyad.tables import size
+from anyad.tables import table as text_table
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -33,10 +35,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"{model_id}: MISMATCH {m.path}: expected {m.sha256.lower()}, the file has {actual}")
             bad += 1
     return 1 if bad else 0
-
-
-def _size(n: int) -> str:
-    return f"{n / 1024 ** 3:.1f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.0f} MiB"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -69,11 +67,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no models configured or found (sources: " + ", ".join(settings.discovery.sources) + ")")
         return 0
     table = [["ID", "SIZE", "QUANT", "CONTEXT", "ARCH", "SOURCE", "PATH"]]
-    table += [[f.id, _size(f.info.size_bytes), f.info.quantization or "?", str(f.info.context_length or "?"),
+    table += [[f.id, size(f.info.size_bytes), f.info.quantization or "?", str(f.info.context_length or "?"),
                f.info.architecture, f.source, str(f.path)] for f in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print("\n".join(text_table(table)))
     if not settings.discovery.discover and any(f.source != "config" for f in rows):
         print("\nfound models are listed here only; [models] discover = true serves them too")
     return 0

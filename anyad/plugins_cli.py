@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from anyad.cli import settings_or_report
+from anyad.tables import table as text_table
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -32,9 +33,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     else:
         table = [["NAME", "ENABLED", "PACKAGE", "DESCRIPTION"]]
         table += [[r["name"], "yes" if r["enabled"] else "no", r["package"], r["description"]] for r in rows]
-        widths = [max(len(r[i]) for r in table) for i in range(3)]
-        for r in table:
-            print("  ".join([*(v.ljust(w) for v, w in zip(r, widths)), r[3]]).rstrip())
+        print("\n".join(text_table(table)))
         print('\nenable one with [plugins] enabled = ["NAME", ...] in the config')
     for name in missing:
         print(f"anyad: plugins.enabled names {name!r}, which is not installed", file=sys.stderr)

@@ -110,6 +110,8 @@ class Router:
                     raise ConfigError(f"routes[{i}].targets[{j}]: {t.model!r} is neither a configured model nor "
                                       "<provider>/<model> of a configured provider") from None
             self.routes[r.name] = targets
+        # Whether any route assigns by weight (only then does a request need its route key).
+        self.weighted = any(t.weight > 0 for targets in self.routes.values() for t in targets)
         self.connectivity = Connectivity(self.settings.offline_probe_interval_s)
         self.connectivity.addresses = [a for b in providers.values() if (a := b.probe_address())]
         self.breakers: dict[str, Breaker] = {}

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-MIB = 2 ** 20
-GIB = 2 ** 30
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
-
+from anyad.tables import size as _size
+from anyad.tables import table
 
 def _duration(s: float | None) -> str:
     if s is None:
@@ -21,11 +14,6 @@ def _duration(s: float | None) -> str:
     if s >= 3600:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def render(status: dict[str, Any]) -> str:
@@ -65,7 +53,7 @@ def render(status: dict[str, Any]) -> str:
         notes += [f"  {name}: {n}" for n in m.get("notes", [])]
         if p:
             notes.append(f"  {name}: {p['reason']}")
-    out += _table(rows) if len(rows) > 1 else ["  (no local models)"]
+    out += table(rows, indent="  ") if len(rows) > 1 else ["  (no local models)"]
     if notes:
         out += ["", "NOTES", *notes]
     breakers = status.get("breakers") or {}
@@ -76,5 +64,5 @@ def render(status: dict[str, Any]) -> str:
         for name, b in breakers.items():
             rows.append([name, b["state"], str(b["consecutive_failures"]), (b.get("last_error") or "-")[:60]])
         if len(rows) > 1:
-            out += _table(rows)
+            out += table(rows, indent="  ")
     return "\n".join(out) + "\n"

@@ -231,32 +231,35 @@ class HistoryReader:
                 yield conv
 
 
+def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """The database, created and brought to the current schema if need be: the daemon's
+    writer and the commands that write (keys, secrets' audit rows) open it alike."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=check_same_thread, timeout=10)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    applied = migrate(Database(conn))
+    if applied:
+        log.info("database %s: applied %s (schema version %d)", path, ", ".join(applied),
+                 schema_version(Database(conn)))
+    return conn
+
+
 class Store(HistoryReader):
     """The history's one writer (a thread), and its reader."""
 
     def __init__(self, path: Path, *, batch_interval_s: float = 0.1, max_batch: int = 1000) -> None:
         super().__init__(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.batch_interval_s = batch_interval_s
         self.max_batch = max_batch
-        db = self._connect()
-        applied = migrate(db)
-        if applied:
-            log.info("database %s: applied %s (schema version %d)", self.path, ", ".join(applied),
-                     schema_version(db))
-        self._db = db  # the writer thread's own from here on
+        # The writer thread's own from here on.
+        self._db = Database(connect(self.path, check_same_thread=False))
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="anyad-store-writer", daemon=True)
         self._thread.start()
-
-    def _connect(self) -> Database:
-        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        return Database(conn)
 
     # -- writing (one thread) --------------------------------------------------------------
 

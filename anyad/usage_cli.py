@@ -10,6 +10,7 @@ from typing import Any
 
 from anyad.cli import settings_or_report
 from anyad.store import DB_NAME
+from anyad.tables import table as text_table
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -43,9 +44,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     table += [[str(r[args.group_by]), str(r["requests"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
                str(r["errors"]), str(r["cache_hits"]), "-" if r["cost"] is None else f"{r['cost']:.4f}"]
               for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    for row in table:
-        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    print("\n".join(text_table(table, right=range(1, len(columns)))))
     return 0
 
 

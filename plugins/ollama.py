@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import anyad
 from anyad import errors
-from anyad.access import auth_middleware, check_bind, identity
+from anyad.access import admit, auth_middleware, check_bind, identity
 from anyad.chatflow import ChatFlow
 from anyad.config import parse_keep_alive
 from anyad.jsoncodec import dumpb, loads
@@ -179,21 +179,11 @@ async def _answer(request: web.Request, body: dict[str, Any], messages: list[dic
                    eval_duration=int(max(0.0, total - ttft) * 1e9))
         return obj
 
-    outcome = "cancelled"
     try:
         async with aclosing(opened.rest) as rest:
             if not chat.stream:
-                flow.take(opened.first)
-                try:
-                    async for chunk in rest:
-                        flow.take(chunk)
-                    flow.check_finished()
-                except errors.AnyadError as exc:
-                    outcome = "error"
-                    flow.failed(exc)
-                    raise
-                outcome = flow.reply.finish_reason or "stop"
-                return web.Response(body=dumpb(final(flow.reply.text, flow.reply.usage, outcome)),
+                reply = await flow.collect(rest)
+                return web.Response(body=dumpb(final(reply.text, reply.usage, flow.outcome)),
                                     headers=flow.headers, content_type="application/json")
             resp = web.StreamResponse(headers={**flow.headers, "Content-Type": NDJSON})
             await resp.prepare(request)
@@ -205,10 +195,9 @@ async def _answer(request: web.Request, body: dict[str, Any], messages: list[dic
                         await resp.write(dumpb(piece(chunk.text)) + b"\n")
                     chunk = await anext(rest, None)
                 flow.check_finished()
-                outcome = flow.reply.finish_reason or "stop"
-                await resp.write(dumpb(final("", flow.reply.usage, outcome)) + b"\n")
+                flow.ended()
+                await resp.write(dumpb(final("", flow.reply.usage, flow.outcome)) + b"\n")
             except errors.AnyadError as exc:
-                outcome = "error"
                 flow.failed(exc)
                 try:  # Ollama reports a failure mid-stream as a line of its own
                     await resp.write(dumpb({"error": exc.message}) + b"\n")
@@ -218,7 +207,7 @@ async def _answer(request: web.Request, body: dict[str, Any], messages: list[dic
                 log.info("request %s: client disconnected mid-stream", request[REQUEST_ID])
             return resp
     finally:
-        flow.finish(outcome)
+        flow.finish()
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -317,7 +306,7 @@ async def show(request: web.Request) -> web.Response:
     body = await _body(request)
     daemon = request.app[DAEMON]
     name = body["model"]
-    _allowed(request, name, uses_quota=False)
+    admit(request, name)
     known = {n: b for n, b in _entries(daemon)}
     if name not in known:
         daemon.router.resolve(name)  # a provider/model name is known without being listed
@@ -343,18 +332,9 @@ async def show(request: web.Request) -> web.Response:
 
 # -- embeddings, version, root ----------------------------------------------------------------
 
-def _allowed(request: web.Request, model: str, uses_quota: bool = True) -> None:
-    """The key's model patterns and (for work done) its quotas, as on the OpenAI API."""
-    ident = identity(request)
-    if not ident.may_use(model):
-        raise errors.ModelNotAllowed(f"the key {ident.name!r} may not use the model {model!r}", param="model")
-    if uses_quota:
-        request.app[DAEMON].quotas.check(ident)
-
-
 async def embed(request: web.Request) -> web.Response:
     body = await _body(request)
-    _allowed(request, body["model"])
+    admit(request, body["model"], request.app[DAEMON].quotas)
     inputs = body.get("input", "")
     if isinstance(inputs, str):
         inputs = [inputs]
@@ -372,7 +352,7 @@ async def embed(request: web.Request) -> web.Response:
 async def embeddings(request: web.Request) -> web.Response:
     """The older single-prompt endpoint."""
     body = await _body(request)
-    _allowed(request, body["model"])
+    admit(request, body["model"], request.app[DAEMON].quotas)
     target, result, _ = await request.app[DAEMON].router.embed(body["model"], [str(body.get("prompt", ""))])
     return web.json_response({"embedding": result.vectors[0]}, headers={"X-Anyad-Backend": target.name})
 

@@ -30,21 +30,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     enc = OpenAIEncoder(opened.name, include_usage=chat.include_usage)
     reply = flow.reply
     take = flow.take
-    outcome = "cancelled"  # unless the reply ends, or fails
     try:
         async with aclosing(opened.rest) as rest:
             if not chat.stream:
-                take(opened.first)
-                try:
-                    async for chunk in rest:
-                        take(chunk)
-                    flow.check_finished()
-                except AnyadError as exc:
-                    outcome = "error"
-                    flow.failed(exc)
-                    raise
-                outcome = reply.finish_reason or "stop"
-                return web.Response(body=dumpb(enc.completion(reply)), headers=headers,
+                return web.Response(body=dumpb(enc.completion(await flow.collect(rest))), headers=headers,
                                     content_type="application/json")
 
             resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
@@ -72,9 +61,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     tail.append(enc.usage(reply.usage or Usage()))
                 tail.append(DONE)
                 await resp.write(b"".join(tail))
-                outcome = reply.finish_reason or "stop"
+                flow.ended()
             except AnyadError as exc:
-                outcome = "error"
                 flow.failed(exc)
                 # Headers are gone already: report in-band, as OpenAI does, and end without [DONE].
                 try:
@@ -86,4 +74,4 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 log.info("request %s: client disconnected mid-stream", request[REQUEST_ID])
             return resp
     finally:
-        flow.finish(outcome)
+        flow.finish()

@@ -11,8 +11,7 @@ from aiohttp import web
 from anyad.jsoncodec import dumps
 from anyad.router import fallback_header
 from anyad.schemas import EmbeddingsRequest, validate
-from anyad.access import identity
-from anyad.errors import ModelNotAllowed
+from anyad.access import admit
 from anyad.server import BACKEND, DAEMON, MODEL, REQUEST_ID, USAGE, read_json
 
 
@@ -27,10 +26,7 @@ async def embeddings(request: web.Request) -> web.Response:
     req = validate(EmbeddingsRequest, await read_json(request))
     request[MODEL] = req.model
     daemon = request.app[DAEMON]
-    ident = identity(request)
-    if not ident.may_use(req.model):
-        raise ModelNotAllowed(f"the key {ident.name!r} may not use the model {req.model!r}", param="model")
-    daemon.quotas.check(ident)
+    ident = admit(request, req.model, daemon.quotas)
     target, result, skipped = await daemon.router.embed(req.model, req.inputs(), req.options())
     request[BACKEND] = target.name
     request[USAGE] = (result.prompt_tokens, 0, None)
