@@ -5,7 +5,8 @@
 (what service managers probe) and CORS preflights; a missing or wrong key is a 401 in
 OpenAI's error shape. Keys are compared as SHA-256 digests in constant time, and no key
 ever reaches a log line. ``server.allowed_origins`` lists the browser origins that may
-call the API (none by default; ``"*"`` only when configured).
+call the API (none by default; ``"*"`` only when configured); ``BrowserGuard`` refuses
+every other origin, and foreign Host names on a loopback listener.
 """
 
 from __future__ import annotations
@@ -105,17 +106,77 @@ def actor(request: web.Request) -> str:
     return request.get(WHO) or "addr:" + (request.remote or "?")
 
 
-def preflight_middleware(current: Callable[[], list[str]]) -> Callable[[web.Request, Handler],
-                                                                       Awaitable[web.StreamResponse]]:
-    """Answers CORS preflights: 204 with what may follow, or 403 for an origin not allowed."""
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without its port or an IPv6 address's brackets."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h[1:]
+    name, sep, port = h.rpartition(":")
+    if sep and port.isdigit() and ":" not in name:
+        h = name
+    return h.rstrip(".")
+
+
+def is_local_name(name: str) -> bool:
+    """A name only this machine answers to: loopback addresses, localhost and ``*.localhost``
+    (which browsers resolve to loopback themselves, RFC 6761)."""
+    return is_loopback(name) or name.endswith(".localhost")
+
+
+class BrowserGuard:
+    """What a web page in the user's browser may not do, checked on every request of every
+    listener before anything else: name a foreign host (DNS rebinding) or come from a
+    foreign origin (cross-site requests, simple ones included, which need no preflight).
+
+    ``settings()``: the server settings in force (a reload changes the lists);
+    ``bind_host()``: the address this listener is bound to.
+    """
+
+    def __init__(self, settings: Callable[[], ServerSettings], bind_host: Callable[[], str]) -> None:
+        self.settings = settings
+        self.bind_host = bind_host
+
+    def check(self, request: web.Request) -> None:
+        server = self.settings()
+        host = request.headers.get("Host")
+        if host is not None and is_loopback(self.bind_host()):
+            name = host_name(host)
+            if not is_local_name(name) and name not in (h.lower() for h in server.allowed_hosts):
+                raise errors.Forbidden(f"the Host {host[:100]!r} is not this machine: anyad listens on a loopback "
+                                       "address and answers only to loopback names and server.allowed_hosts",
+                                       code="host_not_allowed")
+        origin = request.headers.get("Origin")
+        if origin is None:
+            # No Origin: not a script's cross-site request; but a cross-site <img>, <script>
+            # or <link> still says where it came from.
+            if request.headers.get("Sec-Fetch-Site") == "cross-site" \
+                    and request.headers.get("Sec-Fetch-Mode") not in (None, "navigate"):
+                raise errors.Forbidden("cross-site requests are refused", code="origin_not_allowed")
+            return
+        if not self.origin_allowed(origin, request, server):
+            raise errors.Forbidden(f"the origin {origin[:100]!r} is not in server.allowed_origins",
+                                   code="origin_not_allowed")
+
+    @staticmethod
+    def origin_allowed(origin: str, request: web.Request, server: ServerSettings) -> bool:
+        allowed = server.allowed_origins
+        if "*" in allowed and origin != "null":
+            return True
+        if origin in allowed:
+            return True
+        # The dashboard's own requests: its page came from this very host and port.
+        host = request.headers.get("Host")
+        return host is not None and origin.lower() in (f"http://{host.lower()}", f"https://{host.lower()}")
+
+
+def guard_middleware(guard: BrowserGuard) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Refuses what ``guard`` refuses, then answers CORS preflights from allowed origins."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        if request.method == "OPTIONS" and origin is not None and "Access-Control-Request-Method" in request.headers:
-            allowed = current()
-            if "*" not in allowed and origin not in allowed:
-                raise errors.Forbidden(f"origin {origin[:100]!r} is not in server.allowed_origins")
+        guard.check(request)
+        if request.method == "OPTIONS" and "Origin" in request.headers \
+                and "Access-Control-Request-Method" in request.headers:
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
                 "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
@@ -126,7 +187,8 @@ def preflight_middleware(current: Callable[[], list[str]]) -> Callable[[web.Requ
     return middleware
 
 
-def cors_headers(current: Callable[[], list[str]]) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+def cors_headers(current: Callable[[], ServerSettings]) -> Callable[[web.Request, web.StreamResponse],
+                                                                   Awaitable[None]]:
     """An on_response_prepare hook: every reply to an allowed origin (streams and errors
     too, since it runs just before the headers go out) says so."""
 
@@ -134,8 +196,7 @@ def cors_headers(current: Callable[[], list[str]]) -> Callable[[web.Request, web
         origin = request.headers.get("Origin")
         if origin is None:
             return
-        allowed = current()
-        if "*" in allowed or origin in allowed:
+        if BrowserGuard.origin_allowed(origin, request, current()):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = EXPOSED
             response.headers["Vary"] = "Origin"

@@ -96,10 +96,12 @@ def cache_control(request: web.Request) -> set[str]:
 
 
 class ResponseCache:
-    def __init__(self, store: Store, settings: CacheSettings, router: Router) -> None:
+    def __init__(self, store: Store, settings: CacheSettings, router: Router,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.settings = settings
         self.router = router
+        self.clock = clock  # wall-clock seconds: entries outlive a restart
 
     def key(self, chat: ChatRequest) -> str:
         identity = [t.backend.identity(t.model) for t in self.router.resolve(chat.model, chat.route_key)]
@@ -118,11 +120,12 @@ class ResponseCache:
         row = await asyncio.to_thread(self._read, key)
         if row is None:
             return None
-        fresh = row["expires"] > time.time()
+        fresh = row["expires"] > self.clock()
         if not fresh and not stale_ok:
             return None
+        used = self.clock()
         self.store.submit(lambda db: db.conn.execute(
-            "UPDATE cache SET last_used = ?, hits = hits + 1 WHERE key = ?", (time.time(), key)))
+            "UPDATE cache SET last_used = ?, hits = hits + 1 WHERE key = ?", (used, key)))
         data = loads(row["reply"])
         return Entry(row["backend"], data["message"], data["finish_reason"],
                      Usage(data["usage"]["prompt_tokens"], data["usage"]["completion_tokens"]), fresh)
@@ -138,7 +141,7 @@ class ResponseCache:
             usage: Usage | None) -> None:
         reply = dumps({"message": message, "finish_reason": finish_reason,
                        "usage": (usage or Usage()).as_dict()})
-        now = time.time()
+        now = self.clock()
         s = self.settings
 
         def write(db: Any) -> None:

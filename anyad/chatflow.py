@@ -10,6 +10,7 @@ turn a wire request into a ``ChatRequest`` and the chunks into their own bytes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -22,11 +23,12 @@ from anyad.config import ServerSettings
 from anyad.daemon import Daemon
 from anyad.encoders import Reply
 from anyad.access import admit, identity
-from anyad.errors import AnyadError, BackendError, InvalidRequest
+from anyad.errors import AnyadError, BackendError, Forbidden, InvalidRequest
 from anyad.plugin_manager import ExchangeRecord
 from anyad.router import Opened, fallback_header
 from anyad.server import BACKEND, CONTENT, MODEL, REQUEST_ID, USAGE
-from anyad.store import CONVERSATION_ID, Exchange
+from anyad.modelops import check_keep_alive
+from anyad.store import CONVERSATION_ID, Exchange, Store
 from anyad.stream import ChatRequest, Chunk, ChunkStream, content_text
 
 log = logging.getLogger("anyad.chat")
@@ -48,6 +50,21 @@ def conversation_id(request: web.Request) -> str:
     if not CONVERSATION_ID.match(cid):
         raise InvalidRequest(f"{CONVERSATION_HEADER} must be 1-128 letters, digits, '_', '-', '.' or ':'",
                              param=CONVERSATION_HEADER)
+    return cid
+
+
+async def writable_conversation(history: Store, request: web.Request) -> str:
+    """The conversation this request's exchange goes into: as ``conversation_id``, but a key
+    may add only to its own conversations (admin keys to any), as it may read only those."""
+    cid = conversation_id(request)
+    ident = identity(request)
+    if ident.admin or CONVERSATION_HEADER not in request.headers:
+        return cid
+    exists, owner = await asyncio.to_thread(history.owner, cid)
+    if exists and owner != ident.name:
+        raise Forbidden(f"the conversation {cid!r} belongs to another key; continue one of your own, or send "
+                        f"no {CONVERSATION_HEADER} to start a new one", param=CONVERSATION_HEADER,
+                        code="conversation_not_owned")
     return cid
 
 
@@ -106,8 +123,9 @@ class ChatFlow:
                                                    endpoint=request.path, daemon=daemon)
             request[MODEL] = self.chat.model
         admit(request, self.chat.model, daemon.quotas)
+        check_keep_alive(daemon, request, self.chat.model, self.chat.keep_alive)
         if daemon.history is not None:
-            self.conversation_id = conversation_id(request)
+            self.conversation_id = await writable_conversation(daemon.history, request)
         if daemon.router.weighted:
             self.chat.route_key = route_key(request)
         if daemon.cache is not None:

@@ -23,29 +23,19 @@ CUT_OFF_S = 1.0
 
 async def _serve(settings: "Settings", load: Callable[[], "Settings"]) -> int:
     """Listen until SIGTERM/SIGINT, then drain; SIGHUP re-reads the config with ``load``."""
-    from aiohttp import web
-
     from anyad.access import check_bind
     from anyad.daemon import Daemon
+    from anyad.listen import listen, raise_open_file_limit
     from anyad.sdnotify import Notifier
     from anyad.server import build_app
 
     check_bind(settings.server, bool(settings.keys))
+    raise_open_file_limit()  # before any listener starts (plugins' too): their caps follow from it
     notifier = Notifier()
     daemon = Daemon(settings)
     daemon.load_settings = load
-    app = build_app(daemon)
-    # handler_cancellation: a client that hangs up cancels its request, which
-    # stops generation in the worker instead of finishing a reply nobody reads.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_OFF_S)
-    await runner.setup()
-    host, port = settings.server.host, settings.server.port
-    site = web.TCPSite(runner, host, port, backlog=1024)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    runner, bound = await listen(build_app(daemon), settings.server.host, settings.server.port, settings.server,
+                                 shutdown_timeout=CUT_OFF_S)
 
     loop = asyncio.get_running_loop()
     stop, now = asyncio.Event(), asyncio.Event()
@@ -71,8 +61,6 @@ async def _serve(settings: "Settings", load: Callable[[], "Settings"]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload()))
-    addrs = site._server.sockets if site._server is not None else None  # aiohttp keeps the bound sockets here
-    bound = addrs[0].getsockname()[:2] if addrs else (host, port)
     models = ", ".join(info.id for info in daemon.router.models()) or "none"
     log.info("anyad %s listening on http://%s:%s serving models: %s", __version__, bound[0], bound[1], models)
 
@@ -141,30 +129,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     import json
-    import urllib.error
-    import urllib.request
 
+    from anyad.daemon_client import DaemonError, api_key, get_json
     from anyad.status_table import render
 
     settings = settings_or_report(args.config, host=args.host, port=args.port)
     if settings is None:
         return 2
-    host = settings.server.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"  # a wildcard bind is reachable on loopback
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.server.port}/api/status"
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            status = json.load(r)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(f"anyad: no daemon answers at {url} ({reason}); is `anyad serve` running?", file=sys.stderr)
+        status = get_json(settings, "/api/status", api_key(args))
+    except DaemonError as exc:
+        print(f"anyad: {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(json.dumps(status, indent=2) + "\n" if args.json else render(status))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from anyad.daemon_client import add_arguments as add_daemon_arguments
+
     p = argparse.ArgumentParser(prog="anyad", description="Local-LLM gateway with an OpenAI-compatible API.")
     p.add_argument("--version", action="version", version=f"anyad {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
     st = sub.add_parser("status", help="show the running daemon's devices, models and queues")
     st.add_argument("--config", help="config file, to find the daemon's address")
-    st.add_argument("--host", help="the daemon's address (default from the config, else 127.0.0.1)")
-    st.add_argument("--port", type=int, help="the daemon's port (default from the config, else 2692)")
+    add_daemon_arguments(st)
     st.add_argument("--json", action="store_true", help="print /api/status as JSON")
     st.set_defaults(func=cmd_status)
     from anyad.history_cli import add_parser as add_history

@@ -59,7 +59,13 @@ class ServerSettings(_Strict):
     # "env:VAR" or "cred:NAME". Empty: no key needed (then only a loopback host is allowed).
     api_keys: list[SecretRef] = []
     # Browser origins allowed to call the API (CORS), e.g. ["http://localhost:3000"]; "*" for any.
+    # A request from any other origin ("null" included) is refused, whatever its method;
+    # the dashboard's own origin (this listener's address) is always allowed.
     allowed_origins: list[str] = []
+    # Host names (beyond loopback names and addresses) that requests may name in their
+    # Host header while listening on a loopback address; anything else is refused, so a
+    # web page on a DNS-rebinding domain cannot reach the daemon. E.g. ["anyad.lan"].
+    allowed_hosts: list[str] = []
     # Requests per minute per API key (or per client address without keys); 0: no limit.
     rate_limit_per_minute: int = Field(0, ge=0)
     # Caps on one chat request: number of messages and characters of message text.
@@ -68,6 +74,22 @@ class ServerSettings(_Strict):
     # On SIGTERM: how long replies in flight may take to finish (new requests get 503
     # meanwhile) before they are cut off. Keep it under systemd's TimeoutStopSec.
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # A reload (SIGHUP, POST /api/reload) that would leave no API keys, or no models,
+    # providers and routes, is refused as a mistake (an emptied file) unless this is true.
+    allow_empty_reload: bool = False
+    # Slow clients: a connection must send a complete request head within header_timeout_s
+    # (of opening, or of the first byte of its next request), and a request body may pause
+    # at most body_timeout_s between reads (then 408); an idle keep-alive connection is
+    # closed after keepalive_timeout_s. None of these cut a reply that takes long.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    keepalive_timeout_s: float = Field(75.0, gt=0)
+    # Floods: open connections per client address, and in all (never more than the
+    # open-file limit allows); beyond them a new connection is closed at once. Every local
+    # program shares 127.0.0.1, so the per-client cap is far above what an SDK's pool or a
+    # busy IDE holds, and still keeps one runaway client from taking every socket.
+    max_connections_per_client: int = Field(256, ge=1)
+    max_connections: int = Field(4096, ge=1)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")

@@ -23,7 +23,7 @@ from anyad.plugin_manager import Plugins
 from anyad.resources import DeviceProbe
 from anyad.router import Router
 from anyad.scheduler import Scheduler
-from anyad.store import DB_NAME, Store
+from anyad.store import DB_NAME, Store, check_integrity
 from anyad.stream import ChatRequest
 
 log = logging.getLogger("anyad")
@@ -32,8 +32,29 @@ RETENTION_INTERVAL_S = 3600.0
 # What a reload (SIGHUP) changes; any other difference in the new config needs a restart.
 RETIRE_AFTER_S = 600.0  # a reload closes replaced providers at the latest this long after
 RELOADABLE = ("providers", "routes", "router", "keys")
-RELOADABLE_SERVER = ("api_keys", "allowed_origins", "rate_limit_per_minute", "max_messages", "max_prompt_chars",
-                     "log_level", "shutdown_grace_s")
+RELOADABLE_SERVER = ("api_keys", "allowed_origins", "allowed_hosts", "rate_limit_per_minute", "max_messages", "max_prompt_chars",
+                     "log_level", "shutdown_grace_s", "allow_empty_reload")
+
+
+def emptied(old: Settings, new: Settings) -> str | None:
+    """What a reload from ``old`` to ``new`` would leave with nothing at all, or None.
+
+    An emptied or truncated file parses as a valid config with nothing in it; applying it
+    would drop every key and provider at once, so that takes saying so in the file.
+    """
+    if new.server.allow_empty_reload:
+        return None
+
+    def serves(s: Settings) -> bool:
+        return bool(s.models or s.providers or s.routes or s.discovery.discover)
+
+    gone = [what for what, had, has in (
+        ("API keys", bool(old.server.api_keys or old.keys), bool(new.server.api_keys or new.keys)),
+        ("models, providers and routes", serves(old), serves(new))) if had and not has]
+    if not gone:
+        return None
+    return (f"{new.source or 'the new config'} has no {' and no '.join(gone)}; set server.allow_empty_reload = true "
+            "in it if that is meant")
 
 
 class Daemon:
@@ -127,6 +148,9 @@ class Daemon:
         return await self.plugins.guard("anyad_remote_request", request, "request", target=target, daemon=self)
 
     async def start(self) -> None:
+        path = self.settings.resolved_data_dir / DB_NAME
+        # First, before anything reads or writes it (the keys and quotas read it, whatever else is on).
+        await asyncio.to_thread(check_integrity, path)
         # NVML and the engine's GPU support are read once, off the event loop.
         if self.probe is None:
             self.probe = await asyncio.to_thread(DeviceProbe)
@@ -134,7 +158,6 @@ class Daemon:
         await asyncio.to_thread(self.probe.log_once)
         st = self.settings
         if st.history.enabled or st.cache.enabled or st.audit.enabled or st.usage.enabled:
-            path = self.settings.resolved_data_dir / DB_NAME
             try:
                 self.store = await asyncio.to_thread(Store, path)
             except (OSError, sqlite3.Error) as exc:
@@ -237,11 +260,14 @@ class Daemon:
         """Apply a new config's providers, routes, router settings, API keys and limits.
 
         Everything is built before anything is swapped, so an invalid config (raising
-        ``ConfigError``) leaves the running one whole. Requests in flight finish on the
+        ``ConfigError``), or one that would leave no keys or no models (``emptied``),
+        leaves the running one whole. Requests in flight finish on the
         providers they started with; those are closed once the requests are done. Returns
         the settings that differ but need a restart (they keep their old values).
         """
         old = self.settings
+        if (why := emptied(old, new)) is not None:
+            raise ConfigError(why)
         providers: dict[str, Backend] = {}
         try:
             providers = self._providers(new)

@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,10 @@ from anyad.tables import size as _size
 HF_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+GGUF_MAGIC = b"GGUF"
+# Unicode's control, format (e.g. right-to-left override) and line/paragraph separators:
+# none belongs in a file name a person reads in a listing.
+UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 class DownloadError(Exception):
@@ -59,9 +64,20 @@ def resolve_source(source: str, revision: str = "main") -> str:
 
 
 def file_name(url: str) -> str:
-    name = unquote(Path(urlparse(url).path).name)
-    if not name or name in (".", ".."):
+    """The decoded last segment of ``url``'s path, if it is a plain file name."""
+    # The segment is taken before decoding, so %2F and the like are still inside it: check after.
+    encoded = urlparse(url).path.rsplit("/", 1)[-1]
+    if not encoded:
         raise DownloadError(f"{url}: the URL does not end in a file name")
+    return plain_name(unquote(encoded))
+
+
+def plain_name(name: str) -> str:
+    """``name``, if joined to a directory it names a file in that directory and nowhere else."""
+    if (name in ("", ".", "..") or "/" in name or "\\" in name
+            or any(unicodedata.category(c) in UNPRINTABLE for c in name)):
+        raise DownloadError(f"refusing to save the download as {name!r}: not a plain file name (no /, \\, "
+                            "'..', NUL or control characters); nothing was written")
     return name
 
 
@@ -117,19 +133,25 @@ async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revisi
     """Download ``source`` into ``dest_dir``; returns the final path."""
     url = resolve_source(source, revision)
     name = file_name(url)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    final = dest_dir / name
-    part = dest_dir / f".{name}.part"
     if sha256 is not None and not SHA256.match(sha256.lower()):
         raise DownloadError("--sha256 must be 64 hex digits")
     expected = sha256.lower() if sha256 else None
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final = dest_dir / name
+    part = dest_dir / f".{name}.part"
 
     have = part.stat().st_size if part.exists() else 0
     digest = hashlib.sha256()
+    head = b""  # the file's first bytes, up to the length of GGUF's magic
     if have:
         with part.open("rb") as f:  # the hash continues from the bytes already here
             for block in iter(lambda: f.read(CHUNK), b""):
+                head = head or block[:len(GGUF_MAGIC)]
                 digest.update(block)
+        if not GGUF_MAGIC.startswith(head):  # left by an older anyad that did not check: start again
+            part.unlink()
+            have, digest, head = 0, hashlib.sha256(), b""
+    content_type: str | None = None  # what the server said it sent, for the error when it is not GGUF
     headers = {"User-Agent": f"anyad/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -147,8 +169,9 @@ async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revisi
             elif resp.status >= 400:
                 raise DownloadError(f"the server refused the download: {resp.status} {resp.reason}: {url}")
             else:
+                content_type = resp.headers.get("Content-Type")
                 if resp.status == 200 and have:  # no range support: start again
-                    have, digest = 0, hashlib.sha256()
+                    have, digest, head = 0, hashlib.sha256(), b""
                 length = resp.content_length
                 total = have + length if length is not None else None
                 expected = expected or _published_sha256(resp)
@@ -160,6 +183,11 @@ async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revisi
                 try:
                     with part.open("ab" if have else "wb") as f:
                         async for block in resp.content.iter_chunked(CHUNK):
+                            if len(head) < len(GGUF_MAGIC):
+                                head += block[:len(GGUF_MAGIC) - len(head)]
+                                if not GGUF_MAGIC.startswith(head):
+                                    resp.close()  # a web page, not a model: fetch no more of it
+                                    break
                             f.write(block)
                             digest.update(block)
                             p.done += len(block)
@@ -175,9 +203,14 @@ async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revisi
                     raise DownloadError(f"the download was interrupted after {_size(p.done)}"
                                         f"{' of ' + _size(total) if total else ''} ({type(exc).__name__}); "
                                         "run the same command again to resume") from None
-                if total is not None and p.done < total:
+                if total is not None and p.done < total and GGUF_MAGIC.startswith(head):
                     raise DownloadError(f"the download was interrupted after {_size(p.done)} of {_size(total)}; "
                                         "run the same command again to resume")
+    if head != GGUF_MAGIC:
+        part.unlink(missing_ok=True)
+        sent = f", Content-Type {content_type}" if content_type else ""
+        raise DownloadError(f"{url} is not a GGUF file (it starts with {head!r}{sent}); nothing was kept. "
+                            "Is it a web page rather than the file's download link?")
     actual = digest.hexdigest()
     if expected is not None and actual != expected:
         part.unlink(missing_ok=True)

@@ -82,6 +82,14 @@ class PayloadTooLarge(AnyadError):
     code = "request_too_large"
 
 
+class RequestTimeout(AnyadError):
+    """The client stopped sending its request body part way."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class QueueFull(AnyadError):
     """A model's queue is full; the client should come back after ``retry_after`` seconds."""
 
@@ -119,6 +127,11 @@ class NetworkError(BackendError):
     """The provider could not be reached at all (refused, DNS, connect timeout): counts towards offline."""
 
     code = "network_error"
+
+
+class ConnectionRefused(NetworkError):
+    """The provider's host refused the connection: the network is up, the service is not
+    (its breaker's business, never a reason to count the machine offline)."""
 
 
 class UpstreamError(AnyadError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from typing import Any
@@ -13,10 +14,13 @@ from yarl import URL
 from anyad import __version__, secrets
 from anyad.backend import Backend, ModelInfo
 from anyad.jsoncodec import dumpb, loads
+from anyad.offline import refused
 
 from anyad.config import ProviderSettings
-from anyad.errors import AnyadError, BackendError, ConfigError, NetworkError, Timeout, Unavailable, UpstreamError
+from anyad.errors import (AnyadError, BackendError, ConfigError, ConnectionRefused, NetworkError, Timeout, Unavailable,
+                          UpstreamError)
 
+log = logging.getLogger("anyad.remote")
 JSON_HEADERS = {"Content-Type": "application/json"}
 SECRET_TTL_S = 60.0
 
@@ -31,6 +35,7 @@ class ProviderClient:
         self._session: aiohttp.ClientSession | None = None
         self._key: str | None = None
         self._key_at = 0.0
+        self.key_problem: str | None = None  # why the key reference cannot be resolved, when it cannot
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -57,9 +62,10 @@ class ProviderClient:
         try:
             key = await asyncio.to_thread(secrets.resolve, ref)
         except ConfigError as exc:
+            self.key_problem = str(exc)
             # The provider is unusable, not the request: another target may answer.
             raise Unavailable(f"{self.name}: {exc}") from None
-        self._key, self._key_at = key, now
+        self._key, self._key_at, self.key_problem = key, now, None
         return key
 
     def probe_address(self) -> tuple[str, int] | None:
@@ -78,7 +84,8 @@ class ProviderClient:
                 from None
         except aiohttp.ClientConnectorError as exc:
             reason = exc.os_error.strerror if exc.os_error and exc.os_error.strerror else str(exc.os_error or exc)
-            raise NetworkError(f"{self.name}: cannot connect to {exc.host}:{exc.port}: {reason}") from None
+            cls = ConnectionRefused if refused(exc.os_error) else NetworkError
+            raise cls(f"{self.name}: cannot connect to {exc.host}:{exc.port}: {reason}") from None
         except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
             raise Timeout(f"{self.name}: no answer within {self.settings.read_timeout_s:g} s") from None
         except (aiohttp.ClientError, OSError) as exc:
@@ -159,6 +166,17 @@ class RemoteBackend(Backend):
 
     def probe_address(self) -> tuple[str, int] | None:
         return self.client.probe_address()
+
+    async def start(self) -> None:
+        # Resolve the key once now, so that a missing one shows in the status before a request fails on it.
+        try:
+            await self.client.api_key()
+        except Unavailable as exc:
+            log.warning("provider %s is misconfigured: %s", self.name, self.client.key_problem or exc.message)
+
+    def status(self) -> dict[str, Any]:
+        problem = self.client.key_problem
+        return {"state": "misconfigured", "problem": problem} if problem else {"state": "ok"}
 
     def identity(self, model: str) -> str:
         return f"{self.kind}:{self.settings.base_url}:{model}"

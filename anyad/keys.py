@@ -122,8 +122,10 @@ class KeyRing:
 
     @property
     def has_keys(self) -> bool:
-        """Whether requests need a key: some key exists."""
-        return bool(self.static or self.dynamic)
+        """Whether requests need a key: some key exists, or existed. A revoked or expired key
+        keeps the daemon locked: revoking the last key must not open it to everyone (the
+        owner unlocks it on purpose with ``anyad keys unlock``)."""
+        return bool(self.static or self.dynamic or self._revoked)
 
     def identify(self, token: str) -> Identity | None:
         """The key's identity, or None for an unknown, revoked or expired key."""

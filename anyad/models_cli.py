@@ -1,15 +1,21 @@
-"""``anyad models list`` (configured and discovered GGUF files) and ``anyad models verify``
-(every configured model file against its ``sha256``)."""
+"""``anyad models list`` (what the running daemon serves, else the configured and discovered
+GGUF files) and ``anyad models verify`` (every configured model file against its ``sha256``)."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 from anyad.cli import settings_or_report
+from anyad.daemon_client import DaemonError, NoDaemon, api_key, base_url, get_json
+from anyad.daemon_client import add_arguments as add_daemon_arguments
 from anyad.integrity import file_sha256
 from anyad.tables import size
 from anyad.tables import table as text_table
+
+if TYPE_CHECKING:
+    from anyad.config import Settings
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -38,7 +44,51 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """Configured models, then what discovery finds (whether or not ``models.discover`` serves them)."""
+    """What a daemon answering at the configured address serves; without one, the configured
+    models, then what discovery finds (whether or not ``models.discover`` serves them)."""
+    settings = settings_or_report(args.config, host=args.host, port=args.port)
+    if settings is None:
+        return 2
+    if args.local:
+        return _list_local(settings, args)
+    try:
+        served = get_json(settings, "/v1/models", api_key(args))
+    except NoDaemon:
+        print(f"anyad: no daemon answers at {base_url(settings)}; listing the config and the model files found "
+              "here", file=sys.stderr)
+        return _list_local(settings, args)
+    except DaemonError as exc:
+        print(f"anyad: {exc} (or --local lists the config and the model files found here)", file=sys.stderr)
+        return 1
+    data = served.get("data") if isinstance(served, dict) else None
+    if not isinstance(data, list):
+        print(f"anyad: {base_url(settings)}/v1/models is not a list of models; is it an anyad daemon?",
+              file=sys.stderr)
+        return 1
+    return _list_served(data, base_url(settings), args)
+
+
+def _list_served(data: list[dict[str, Any]], url: str, args: argparse.Namespace) -> int:
+    import json
+
+    rows = [{"id": m.get("id"), "owned_by": m.get("owned_by"), "context_length": m.get("context_length"),
+             "architecture": m.get("architecture"), "source": "daemon", "url": url}
+            for m in data if isinstance(m, dict)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"the daemon at {url} serves no models")
+        return 0
+    table = [["ID", "OWNED BY", "CONTEXT", "ARCH", "SOURCE"]]
+    table += [[str(r["id"]), str(r["owned_by"] or "-"), str(r["context_length"] or "-"), str(r["architecture"] or "-"),
+               "daemon"] for r in rows]
+    print("\n".join(text_table(table)))
+    print(f"\nserved by the daemon at {url}")
+    return 0
+
+
+def _list_local(settings: "Settings", args: argparse.Namespace) -> int:
     import json
     import logging
 
@@ -46,9 +96,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     from anyad.errors import ConfigError
     from anyad.gguf_meta import read_gguf_info
 
-    settings = settings_or_report(args.config)
-    if settings is None:
-        return 2
     if args.verbose:
         logging.basicConfig(level="INFO", format="%(message)s")
     rows: list[Found] = []
@@ -78,10 +125,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("models", help="list the configured and discovered models, check model files")
     ps = p.add_subparsers(dest="action", required=True)
-    ls = ps.add_parser("list", help="configured models and GGUF files found in known places")
+    ls = ps.add_parser("list", help="what the running daemon serves, else the configured models and GGUF files "
+                                    "found in known places")
     ls.add_argument("--config", help="config file")
+    add_daemon_arguments(ls)
+    ls.add_argument("--local", action="store_true",
+                    help="do not ask a running daemon: the config and the GGUF files found here")
     ls.add_argument("--json", action="store_true", help="print the list as JSON")
-    ls.add_argument("-v", "--verbose", action="store_true", help="say which files were skipped and why")
+    ls.add_argument("-v", "--verbose", action="store_true", help="say which files were skipped and why (with --local "
+                                                                 "or without a daemon)")
     ls.set_defaults(func=cmd_list)
     v = ps.add_parser("verify", help="check every model that has a sha256 against its file")
     v.add_argument("--config", help="config file")

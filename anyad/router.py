@@ -5,7 +5,8 @@ A name is a route alias (``[[routes]]``), a local model id, or ``provider/model`
 a target that fails in a way that is not the client's fault (down, refusing,
 overloaded, timing out, crashed) is retried with exponential backoff and jitter,
 then skipped for the next. Remote targets sit behind circuit breakers, and all
-of them are skipped at once while the machine is offline. Once the first chunk
+of them are skipped at once while the machine is offline (no provider's host
+answers: ``anyad.offline``). Once the first chunk
 exists, the reply belongs to that target: a later failure is the client's to
 see, never a silent switch.
 """
@@ -23,8 +24,8 @@ from typing import Awaitable, Callable, TypeVar
 from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.breaker import Breaker
 from anyad.config import RouterSettings, RouteSettings, RouteTarget
-from anyad.errors import (AnyadError, BackendError, ConfigError, ModelNotFound, NetworkError, QueueFull, Timeout,
-                          Unavailable)
+from anyad.errors import (AnyadError, BackendError, ConfigError, ConnectionRefused, ModelNotFound, NetworkError,
+                          QueueFull, Timeout, Unavailable, UpstreamError)
 from anyad.offline import Connectivity
 from anyad.stream import ChatRequest, Chunk, ChunkStream
 
@@ -87,6 +88,11 @@ def _reason(exc: AnyadError) -> str:
     return "error"
 
 
+def _provider(target: Target) -> str:
+    """A remote target's provider: its name is always ``provider/model``."""
+    return target.name.partition("/")[0]
+
+
 def fallback_header(skipped: list[str]) -> str:
     """X-Anyad-Fallback: the targets skipped and why, as a safe header value."""
     return re.sub(r"[^\x20-\x7e]", " ", "; ".join(skipped))[:300]
@@ -112,8 +118,8 @@ class Router:
             self.routes[r.name] = targets
         # Whether any route assigns by weight (only then does a request need its route key).
         self.weighted = any(t.weight > 0 for targets in self.routes.values() for t in targets)
-        self.connectivity = Connectivity(self.settings.offline_probe_interval_s)
-        self.connectivity.addresses = [a for b in providers.values() if (a := b.probe_address())]
+        self.connectivity = Connectivity({name: b.probe_address() for name, b in providers.items()},
+                                         self.settings.offline_probe_interval_s)
         self.breakers: dict[str, Breaker] = {}
         # Called as on_skip(target, reason) for each target passed over (the metrics listen);
         # reason is one word: offline, circuit_open, timeout, network, busy, unavailable, error.
@@ -192,7 +198,6 @@ class Router:
         targets = self.resolve(name, route_key)
         skipped: list[str] = []
         last: AnyadError | None = None
-        remote_outcomes: list[bool] = []  # per remote target tried: did it fail at the network level?
         for target in targets:
             remote = target.backend.remote
             if remote and self.connectivity.offline:
@@ -222,7 +227,7 @@ class Router:
                         await asyncio.sleep(delay)
                         continue
                     if remote:
-                        remote_outcomes.append(isinstance(exc, NetworkError))
+                        self._network_outcome(target, exc)
                     self._skip(skipped, target, _reason(exc), f"{exc.status} {exc.message}")
                     break
                 except BaseException:
@@ -232,13 +237,10 @@ class Router:
                 if breaker is not None:
                     breaker.success()
                 if remote:
-                    self.connectivity.came_online()
-                else:
-                    self._check_offline(remote_outcomes, skipped)
+                    self.connectivity.reached(_provider(target))
                 if skipped:
                     log.info("request for %s answered by %s after: %s", name, target.name, "; ".join(skipped))
                 return target, result, skipped, breaker
-        self._check_offline(remote_outcomes, skipped)
         if last is None:
             last = Unavailable(f"no target can answer {name!r} now: {'; '.join(skipped)}")
         self._annotate(last, skipped)
@@ -269,10 +271,13 @@ class Router:
         target, result, skipped, _ = await self._walk(model, lambda t: t.backend.embed(inputs, t.model, options))
         return target, result, skipped
 
-    def _check_offline(self, remote_outcomes: list[bool], skipped: list[str]) -> None:
-        """Every remote target tried failed at the network level: the machine is offline."""
-        if remote_outcomes and all(remote_outcomes):
-            self.connectivity.went_offline("; ".join(skipped))
+    def _network_outcome(self, target: Target, exc: AnyadError) -> None:
+        """What a remote target's failure says about the network, for offline detection."""
+        if isinstance(exc, (ConnectionRefused, UpstreamError)):
+            self.connectivity.reached(_provider(target))  # its host answered
+        elif isinstance(exc, NetworkError):
+            self.connectivity.not_reached(_provider(target), exc.message)
+        # Anything else (a missing key, a first-byte timeout) says nothing either way.
 
     @staticmethod
     def _annotate(exc: AnyadError, skipped: list[str]) -> None:
@@ -281,7 +286,8 @@ class Router:
 
     def status(self) -> dict:
         return {"offline": self.connectivity.snapshot(),
-                "breakers": {name: b.snapshot() for name, b in sorted(self.breakers.items())}}
+                "breakers": {name: b.snapshot() for name, b in sorted(self.breakers.items())},
+                "providers": {name: b.status() for name, b in sorted(self.providers.items())}}
 
     async def close(self) -> None:
         await self.connectivity.close()

@@ -80,6 +80,7 @@ class ModelEntry:
     expires_at: float | None = None
     timer: asyncio.TimerHandle | None = None
     avg_hold_s: float = 5.0  # moving average of slot hold time, for Retry-After
+    unload_after: str | None = None  # asked to unload while busy: why, until it is idle
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -171,6 +172,20 @@ class Scheduler:
             await self._unload(e, why, reason)
             return True
 
+    async def unload_when_idle(self, name: str, why: str = "asked to") -> tuple[str, int]:
+        """Unload a model now, or as soon as the requests it is serving or queueing are done
+        (it keeps serving them; the requests that arrive meanwhile too). Returns what
+        happens: ("unloaded", 0), ("not_loaded", 0) or ("unloading", requests left)."""
+        e = self.models[name]
+        async with self._lock:
+            if e.state not in ("loaded", "loading") and not e.busy:
+                return "not_loaded", 0
+            if not e.busy:
+                await self._unload(e, why, "asked")
+                return "unloaded", 0
+            e.unload_after = why
+            return "unloading", e.active + e.waiting
+
     def ready(self, name: str) -> bool:
         """Preloaded models are ready once they have loaded; others as soon as they are registered."""
         e = self.models[name]
@@ -188,7 +203,9 @@ class Scheduler:
         if e.busy or e.state != "loaded":
             return
         self._idle.set()
-        if e.keep_alive == 0:
+        if e.unload_after is not None:
+            self._spawn(self._expire(e, e.unload_after, "asked"))
+        elif e.keep_alive == 0:
             self._spawn(self._expire(e, "keep_alive is 0"))
         elif math.isfinite(e.keep_alive):
             self._cancel_timer(e)
@@ -196,10 +213,10 @@ class Scheduler:
             e.timer = asyncio.get_running_loop().call_later(
                 e.keep_alive, lambda: self._spawn(self._expire(e, f"idle for {e.keep_alive:g} s (keep_alive)")))
 
-    async def _expire(self, e: ModelEntry, why: str) -> None:
+    async def _expire(self, e: ModelEntry, why: str, reason: str = "idle") -> None:
         async with self._lock:
             if not e.busy and e.state == "loaded":
-                await self._unload(e, why, "idle")
+                await self._unload(e, why, reason)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -352,6 +369,7 @@ class Scheduler:
         ``why`` is for people (the log), ``reason`` one word for the listeners (asked,
         idle, evicted)."""
         self._cancel_timer(e)
+        e.unload_after = None
         e.state = "unloading"
         log.info("unloading model %s: %s", e.name, why)
         try:

@@ -1,14 +1,16 @@
 """OpenAI wire formats at the edge: request models (pydantic) and their translation.
 
 Unknown fields are kept (``extra="allow"``) rather than rejected: clients send
-many vendor-specific fields, and remote backends may relay them.
+many vendor-specific fields, and remote backends may relay them. Known fields are
+strict, as OpenAI's are: ``"stream": "yes"`` or ``"max_tokens": "5"`` is a 400
+naming the field, not a guess at what the client meant.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from anyad.config import KeepAlive
 from anyad.errors import InvalidRequest
@@ -19,7 +21,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class ContentPart(_Open):
@@ -27,10 +29,38 @@ class ContentPart(_Open):
     text: str | None = None
 
 
+class FunctionCall(_Open):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Open):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
+    # Before content: its check reads them.
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_needed(cls, v: Any, info: ValidationInfo) -> Any:
+        # OpenAI's rule: only an assistant message that calls a tool (and the legacy
+        # function role) may go without content.
+        role = info.data.get("role")
+        if v is None and role not in (None, "function") and not (
+                role == "assistant" and (info.data.get("tool_calls") or info.data.get("function_call"))):
+            raise ValueError(f"a {role} message needs content" if role != "assistant" else
+                             "an assistant message needs content or tool_calls")
+        if isinstance(v, list) and not v:
+            raise ValueError("content must not be an empty list")
+        return v
 
 
 
@@ -72,6 +102,19 @@ class ChatCompletionRequest(_Open):
     # Ollama's: how long a local model stays loaded after this request ("5m", 0, -1).
     keep_alive: KeepAlive | None = None
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        # Checked here, not by the engine: llama-cpp-python applies the bias in a callback
+        # that only logs a bad key, once per generated token. Ids past the vocabulary
+        # are the worker's check, where the vocabulary is known.
+        for key, bias in (v or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (integers as strings), got {key[:40]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} must be between -100 and 100")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _stop_limit(cls, v: str | list[str] | None) -> str | list[str] | None:
@@ -111,6 +154,37 @@ class ChatCompletionRequest(_Open):
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+MAX_INPUTS = 2048
+
+
+def as_inputs(value: str | list[Any]) -> list[Any]:
+    """An embeddings ``input`` as the list of inputs it stands for."""
+    if isinstance(value, str):
+        return [value]
+    if value and isinstance(value[0], int):
+        return [value]  # one token array
+    return value
+
+
+def input_problem(inputs: list[Any], name: str = "input") -> str | None:
+    """What is wrong with a request's embedding inputs, or None: the one rule of every
+    embeddings door. An empty input must not reach llama.cpp: its decode fails, and the
+    worker's context is left damaged (it aborts on unload)."""
+    if not inputs:
+        return f"{name} must not be empty"
+    if len(inputs) > MAX_INPUTS:
+        return f"at most {MAX_INPUTS} inputs per request"
+    for i, x in enumerate(inputs):
+        if len(x) == 0:
+            return f"{name} must not be empty" if len(inputs) == 1 else f"{name}[{i}] is empty"
+    return None
+
+
+def check_inputs(inputs: list[Any], param: str = "input") -> None:
+    """``input_problem`` as a 400 naming ``param``, for doors that do not validate with pydantic."""
+    problem = input_problem(inputs, param)
+    if problem:
+        raise InvalidRequest(problem, param=param)
 
 
 class EmbeddingsRequest(_Open):
@@ -123,18 +197,13 @@ class EmbeddingsRequest(_Open):
     @field_validator("input")
     @classmethod
     def _not_empty(cls, v: Any) -> Any:
-        if v == "" or v == [] or (isinstance(v, list) and any(x == "" or x == [] for x in v)):
-            raise ValueError("input must not be empty")
-        if isinstance(v, list) and len(v) > 2048:
-            raise ValueError("at most 2048 inputs per request")
+        problem = input_problem(as_inputs(v))
+        if problem:
+            raise ValueError(problem)
         return v
 
     def inputs(self) -> list[str] | list[list[int]]:
-        if isinstance(self.input, str):
-            return [self.input]
-        if self.input and isinstance(self.input[0], int):
-            return [self.input]  # type: ignore[list-item]  # one token array
-        return self.input  # type: ignore[return-value]
+        return as_inputs(self.input)
 
     def options(self) -> dict[str, Any]:
         return {k: v for k, v in {"dimensions": self.dimensions, "user": self.user}.items() if v is not None}

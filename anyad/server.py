@@ -16,7 +16,8 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from anyad import errors
-from anyad.access import IDENT, actor, auth_middleware, cors_headers, identity, preflight_middleware
+from anyad.access import IDENT, BrowserGuard, actor, auth_middleware, cors_headers, guard_middleware, identity
+from anyad.config import ServerSettings
 from anyad.daemon import Daemon
 from anyad.jsoncodec import dumps, loads
 from anyad.store import UsageRow
@@ -37,11 +38,20 @@ UNACCOUNTED = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(exc: errors.AnyadError, request_id: str | None = None) -> web.Response:
+# How a door writes an error's body: OpenAI's shape here, Ollama's in its plugin.
+ErrorBody = Callable[[errors.AnyadError], object]
+
+
+def openai_error_body(exc: errors.AnyadError) -> object:
+    return exc.body()
+
+
+def error_response(exc: errors.AnyadError, request_id: str | None = None,
+                   render: ErrorBody = openai_error_body) -> web.Response:
     headers = dict(exc.headers)
     if request_id:
         headers["X-Request-Id"] = request_id
-    return web.json_response(exc.body(), status=exc.status, headers=headers, dumps=dumps)
+    return web.json_response(render(exc), status=exc.status, headers=headers, dumps=dumps)
 
 
 def _from_http(exc: web.HTTPException, request: web.Request) -> errors.AnyadError:
@@ -60,26 +70,35 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> errors.AnyadErro
     return err
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = request.headers.get("X-Request-Id") or os.urandom(12).hex()
-    request[REQUEST_ID] = rid
-    try:
-        resp = await handler(request)
-    except errors.AnyadError as exc:
-        if exc.status >= 500:
-            log.warning("request %s: %s", rid, exc.message)
-        return error_response(exc, rid)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(_from_http(exc, request), rid)
-    except Exception:
-        log.exception("request %s: unhandled error", rid)
-        return error_response(errors.AnyadError("internal error; see the daemon's log for request " + rid), rid)
-    if not resp.prepared:
-        resp.headers["X-Request-Id"] = rid
-    return resp
+def error_middleware_for(render: ErrorBody) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """The one place where any failure becomes a response, in the door's error shape."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-Id") or os.urandom(12).hex()
+        request[REQUEST_ID] = rid
+        try:
+            resp = await handler(request)
+        except errors.AnyadError as exc:
+            if exc.status >= 500:
+                log.warning("request %s: %s", rid, exc.message)
+            return error_response(exc, rid, render)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(_from_http(exc, request), rid, render)
+        except Exception:
+            log.exception("request %s: unhandled error", rid)
+            return error_response(errors.AnyadError("internal error; see the daemon's log for request " + rid), rid,
+                                  render)
+        if not resp.prepared:
+            resp.headers["X-Request-Id"] = rid
+        return resp
+
+    return middleware
+
+
+error_middleware = error_middleware_for(openai_error_body)
 
 
 def accounting_middleware(daemon: Daemon) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
@@ -157,24 +176,31 @@ async def read_json(request: web.Request) -> object:
         raise errors.InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 
-def build_app(daemon: Daemon) -> web.Application:
-    from anyad.api import register_routes
-
-
+def gateway_app(daemon: Daemon, bind_host: Callable[[], str], render: ErrorBody = openai_error_body) -> web.Application:
+    """An application with the layer every door (listener) shares: errors in the door's
+    shape, drain and accounting, the browser guard (Host and Origin) and CORS, API keys,
+    rate limits and their headers. Its rules are read from the daemon on each request, so
+    a reload (SIGHUP) changes them without rebuilding anything."""
     from anyad.limits import rate_limit_headers, rate_limit_middleware
 
-    # Access, origins and limits are read from the daemon on each request: a reload
-    # (SIGHUP) changes them without rebuilding the application.
-    def origins() -> list[str]:
-        return daemon.settings.server.allowed_origins
+    def server() -> "ServerSettings":
+        return daemon.settings.server
 
-    middlewares = [error_middleware, accounting_middleware(daemon), preflight_middleware(origins),
+    middlewares = [error_middleware_for(render), accounting_middleware(daemon),
+                   guard_middleware(BrowserGuard(server, bind_host)),
                    auth_middleware(lambda: daemon.keys), rate_limit_middleware(lambda: daemon.limiter)]
     app = web.Application(middlewares=middlewares, client_max_size=daemon.settings.server.max_body_bytes)
     app.on_response_prepare.append(rate_limit_headers)
     app.on_response_prepare.append(quota_header(daemon))
-    app.on_response_prepare.append(cors_headers(origins))
+    app.on_response_prepare.append(cors_headers(server))
     app[DAEMON] = daemon
+    return app
+
+
+def build_app(daemon: Daemon) -> web.Application:
+    from anyad.api import register_routes
+
+    app = gateway_app(daemon, lambda: daemon.settings.server.host)
 
     async def on_startup(app: web.Application) -> None:
         await daemon.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from anyad.tables import size as _size
@@ -58,11 +59,17 @@ def render(status: dict[str, Any]) -> str:
         out += ["", "NOTES", *notes]
     breakers = status.get("breakers") or {}
     offline = (status.get("offline") or {}).get("offline")
-    if breakers or offline:
+    # A provider that cannot work as configured (its key cannot be resolved): its whole reason, on its own line.
+    broken = {name: p.get("problem") or "?" for name, p in (status.get("providers") or {}).items()
+              if p.get("state") == "misconfigured"}
+    if breakers or offline or broken:
         out += ["", "REMOTE" + ("  (offline: remote targets are skipped)" if offline else "")]
         rows = [["TARGET", "CIRCUIT", "FAILURES", "LAST ERROR"]]
         for name, b in breakers.items():
-            rows.append([name, b["state"], str(b["consecutive_failures"]), (b.get("last_error") or "-")[:60]])
+            state = "misconfigured" if name.partition("/")[0] in broken else b["state"]
+            rows.append([name, state, str(b["consecutive_failures"]),
+                         textwrap.shorten(b.get("last_error") or "-", 60, placeholder=" …")])
         if len(rows) > 1:
             out += table(rows, indent="  ")
+        out += [f"  {name}: misconfigured: {problem}" for name, problem in broken.items()]
     return "\n".join(out) + "\n"

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from sqlite_utils import Database
 
+from anyad.errors import ConfigError
 from anyad.jsoncodec import dumps, loads
 from anyad.migrations import migrate, schema_version
 from anyad.stream import content_text
@@ -218,6 +219,15 @@ class HistoryReader:
         out["exchanges"] = [dict(x) for x in exchanges]
         return out
 
+    def owner(self, conversation_id: str) -> tuple[bool, str | None]:
+        """(whether the conversation exists, the key that owns it)."""
+        conn = self.read_connection()
+        try:
+            row = conn.execute("SELECT owner FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        finally:
+            conn.close()
+        return (False, None) if row is None else (True, row[0])
+
     def export(self) -> Iterator[dict[str, Any]]:
         """Every conversation, whole, oldest first."""
         conn = self.read_connection()
@@ -229,6 +239,27 @@ class HistoryReader:
             conv = self.conversation(cid)
             if conv is not None:
                 yield conv
+
+
+def check_integrity(path: Path) -> None:
+    """Refuse a damaged database file (``PRAGMA quick_check``), naming it, before anything
+    reads or writes it: SQLite itself notices a bad page only when a query happens to touch it.
+    Raises ``ConfigError``; a file that does not exist yet is fine."""
+    if not path.exists():
+        return
+    try:
+        conn = sqlite3.connect(path, timeout=10)
+        try:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:  # so damaged that the check cannot even run
+        problems = [str(exc)]
+    if problems != ["ok"]:
+        first = " ".join(str(problems[0]).split())
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ConfigError(f"the database {path} is damaged: {first}{more}; restore it from a backup or move it "
+                          "aside to start with an empty one")
 
 
 def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 import weakref
 from contextlib import aclosing
@@ -26,13 +25,13 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import anyad
-from anyad import errors
-from anyad.access import admit, auth_middleware, check_bind, identity
+from anyad import embedflow, errors, modelops
+from anyad.access import admit, check_bind, identity
 from anyad.chatflow import ChatFlow
 from anyad.config import parse_keep_alive
 from anyad.jsoncodec import dumpb, loads
-from anyad.schemas import parse_chat_request
-from anyad.server import DAEMON, REQUEST_ID, accounting_middleware, read_json
+from anyad.schemas import check_inputs, parse_chat_request
+from anyad.server import DAEMON, REQUEST_ID, gateway_app, read_json
 from anyad.stream import Usage
 
 log = logging.getLogger("anyad.ollama")
@@ -91,60 +90,72 @@ def _openai_body(body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[s
 
 
 def _message(m: Any) -> dict[str, Any]:
-    """One Ollama message → OpenAI's: images become image parts, tool-call arguments a JSON string."""
+    """One Ollama message → OpenAI's: images become image parts, tool-call arguments a JSON
+    string, and no content the empty one (Ollama's reading of a message without it)."""
     if not isinstance(m, dict):
         raise errors.InvalidRequest("each message must be an object", param="messages")
     out = {k: v for k, v in m.items() if k not in ("images", "tool_calls", "thinking", "tool_name")}
+    if out.get("content") is None:
+        out["content"] = ""
     images = m.get("images") or []
+    if not isinstance(images, list) or not all(isinstance(img, str) for img in images):
+        raise errors.InvalidRequest("messages.images must be a list of base64 strings", param="messages.images")
     if images:
-        out["content"] = [{"type": "text", "text": m.get("content") or ""}] + [
+        out["content"] = [{"type": "text", "text": out["content"]}] + [
             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}} for img in images]
-    if m.get("tool_calls"):
+    calls = m.get("tool_calls")
+    if calls:
+        if not isinstance(calls, list) or not all(isinstance(tc, dict) and isinstance(tc.get("function"), dict)
+                                                  for tc in calls):
+            raise errors.InvalidRequest("messages.tool_calls must be a list of objects, each with a function "
+                                        "object", param="messages.tool_calls")
         out["tool_calls"] = [{"id": f"call_{i}", "type": "function",
-                              "function": {"name": tc.get("function", {}).get("name"),
-                                           "arguments": dumpb(tc.get("function", {}).get("arguments", {})).decode()}}
-                             for i, tc in enumerate(m["tool_calls"])]
+                              "function": {"name": tc["function"].get("name"),
+                                           "arguments": dumpb(tc["function"].get("arguments", {})).decode()}}
+                             for i, tc in enumerate(calls)]
     if m.get("tool_name"):
         out["name"] = m["tool_name"]
     return out
 
 
 def _tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    """OpenAI tool calls (arguments as a JSON string) → Ollama's (arguments as an object)."""
-    if not calls:
+    """OpenAI tool calls (arguments as a JSON string) → Ollama's (arguments as an object).
+
+    They come from a provider's reply: a malformed one loses its arguments, not the reply."""
+    if not calls or not isinstance(calls, list):
         return None
     out = []
     for c in calls:
-        fn = c.get("function") or {}
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict):
+            continue
+        raw = fn.get("arguments")
         try:
-            args = loads(fn.get("arguments") or "{}")
+            args = loads(raw) if isinstance(raw, str) and raw else raw
         except ValueError:
-            args = {}
-        out.append({"function": {"name": fn.get("name"), "arguments": args}})
-    return out
+            args = None
+        out.append({"function": {"name": fn.get("name"), "arguments": args if isinstance(args, dict) else {}}})
+    return out or None
 
 
 # -- the chat and generate endpoints ----------------------------------------------------------
 
 async def _load_or_unload(request: web.Request, body: dict[str, Any], kind: str) -> web.Response:
     """Ollama's convention: a request with nothing to answer loads the model (or, with
-    ``keep_alive: 0``, unloads it)."""
+    ``keep_alive: 0``, unloads it), under the same rules as the admin API's."""
     daemon = request.app[DAEMON]
     model = body.get("model") or ""
-    targets = daemon.router.resolve(model)  # 404 for an unknown name
     ka = body.get("keep_alive")
     try:
-        unload = ka is not None and parse_keep_alive(ka) == 0
+        keep_alive = None if ka is None else parse_keep_alive(ka)
     except ValueError as exc:
         raise errors.InvalidRequest(str(exc), param="keep_alive") from None
-    for t in targets:
-        if t.name in daemon.local:
-            if unload:
-                await daemon.scheduler.unload(t.name)
-            else:
-                await daemon.scheduler.load(t.name)
-            break
-    done = {"model": model, "created_at": _now(), "done": True, "done_reason": "unload" if unload else "load"}
+    if keep_alive == 0:
+        await modelops.unload(daemon, request, model, route=True)
+    else:
+        modelops.check_keep_alive(daemon, request, model, keep_alive)
+        await modelops.load(daemon, request, model, route=True)
+    done = {"model": model, "created_at": _now(), "done": True, "done_reason": "unload" if keep_alive == 0 else "load"}
     done["message" if kind == "chat" else "response"] = {"role": "assistant", "content": ""} if kind == "chat" else ""
     return web.json_response(done, dumps=lambda o: dumpb(o).decode())
 
@@ -289,15 +300,13 @@ async def tags(request: web.Request) -> web.Response:
 async def ps(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     models = []
-    for name, e in daemon.scheduler.models.items():
-        if e.state != "loaded" or e.placement is None:
-            continue
-        backend = daemon.local.get(name)
-        p = e.placement
-        expires = _iso(e.expires_at) if e.expires_at else \
-            ("2318-01-01T00:00:00Z" if e.keep_alive == float("inf") else _now())
-        models.append({"name": name, "model": name, "size": p.ram_bytes + p.vram_bytes, "size_vram": p.vram_bytes,
-                       "digest": _digest(name, backend), "details": _details(backend), "expires_at": expires,
+    for m in modelops.loaded(daemon, request):
+        backend = daemon.local.get(m.name)
+        p = m.placement
+        expires = _iso(m.expires_at) if m.expires_at else \
+            ("2318-01-01T00:00:00Z" if m.keep_alive == float("inf") else _now())
+        models.append({"name": m.name, "model": m.name, "size": p.ram_bytes + p.vram_bytes, "size_vram": p.vram_bytes,
+                       "digest": _digest(m.name, backend), "details": _details(backend), "expires_at": expires,
                        "context_length": getattr(backend, "n_ctx", None)})
     return web.json_response({"models": models})
 
@@ -334,15 +343,15 @@ async def show(request: web.Request) -> web.Response:
 
 async def embed(request: web.Request) -> web.Response:
     body = await _body(request)
-    admit(request, body["model"], request.app[DAEMON].quotas)
     inputs = body.get("input", "")
     if isinstance(inputs, str):
         inputs = [inputs]
-    if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs) or not inputs:
+    if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
         raise errors.InvalidRequest("input must be a string or a list of strings", param="input")
+    check_inputs(inputs)
     t0 = time.monotonic()
     options = {"dimensions": body["dimensions"]} if body.get("dimensions") else None
-    target, result, _ = await request.app[DAEMON].router.embed(body["model"], inputs, options)
+    target, result, _ = await embedflow.embed(request, body["model"], inputs, options)
     return web.json_response({"model": body["model"], "embeddings": result.vectors,
                               "total_duration": int((time.monotonic() - t0) * 1e9), "load_duration": 0,
                               "prompt_eval_count": result.prompt_tokens},
@@ -352,8 +361,11 @@ async def embed(request: web.Request) -> web.Response:
 async def embeddings(request: web.Request) -> web.Response:
     """The older single-prompt endpoint."""
     body = await _body(request)
-    admit(request, body["model"], request.app[DAEMON].quotas)
-    target, result, _ = await request.app[DAEMON].router.embed(body["model"], [str(body.get("prompt", ""))])
+    prompt = body.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise errors.InvalidRequest("prompt must be a string", param="prompt")
+    check_inputs([prompt], "prompt")
+    target, result, _ = await embedflow.embed(request, body["model"], [prompt])
     return web.json_response({"embedding": result.vectors[0]}, headers={"X-Anyad-Backend": target.name})
 
 
@@ -367,36 +379,15 @@ async def root(request: web.Request) -> web.Response:
 
 # -- the listener -----------------------------------------------------------------------------
 
-@web.middleware
-async def ollama_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Errors in Ollama's shape: ``{"error": "..."}`` with the status anyad gives them."""
-    rid = request.headers.get("X-Request-Id") or os.urandom(12).hex()
-    request[REQUEST_ID] = rid
-    try:
-        return await handler(request)
-    except errors.AnyadError as exc:
-        if exc.status >= 500:
-            log.warning("request %s: %s", rid, exc.message)
-        return web.json_response({"error": exc.message}, status=exc.status,
-                                 headers={**exc.headers, "X-Request-Id": rid})
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return web.json_response({"error": f"{exc.reason}: {request.method} {request.path}"}, status=exc.status,
-                                 headers={"X-Request-Id": rid})
-    except ValidationError as exc:
-        return web.json_response({"error": str(exc)}, status=400, headers={"X-Request-Id": rid})
-    except Exception:
-        log.exception("request %s: unhandled error", rid)
-        return web.json_response({"error": f"internal error; see the daemon's log for request {rid}"}, status=500,
-                                 headers={"X-Request-Id": rid})
+def ollama_error_body(exc: errors.AnyadError) -> dict[str, str]:
+    """Errors in Ollama's shape: ``{"error": "..."}``, with the status anyad gives them."""
+    return {"error": exc.message}
 
 
-def build_app(daemon: Any) -> web.Application:
-    app = web.Application(middlewares=[ollama_errors, accounting_middleware(daemon),
-                                       auth_middleware(lambda: daemon.keys)],
-                          client_max_size=daemon.settings.server.max_body_bytes)
-    app[DAEMON] = daemon
+def build_app(daemon: Any, host: str = "127.0.0.1") -> web.Application:
+    """The Ollama door on the gateway layer every door shares (keys, Host and Origin,
+    rate limits, accounting); ``host``: where it listens."""
+    app = gateway_app(daemon, lambda: host, ollama_error_body)
     r = app.router
     r.add_get("/", root)
     r.add_get("/api/version", version)
@@ -428,17 +419,10 @@ async def anyad_startup(daemon: Any, config: dict[str, Any]) -> None:
         raise errors.ConfigError(f"plugins.ollama: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") \
             from None
     check_bind(daemon.settings.server.model_copy(update={"host": settings.host}), bool(daemon.settings.keys))
-    runner = web.AppRunner(build_app(daemon), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise errors.ConfigError(f"plugins.ollama: cannot listen on {settings.host}:{settings.port}: "
-                                 f"{exc.strerror or exc}") from None
-    socks = site._server.sockets if site._server is not None else []  # aiohttp keeps the bound sockets here
-    bound = socks[0].getsockname()[:2] if socks else (settings.host, settings.port)
+    from anyad.listen import listen
+
+    runner, bound = await listen(build_app(daemon, settings.host), settings.host, settings.port,
+                                 daemon.settings.server, label="plugins.ollama: ")
     LISTENERS[daemon] = (runner, bound)
     log.info("Ollama API listening on http://%s:%s", *bound)
 

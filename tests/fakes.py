@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from types import SimpleNamespace
 
@@ -106,6 +107,31 @@ class FakeOpenAI:
                                  "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}))
         await resp.write(b"data: [DONE]\r\n\r\n")
         return resp
+
+
+class Blackhole:
+    """A loopback port where connecting hangs (a listener whose backlog is full), like a dead
+    network; ``lift()`` ends that: nothing listens there then, so connecting is refused."""
+
+    def __init__(self) -> None:
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(0)
+        self.port = self.srv.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        for _ in range(8):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass
+            self.fillers.append(s)
+
+    def lift(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.srv.close()
 
 
 class FakeAnthropic:

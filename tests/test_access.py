@@ -99,7 +99,7 @@ async def test_cors_only_for_allowed_origins(make_client, tiny_model, tmp_path):
     assert r.headers["Access-Control-Allow-Headers"] == "content-type,authorization"
     r = await c.options("/v1/chat/completions", headers={**pre, "Origin": "http://evil.example"})
     assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
-    assert (await r.json())["error"]["code"] == "forbidden"
+    assert (await r.json())["error"]["code"] == "origin_not_allowed"
     # Replies, streamed ones too, carry the header for an allowed origin only.
     for stream in (False, True):
         r = await c.post("/v1/chat/completions", headers={"Origin": "http://localhost:3000"},
@@ -107,13 +107,14 @@ async def test_cors_only_for_allowed_origins(make_client, tiny_model, tmp_path):
         assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
         assert "X-Anyad-Backend" in r.headers["Access-Control-Expose-Headers"]
         await r.read()
+    # Any other origin is refused outright, not only in preflights.
     r = await c.get("/v1/models", headers={"Origin": "http://evil.example"})
-    assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+    assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
 
 
 async def test_no_cors_headers_unless_configured(client):
     r = await client.get("/v1/models", headers={"Origin": "http://localhost:3000"})
-    assert "Access-Control-Allow-Origin" not in r.headers
+    assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
     r = await client.options("/v1/chat/completions", headers={"Origin": "http://localhost:3000",
                                                               "Access-Control-Request-Method": "POST"})
     assert r.status == 403

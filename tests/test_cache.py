@@ -113,20 +113,32 @@ async def test_a_changed_model_file_invalidates_its_entries(make_client, tiny_mo
     assert (await ask(c))[0].headers["X-Anyad-Cache"] == "miss"
 
 
+def frozen_clock(c) -> list[float]:
+    """The cache's clock, stopped: time moves only when the test moves it (now[0] += s)."""
+    now = [1_700_000_000.0]
+    c.daemon.cache.clock = lambda: now[0]
+    return now
+
+
 async def test_ttl_and_least_recently_used_eviction(make_client, tiny_model, tmp_path):
-    c = await make_client(settings(tiny_model, tmp_path, {"max_entries": 2, "ttl_s": 1.0}))
+    c = await make_client(settings(tiny_model, tmp_path, {"max_entries": 2, "ttl_s": 60.0}))
+    now = frozen_clock(c)
     for n in (5, 6):
         await ask(c, max_tokens=n)
         await settle(c)
+        now[0] += 1
     assert (await ask(c, max_tokens=5))[0].headers["X-Anyad-Cache"] == "hit"  # 5 is now the most recent
     await settle(c)
+    now[0] += 1
     await ask(c, max_tokens=7)  # a third entry: 6, the least recently used, goes
     await settle(c)
+    now[0] += 1
     assert (await ask(c, max_tokens=6))[0].headers["X-Anyad-Cache"] == "miss"
     await settle(c)
     conn = sqlite3.connect(c.daemon.store.path)
     assert conn.execute("SELECT count(*) FROM cache").fetchone()[0] == 2
-    await asyncio.sleep(1.1)
+    assert (await ask(c, max_tokens=6))[0].headers["X-Anyad-Cache"] == "hit"  # 6 is back, and fresh
+    now[0] += 60.5
     assert (await ask(c, max_tokens=6))[0].headers["X-Anyad-Cache"] == "miss"  # expired
 
 
@@ -134,14 +146,18 @@ async def test_an_expired_answer_is_served_when_every_target_fails(make_client, 
     fake = FakeOpenAI("ok")
     server = await aiohttp_server(fake.app())
     s = parse_settings({
-        "data_dir": str(tmp_path / "data"), "cache": {"ttl_s": 0.2},
+        "data_dir": str(tmp_path / "data"), "cache": {"ttl_s": 60.0},
         "providers": {"up": {"base_url": f"http://127.0.0.1:{server.port}/v1", "max_retries": 0}},
         "routes": [{"name": "chat", "targets": ["up/m1"]}], "router": {"backoff_base_s": 0.01}})
     c = await make_client(s)
+    now = frozen_clock(c)
     r, fresh = await ask(c, model="chat")
     assert r.status == 200 and r.headers["X-Anyad-Cache"] == "miss"
     await settle(c)
-    await asyncio.sleep(0.3)
+    now[0] += 61
+    assert (await ask(c, model="chat"))[0].headers["X-Anyad-Cache"] == "miss"  # expired: not served while up
+    await settle(c)
+    now[0] += 61
     fake.mode = "500"
     r, stale = await ask(c, model="chat")
     assert r.status == 200 and r.headers["X-Anyad-Cache"] == "stale" and r.headers["X-Anyad-Backend"] == "up/m1"

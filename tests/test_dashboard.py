@@ -29,9 +29,12 @@ async def browser():
         await b.close()
 
 
-async def test_the_dashboard_shows_the_model_and_chats(make_client, tiny_model, tmp_path, browser):
-    c = await make_client(parse_settings({"data_dir": str(tmp_path / "data"),
-                                          "models": {MODEL_ID: {"path": str(tiny_model), "preload": True}}}))
+async def test_the_dashboard_shows_the_model_and_chats(make_client, tiny_model, tmp_path, browser, monkeypatch):
+    monkeypatch.delenv("DASH_UNSET_KEY", raising=False)
+    c = await make_client(parse_settings({
+        "data_dir": str(tmp_path / "data"), "models": {MODEL_ID: {"path": str(tiny_model), "preload": True}},
+        # A provider whose key is missing: never asked, but shown as misconfigured, with why.
+        "providers": {"nokey": {"base_url": "http://127.0.0.1:9/v1", "api_key": "env:DASH_UNSET_KEY"}}}))
     base = str(c.make_url("/"))
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
     problems: list[str] = []
@@ -48,20 +51,26 @@ async def test_the_dashboard_shows_the_model_and_chats(make_client, tiny_model, 
     assert "cpu" in (await row.locator("td").nth(2).text_content()).lower()
     assert "RAM" in await page.locator("#devices").text_content()
     assert (await page.locator("#health").text_content()) == "ok"
-    # A chat typed into the page streams a reply…
+    problem = page.locator('#breakers [data-provider="nokey"]')
+    await problem.wait_for(timeout=20000)
+    assert (await problem.text_content()) == \
+        "nokey: misconfigured: secret env:DASH_UNSET_KEY: environment variable DASH_UNSET_KEY is not set"
+    # A chat typed into the page streams a reply, as long as the max-tokens box allows…
     await page.wait_for_function(f"[...document.querySelectorAll('#model-picker option')].some(o => o.value === '{MODEL_ID}')")
     await page.select_option("#model-picker", MODEL_ID)
+    assert await page.input_value("#max-tokens") == "256"
+    await page.fill("#max-tokens", "6")
     await page.fill("#prompt", "hello from the browser")
     await page.click("#send")
     await page.wait_for_selector("#reply[data-done=true]", timeout=60000)
     reply = await page.locator("#reply").text_content()
     meta = await page.locator("#reply-meta").text_content()
-    assert reply and f"done · {MODEL_ID}" in meta and "tokens" in meta
+    assert reply and f"done · {MODEL_ID} · 6 tokens" in meta
     # …that then appears in the history list, and the search finds it.
     item = page.locator("#conversations li", has_text="hello from the browser")
     await item.wait_for(timeout=20000)
     await page.fill("#search", "browser")
-    await page.wait_for_timeout(600)
+    await page.locator("#conversations li[data-id]", has_text="hello from the browser").wait_for(timeout=20000)
     assert await page.locator("#conversations li[data-id]").count() == 1
     await page.fill("#search", "nothing-like-this")
     await page.locator("#conversations li", has_text="nothing matches").wait_for(timeout=5000)

@@ -74,7 +74,7 @@ def test_models_list_shows_what_each_tool_keeps(machine, tiny_model):
     cfg.write_text(f'[models]\ndirectories = ["{machine / "mine"}"]\n[models.configured]\npath = "{tiny_model}"\n')
     env = clean_env(machine)
     env["HOME"] = str(machine / "home")
-    p = subprocess.run(anyad_cmd("models", "list", "--config", str(cfg), "--json"), env=env, capture_output=True,
+    p = subprocess.run(anyad_cmd("models", "list", "--local", "--config", str(cfg), "--json"), env=env, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     rows = {r["id"]: r for r in json.loads(p.stdout)}
@@ -85,7 +85,7 @@ def test_models_list_shows_what_each_tool_keeps(machine, tiny_model):
         assert r["architecture"] == "llama" and r["context_length"] > 0 and r["quantization"] in ("F16", "Q8_0")
         assert r["size_bytes"] == tiny_model.stat().st_size
     assert rows["llama3.2:3b"]["path"].endswith("blobs/sha256-aaaa")
-    table = subprocess.run(anyad_cmd("models", "list", "--config", str(cfg), "-v"), env=env, capture_output=True,
+    table = subprocess.run(anyad_cmd("models", "list", "--local", "--config", str(cfg), "-v"), env=env, capture_output=True,
                            text=True, timeout=60)
     out = table.stdout + table.stderr
     assert "ID" in out and "QUANT" in out and "llama3.2:3b" in out

@@ -86,7 +86,7 @@ async def test_keys_made_with_the_cli_work_at_once_and_revocation_too(make_clien
         return subprocess.run(anyad_cmd("keys", "--config", str(cfg), *args), env=env, capture_output=True,
                               text=True, timeout=60)
 
-    p = keys("create", "bob", "--models", "up/*", "--tokens-per-day", "1000")
+    p = keys("create", "bob", "--yes", "--models", "up/*", "--tokens-per-day", "1000")
     assert p.returncode == 0, p.stderr
     bob = p.stdout.strip()
     assert bob.startswith("ak-") and "shown this once" in p.stderr
@@ -100,7 +100,7 @@ async def test_keys_made_with_the_cli_work_at_once_and_revocation_too(make_clien
     assert keys("revoke", "bob").returncode == 0
     with pytest.raises(openai.AuthenticationError):
         await client(c, bob).chat.completions.create(model="up/x", messages=MSGS)
-    p = keys("create", "old", "--expires", "2020-01-01")
+    p = keys("create", "old", "--yes", "--expires", "2020-01-01")
     with pytest.raises(openai.AuthenticationError):
         await client(c, p.stdout.strip()).models.list()
     # The key itself is nowhere: not in the database, the logs, nor any reply.

@@ -1,11 +1,13 @@
 """`anyad pull` against a local aiohttp file server: resume after an interruption, hashes
-(given and published by the hub), a 404, a disk too small, and the CLI's progress."""
+(given and published by the hub), a 404, a disk too small, the CLI's progress, names that
+would land outside --dir, and downloads that are not GGUF files."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
@@ -38,16 +40,49 @@ async def server(aiohttp_server, tiny_model):
     async def huge(request: web.Request) -> web.Response:
         return web.Response(body=b"", headers={"Content-Length": str(1 << 60)})
 
+    async def page(request: web.Request) -> web.Response:
+        return web.json_response({"error": "log in to download this file"})
+
+    async def big_page(request: web.Request) -> web.StreamResponse:
+        # An HTML page far bigger than a client that stops at its first bytes would read.
+        block = b"<html>" + b" " * ((1 << 20) - 6)
+        resp = web.StreamResponse(headers={"Content-Type": "text/html", "Content-Length": str(BIG_PAGE)})
+        await resp.prepare(request)
+        try:
+            while state["page_sent"] < BIG_PAGE:
+                await resp.write(block)
+                state["page_sent"] += len(block)
+        except (ConnectionError, OSError):
+            pass  # the client hung up
+        finally:
+            state["page_done"].set()
+        return resp
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        # A redirect and a Content-Disposition that both name a file outside --dir.
+        raise web.HTTPFound("/any/..%2F..%2Fredirected.gguf",
+                            headers={"Content-Disposition": 'attachment; filename="../../disposed.gguf"'})
+
     app = web.Application()
     app.router.add_get("/files/tiny.gguf", whole)
     app.router.add_get("/blobs/tiny", whole)
     app.router.add_get("/org/repo/resolve/main/tiny.gguf", hub)
     app.router.add_get("/files/huge.gguf", huge)
+    app.router.add_get("/files/page.gguf", page)
+    app.router.add_get("/files/big.gguf", big_page)
+    app.router.add_get("/files/moved.gguf", elsewhere)
+    # Any name at all gets the model: a client that trusted the name would save it there.
+    app.router.add_get("/any/{name:.*}", whole)
+    app.router.add_get("/org/repo/resolve/main/{name:.*}", whole)
+    state["page_sent"], state["page_done"] = 0, asyncio.Event()
     srv = await aiohttp_server(app)
     state["base"] = f"http://127.0.0.1:{srv.port}"
     state["sha"] = sha
     state["data"] = data
     return state
+
+
+BIG_PAGE = 64 << 20
 
 
 async def test_an_interrupted_download_resumes_with_a_range_request(server, tmp_path):
@@ -106,3 +141,73 @@ async def test_the_cli_shows_progress_and_says_where_it_saved(server, tmp_path):
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1 and "not found (404)" in err.decode() and "Traceback" not in err.decode()
     assert os.listdir(tmp_path / "m") == ["tiny.gguf"]
+
+
+def written(root) -> list[str]:
+    """Every file under ``root``, relative to it."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+
+
+@pytest.mark.parametrize("name", [
+    "..%2F..%2Fescaped.gguf",  # a slash, encoded
+    "%2E%2E%2F%2E%2E%2Fescaped.gguf",  # the dots too
+    "%2E%2E",
+    "..%5C..%5Cescaped.gguf",  # a backslash
+    "tiny%00.gguf",  # NUL
+    "tiny%0A.gguf",  # a newline
+    "%1B%5B31mtiny.gguf",  # a terminal escape
+    "tiny%E2%80%AE.gguf",  # right-to-left override
+])
+@pytest.mark.parametrize("form", ["url", "hf"])
+async def test_a_name_that_is_not_a_plain_file_name_is_refused_and_nothing_is_written(server, tmp_path, monkeypatch,
+                                                                                      name, form):
+    monkeypatch.setenv("HF_ENDPOINT", server["base"])
+    dest = tmp_path / "a" / "b"
+    source = f"hf:org/repo/{name}" if form == "hf" else f"{server['base']}/any/{name}"
+    with pytest.raises(DownloadError, match="not a plain file name"):
+        await pull(source, dest)
+    assert written(tmp_path) == [] and not (tmp_path / "escaped.gguf").exists()
+
+
+async def test_an_absolute_path_in_the_name_is_refused(server, tmp_path):
+    target = tmp_path / "outside.gguf"
+    with pytest.raises(DownloadError, match="not a plain file name"):
+        await pull(f"{server['base']}/any/{quote(str(target), safe='')}", tmp_path / "models")
+    assert not target.exists() and written(tmp_path) == []
+
+
+async def test_the_name_is_the_one_asked_for_not_a_redirects_or_a_headers(server, tmp_path):
+    dest = tmp_path / "a" / "b"
+    path = await pull(server["base"] + "/files/moved.gguf", dest, sha256=server["sha"])
+    assert path == dest / "moved.gguf" and written(tmp_path) == ["a/b/moved.gguf"]
+
+
+async def test_a_page_that_is_not_gguf_is_refused_and_nothing_is_kept(server, tmp_path):
+    with pytest.raises(DownloadError, match=r"""is not a GGUF file \(it starts with b'\{"er', .*application/json"""):
+        await pull(server["base"] + "/files/page.gguf", tmp_path)
+    assert written(tmp_path) == []
+
+
+async def test_a_big_web_page_is_refused_at_its_first_bytes(server, tmp_path):
+    with pytest.raises(DownloadError, match="not a GGUF file .*text/html"):
+        await pull(server["base"] + "/files/big.gguf", tmp_path)
+    assert written(tmp_path) == []
+    await server["page_done"].wait()  # the server notices the hang-up, or sends it all
+    assert server["page_sent"] < BIG_PAGE
+
+
+async def test_a_part_left_that_is_not_gguf_is_started_again(server, tmp_path):
+    (tmp_path / ".tiny.gguf.part").write_bytes(b"<html>")
+    path = await pull(server["base"] + "/files/tiny.gguf", tmp_path, sha256=server["sha"])
+    assert path.read_bytes() == server["data"] and server["ranges"][-1] is None
+
+
+async def test_the_cli_refuses_with_one_line_and_keeps_nothing(server, tmp_path):
+    env = clean_env(tmp_path)
+    for source in (server["base"] + "/any/..%2F..%2Fescaped.gguf", server["base"] + "/files/page.gguf"):
+        proc = await asyncio.create_subprocess_exec(*anyad_cmd("pull", source, "--dir", str(tmp_path / "m")), env=env,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 1 and out == b"", err
+        assert len(err.decode().splitlines()) == 1 and err.startswith(b"anyad: "), err
+    assert written(tmp_path) == []

@@ -11,7 +11,7 @@ import pytest
 
 from anyad.config import parse_settings
 from conftest import MODEL_ID, free_port
-from fakes import REPLY, FakeOpenAI
+from fakes import REPLY, Blackhole, FakeOpenAI
 
 MSGS = [{"role": "user", "content": "hello"}]
 
@@ -225,31 +225,6 @@ async def test_half_open_probe_failure_reopens(make_client, tiny_model, start_fa
     assert status["breakers"]["up/big"]["state"] == "open"
 
 
-async def test_offline_mode_skips_remotes_until_the_network_is_back(make_client, tiny_model, aiohttp_server):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    c = await make_client(gateway_settings(tiny_model, {"up": {"base_url": url}},
-                                           [{"name": "chat", "targets": ["up/big", MODEL_ID]}],
-                                           offline_probe_interval_s=0.1, breaker_failures=100))
-    r = await post(c, "chat", max_tokens=2)
-    assert r.headers["X-Anyad-Backend"] == MODEL_ID and "cannot connect" in r.headers["X-Anyad-Fallback"]
-    status = await (await c.get("/api/status")).json()
-    assert status["offline"]["offline"] is True
-    # Offline: the remote is not even tried.
-    r = await post(c, "chat", max_tokens=2)
-    assert r.headers["X-Anyad-Backend"] == MODEL_ID and r.headers["X-Anyad-Fallback"] == "up/big: offline"
-    # The network comes back (the provider starts listening); the probe notices.
-    fake = FakeOpenAI()
-    await aiohttp_server(fake.app(), port=port)
-    for _ in range(100):
-        if not (await (await c.get("/api/status")).json())["offline"]["offline"]:
-            break
-        await asyncio.sleep(0.05)
-    r = await post(c, "chat")
-    assert r.headers["X-Anyad-Backend"] == "up/big"
-    assert fake.requests
-
-
 async def test_models_lists_providers_and_routes(make_client, tiny_model, start_fake):
     _, url = await start_fake()
     c = await make_client(gateway_settings(tiny_model, {"fake": {"base_url": url, "models": ["a", "b"]}},
@@ -272,31 +247,14 @@ async def test_route_to_unknown_target_is_a_config_error(tiny_model):
 
 
 @pytest.fixture
-def blackhole_port():
-    """A loopback port where connecting hangs (a listener whose backlog is full), like a dead network."""
-    import socket
-
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(0)
-    port = srv.getsockname()[1]
-    fillers = []
-    for _ in range(8):
-        s = socket.socket()
-        s.setblocking(False)
-        try:
-            s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        fillers.append(s)
-    yield port
-    for s in fillers:
-        s.close()
-    srv.close()
+def blackhole():
+    b = Blackhole()
+    yield b
+    b.lift()
 
 
-async def test_offline_after_connect_timeouts_then_no_more_waiting(make_client, tiny_model, blackhole_port):
-    url = f"http://127.0.0.1:{blackhole_port}/v1"
+async def test_offline_after_connect_timeouts_then_no_more_waiting(make_client, tiny_model, blackhole):
+    url = f"http://127.0.0.1:{blackhole.port}/v1"
     c = await make_client(gateway_settings(tiny_model, {"up": {"base_url": url, "connect_timeout_s": 0.3}},
                                            [{"name": "chat", "targets": ["up/big", MODEL_ID]}],
                                            offline_probe_interval_s=60))
@@ -310,6 +268,32 @@ async def test_offline_after_connect_timeouts_then_no_more_waiting(make_client, 
     # A direct request for the remote model says so clearly instead of hanging.
     r = await post(c, "up/big")
     assert r.status == 503 and "offline" in (await r.json())["error"]["message"]
+
+
+async def test_offline_mode_skips_remotes_until_the_network_is_back(make_client, tiny_model, aiohttp_server,
+                                                                   blackhole):
+    url = f"http://127.0.0.1:{blackhole.port}/v1"
+    c = await make_client(gateway_settings(tiny_model, {"up": {"base_url": url, "connect_timeout_s": 0.3}},
+                                           [{"name": "chat", "targets": ["up/big", MODEL_ID]}],
+                                           offline_probe_interval_s=0.1, breaker_failures=100))
+    r = await post(c, "chat", max_tokens=2)
+    assert r.headers["X-Anyad-Backend"] == MODEL_ID and "connecting timed out" in r.headers["X-Anyad-Fallback"]
+    status = await (await c.get("/api/status")).json()
+    assert status["offline"]["offline"] is True
+    # Offline: the remote is not even tried.
+    r = await post(c, "chat", max_tokens=2)
+    assert r.headers["X-Anyad-Backend"] == MODEL_ID and r.headers["X-Anyad-Fallback"] == "up/big: offline"
+    # The network comes back (the host answers again, the provider listens); the probe notices.
+    blackhole.lift()
+    fake = FakeOpenAI()
+    await aiohttp_server(fake.app(), port=blackhole.port)
+    for _ in range(600):
+        if not (await (await c.get("/api/status")).json())["offline"]["offline"]:
+            break
+        await asyncio.sleep(0.05)
+    r = await post(c, "chat")
+    assert r.headers["X-Anyad-Backend"] == "up/big"
+    assert fake.requests
 
 
 async def test_provider_key_never_reaches_logs_or_status(make_client, tiny_model, start_fake, monkeypatch, caplog):

@@ -4,12 +4,14 @@ from aiohttp import web
 
 
 def register_routes(app: web.Application) -> None:
+    from anyad import openapi
     from anyad.api import admin, chat, dashboard, embeddings, history, system
 
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
     app.router.add_post("/api/chat", chat.chat_completions)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)
     app.router.add_get("/v1/models", system.list_models)
+    app.router.add_get("/openapi.json", openapi.openapi_json)
     app.router.add_get("/health", system.health)
     app.router.add_get("/ready", system.ready)
     app.router.add_get("/api/status", system.status)

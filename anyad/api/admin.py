@@ -7,8 +7,9 @@ import asyncio
 
 from aiohttp import web
 
+from anyad import modelops
 from anyad.access import identity
-from anyad.errors import Forbidden, InvalidRequest, NotFound, Unavailable
+from anyad.errors import Forbidden, InvalidRequest, Unavailable
 from anyad.server import DAEMON
 from anyad.store import DB_NAME
 
@@ -40,24 +41,15 @@ async def usage(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "group_by": group_by, "data": rows})
 
 
-def _local(request: web.Request) -> str:
-    daemon = request.app[DAEMON]
-    model = request.match_info["id"]
-    if model not in daemon.local:
-        raise NotFound(f"no local model {model!r}", param="id")
-    return model
-
-
 async def load_model(request: web.Request) -> web.Response:
-    model = _local(request)
-    await request.app[DAEMON].scheduler.load(model)
+    model = await modelops.load(request.app[DAEMON], request, request.match_info["id"])
     return web.json_response({"model": model, "state": "loaded"})
 
 
 async def unload_model(request: web.Request) -> web.Response:
-    model = _local(request)
-    await request.app[DAEMON].scheduler.unload(model, why=f"asked by {identity(request).name}")
-    return web.json_response({"model": model, "state": "unloaded"})
+    model = request.match_info["id"]
+    done = await modelops.unload(request.app[DAEMON], request, model)
+    return web.json_response(done.body(model), status=done.status)
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -11,8 +11,8 @@ from aiohttp import web
 from anyad.jsoncodec import dumps
 from anyad.router import fallback_header
 from anyad.schemas import EmbeddingsRequest, validate
-from anyad.access import admit
-from anyad.server import BACKEND, DAEMON, MODEL, REQUEST_ID, USAGE, read_json
+from anyad import embedflow
+from anyad.server import REQUEST_ID, read_json
 
 
 def _b64(vector: list[float]) -> str:
@@ -24,14 +24,7 @@ def _b64(vector: list[float]) -> str:
 
 async def embeddings(request: web.Request) -> web.Response:
     req = validate(EmbeddingsRequest, await read_json(request))
-    request[MODEL] = req.model
-    daemon = request.app[DAEMON]
-    ident = admit(request, req.model, daemon.quotas)
-    target, result, skipped = await daemon.router.embed(req.model, req.inputs(), req.options())
-    request[BACKEND] = target.name
-    request[USAGE] = (result.prompt_tokens, 0, None)
-    daemon.metrics.usage(result.prompt_tokens, None)
-    daemon.quotas.add(ident, result.prompt_tokens)
+    target, result, skipped = await embedflow.embed(request, req.model, req.inputs(), req.options())
     encode = _b64 if req.encoding_format == "base64" else (lambda v: v)
     body = {
         "object": "list",

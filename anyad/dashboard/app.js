@@ -74,9 +74,14 @@ function renderModels(status) {
       el("td", {}, memory), el("td", {}, expires),
       el("td", {}, `${q.active ?? 0} running, ${q.waiting ?? 0} waiting (of ${q.parallel ?? 1})`)));
   }
-  const breakers = Object.entries(status.breakers || {});
-  $("#breakers").replaceChildren(...breakers.map(([name, b]) =>
-    el("div", { class: b.state === "closed" ? "muted" : "pill warn" }, `${name}: circuit ${b.state}`)));
+  // A provider that cannot work as configured says why, whole; its targets' breakers say nothing more.
+  const broken = Object.entries(status.providers || {}).filter(([, p]) => p.state === "misconfigured");
+  const brokenNames = new Set(broken.map(([name]) => name));
+  const breakers = Object.entries(status.breakers || {}).filter(([name]) => !brokenNames.has(name.split("/")[0]));
+  $("#breakers").replaceChildren(
+    ...broken.map(([name, p]) => el("div", { class: "pill warn", "data-provider": name }, `${name}: misconfigured: ${p.problem}`)),
+    ...breakers.map(([name, b]) =>
+      el("div", { class: b.state === "closed" ? "muted" : "pill warn" }, `${name}: circuit ${b.state}`)));
   const offline = status.offline || {};
   $("#offline").hidden = !offline.offline;
 }
@@ -123,6 +128,9 @@ async function sendChat(event) {
   event.preventDefault();
   const prompt = $("#prompt").value.trim();
   const model = $("#model-picker").value;
+  // Bounded: a small local model may otherwise run on to the end of its context.
+  const box = $("#max-tokens");
+  const maxTokens = Math.max(1, Math.round(Number(box.value) || Number(box.defaultValue)));
   if (!prompt || !model) return;
   const reply = $("#reply");
   const meta = $("#reply-meta");
@@ -133,7 +141,7 @@ async function sendChat(event) {
   try {
     const resp = await api("/v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ model, stream: true, stream_options: { include_usage: true },
+      body: JSON.stringify({ model, stream: true, stream_options: { include_usage: true }, max_tokens: maxTokens,
                              messages: [{ role: "user", content: prompt }] }),
     });
     if (!resp.ok) {

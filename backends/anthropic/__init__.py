@@ -105,9 +105,12 @@ def to_messages_request(request: ChatRequest, model: str) -> dict[str, Any]:
     return out
 
 
-def chunk_from_message(data: dict[str, Any]) -> Chunk:
+def chunk_from_message(data: Any) -> Chunk:
+    """A whole Messages reply → one final chunk (ValueError: not one)."""
+    if not isinstance(data, dict) or not isinstance(data.get("content"), list):
+        raise ValueError("the reply has no content")
     texts, tools = [], []
-    for block in data.get("content") or []:
+    for block in data["content"]:
         if block.get("type") == "text":
             texts.append(block.get("text", ""))
         elif block.get("type") == "tool_use":
@@ -137,7 +140,11 @@ class AnthropicBackend(RemoteBackend):
             try:
                 if not request.stream:
                     data = await self.reply_json(resp)
-                    yield chunk_from_message(data)
+                    try:
+                        chunk = chunk_from_message(data)
+                    except (ValueError, TypeError, AttributeError) as exc:
+                        raise BackendError(f"{self.name}: the reply is not a message ({exc})") from None
+                    yield chunk
                     return
                 prompt_tokens = 0
                 tool_index: dict[int, int] = {}  # Anthropic block index → OpenAI tool-call index

@@ -130,6 +130,8 @@ class Engine:
         n_ctx = self._embedder.n_ctx()
         for i, text in enumerate(inputs):
             n = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if n == 0:  # llama_decode fails on it and leaves the context unsafe to free
+                raise RequestError("invalid_request", f"input[{i}] has no tokens", "input")
             if n > n_ctx:
                 raise RequestError("context_length_exceeded", f"input[{i}] is {n} tokens; this model embeds at "
                                    f"most {n_ctx}", "input")
@@ -158,6 +160,23 @@ class Engine:
             raise RequestError("invalid_request", f"response_format: cannot build a grammar from the schema: {exc}",
                                "response_format") from None
 
+    @staticmethod
+    def _logit_bias(llm: Any, bias: dict[str, float]) -> dict[int, float]:
+        """The biases by token id, refused whole when one is no token of this model.
+
+        Checked before generation: llama-cpp-python applies them in a sampler callback,
+        where a bad id is logged (with a traceback) for every token and then ignored.
+        """
+        n_vocab = llm.n_vocab()
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            tid = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else -1
+            if not 0 <= tid < n_vocab:
+                raise RequestError("invalid_request", f"logit_bias: {key[:40]!r} is not a token id of this model "
+                                   f"(its vocabulary has {n_vocab} tokens)", "logit_bias")
+            out[tid] = float(value)
+        return out
+
     def chat(self, llm: Any, rid: int, messages: list[dict[str, Any]], params: dict[str, Any], cancelled: set[int],
              out: Output) -> None:
         try:
@@ -185,9 +204,11 @@ class Engine:
         for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
                              ("min_p", "min_p"), ("repeat_penalty", "repeat_penalty"),
                              ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
-                             ("seed", "seed"), ("logit_bias", "logit_bias")):
+                             ("seed", "seed")):
             if params.get(ours) is not None:
                 kwargs[theirs] = params[ours]
+        if params.get("logit_bias"):
+            kwargs["logit_bias"] = self._logit_bias(llm, params["logit_bias"])
 
         llm.sampled = 0
         llm.last_token = -1

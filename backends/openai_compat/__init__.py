@@ -7,7 +7,7 @@ name replaced; a streamed reply is relayed event by event as it arrives.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, AsyncIterator
 
 from anyad.backend import Embeddings
 from anyad.errors import AnyadError, BackendError
@@ -26,6 +26,14 @@ def _usage(obj: dict[str, Any] | None) -> Usage | None:
     return Usage(int(obj.get("prompt_tokens") or 0), int(obj.get("completion_tokens") or 0))
 
 
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError("content is not a string")
+    return value
+
+
 def chunk_from_event(ev: dict[str, Any]) -> Chunk | None:
     """One upstream ``chat.completion.chunk`` → our chunk (None when it carries nothing)."""
     choices = ev.get("choices") or []  # null or [] in usage-only chunks
@@ -36,9 +44,9 @@ def chunk_from_event(ev: dict[str, Any]) -> Chunk | None:
     delta = choice.get("delta") or {}
     if usage is None and choice.get("finish_reason") is None and choice.get("logprobs") is None \
             and delta.keys() <= _TEXT_DELTA:
-        return Chunk(text=delta.get("content") or "")  # the common case: plain text
+        return Chunk(text=_text(delta.get("content")))  # the common case: plain text
     extra = {k: v for k, v in delta.items() if k not in _KNOWN_DELTA and v is not None}
-    return Chunk(text=delta.get("content") or "", finish_reason=choice.get("finish_reason"), usage=usage,
+    return Chunk(text=_text(delta.get("content")), finish_reason=choice.get("finish_reason"), usage=usage,
                  tool_calls=delta.get("tool_calls") or None, extra=extra or None,
                  logprobs=choice.get("logprobs"))
 
@@ -48,15 +56,22 @@ def is_plain(c: Chunk) -> bool:
         and c.logprobs is None
 
 
-def chunk_from_completion(data: dict[str, Any]) -> Chunk:
-    """A whole upstream ``chat.completion`` → one final chunk."""
-    choice = (data.get("choices") or [{}])[0]
+def chunk_from_completion(data: Any) -> Chunk:
+    """A whole upstream ``chat.completion`` → one final chunk (ValueError: not one)."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices, list):
+        raise ValueError("the reply has no choices")
+    choice = choices[0]
     msg = choice.get("message") or {}
     tool_calls = [{"index": i, **tc} for i, tc in enumerate(msg.get("tool_calls") or [])] or None
     extra = {k: v for k, v in msg.items() if k not in _KNOWN_DELTA and v is not None}
-    return Chunk(text=msg.get("content") or "", finish_reason=choice.get("finish_reason") or "stop",
+    return Chunk(text=_text(msg.get("content")), finish_reason=choice.get("finish_reason") or "stop",
                  usage=_usage(data.get("usage")), tool_calls=tool_calls, extra=extra or None,
                  logprobs=choice.get("logprobs"))
+
+
+# What a reply in the wrong shape raises on its way through the functions above.
+_SHAPE_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
 
 class OpenAIBackend(RemoteBackend):
@@ -73,26 +88,47 @@ class OpenAIBackend(RemoteBackend):
             try:
                 if not request.stream:
                     data = await self.reply_json(resp)
-                    yield chunk_from_completion(data)
-                    return
-                parser = SSEParser()
-                batch: list = []
-                async for block in resp.content.iter_any():
-                    batch.clear()
-                    parser.feed(block, batch)
-                    chunks, done = self._chunks(batch)
-                    for chunk in chunks:
-                        yield chunk
-                    if done:
-                        return
-                batch.clear()
-                parser.finish(batch)  # an upstream that ends without a last blank line
-                for chunk in self._chunks(batch)[0]:
+                    try:
+                        chunk = chunk_from_completion(data)
+                    except _SHAPE_ERRORS as exc:
+                        raise BackendError(f"{self.name}: the reply is not a chat completion ({exc})") from None
                     yield chunk
+                    return
+                # Chunks before the first choice (usage alone) are held back: a stream
+                # with no choice at all is then a failure before the reply began, and
+                # the router can still try the next target.
+                held: list[Chunk] = []
+                began = False
+                async for chunks, saw_choice in self._reads(resp):
+                    began = began or saw_choice
+                    if not began:
+                        held += chunks
+                        continue
+                    for chunk in (*held, *chunks):
+                        yield chunk
+                    held = []
+                if not began:
+                    raise BackendError(f"{self.name}: the stream ended without a choice")
             except AnyadError:
                 raise
             except Exception as exc:  # aiohttp payload/connection errors, read timeouts
                 raise mid_stream(self.name, exc) from None
+
+    async def _reads(self, resp: Any) -> AsyncIterator[tuple[list[Chunk], bool]]:
+        """Per network read: its chunks, and whether an event among them had a choice; up to [DONE]."""
+        parser = SSEParser()
+        batch: list = []
+        async for block in resp.content.iter_any():
+            batch.clear()
+            parser.feed(block, batch)
+            chunks, done, saw_choice = self._chunks(batch)
+            yield chunks, saw_choice
+            if done:
+                return
+        batch.clear()
+        parser.finish(batch)  # an upstream that ends without a last blank line
+        chunks, _, saw_choice = self._chunks(batch)
+        yield chunks, saw_choice
 
     async def embed(self, inputs: list[str] | list[list[int]], model: str,
                     options: dict[str, Any] | None = None) -> Embeddings:
@@ -112,16 +148,18 @@ class OpenAIBackend(RemoteBackend):
             raise BackendError(f"{self.name}: sent {len(inputs)} inputs, got {len(vectors)} embeddings")
         return Embeddings(vectors, int((data.get("usage") or {}).get("prompt_tokens") or 0))
 
-    def _chunks(self, batch: list) -> tuple[list[Chunk], bool]:
-        """The events of one network read as chunks, and whether [DONE] was among them.
+    def _chunks(self, batch: list) -> tuple[list[Chunk], bool, bool]:
+        """The events of one network read as chunks, whether [DONE] was among them, and
+        whether any carried a choice.
 
         Text deltas that arrived together go on as one chunk: the same text, no later,
         with a fraction of the per-chunk work and writes.
         """
         out: list[Chunk] = []
+        saw_choice = False
         for _event, payload in batch:
             if payload.strip() == b"[DONE]":
-                return out, True
+                return out, True, saw_choice
             try:
                 ev = loads(payload)
             except ValueError:
@@ -130,12 +168,15 @@ class OpenAIBackend(RemoteBackend):
                 err = ev["error"]
                 msg = err.get("message") if isinstance(err, dict) else str(err)
                 raise BackendError(f"{self.name}: {msg}")
-            chunk = chunk_from_event(ev)
+            try:
+                chunk = chunk_from_event(ev)
+            except _SHAPE_ERRORS:
+                raise BackendError(f"{self.name}: an event in the stream is not a chat completion chunk") from None
+            saw_choice = saw_choice or bool(ev.get("choices"))
             if chunk is None:
                 continue
             if out and is_plain(out[-1]) and is_plain(chunk):
                 out[-1].text += chunk.text
             else:
                 out.append(chunk)
-        return out, False
-
+        return out, False, saw_choice

@@ -1,0 +1,163 @@
+"""The OpenAPI document of the public API, served at ``GET /openapi.json``.
+
+Request bodies are the JSON schemas of the very pydantic models that validate them
+(``anyad.schemas``), so the document cannot drift from what the daemon accepts; the
+error body is the one ``anyad.errors.error_body`` writes.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict
+from pydantic.json_schema import models_json_schema
+
+import anyad
+from anyad.schemas import ChatCompletionRequest, EmbeddingsRequest
+from anyad.store import CONVERSATION_ID, MAX_QUERY_CHARS
+
+REF = "#/components/schemas/{model}"
+
+
+class _Reply(BaseModel):
+    # Replies may grow fields; a client must not break on one it does not know.
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Reply):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Reply):
+    """Every error of the OpenAI-compatible API, whatever its status."""
+
+    error: ErrorDetail
+
+
+class ChatCompletion(_Reply):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+
+
+class EmbeddingsResponse(_Reply):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    model: str
+    usage: dict[str, Any]
+
+
+class ModelList(_Reply):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+
+
+class Health(_Reply):
+    status: str
+    version: str
+
+
+class Readiness(_Reply):
+    ready: bool
+    models: dict[str, Any]
+
+
+class ConversationPage(_Reply):
+    object: Literal["list"]
+
+
+class Conversation(_Reply):
+    id: str
+
+
+_MODELS: list[type[BaseModel]] = [ChatCompletionRequest, EmbeddingsRequest, ErrorResponse, ChatCompletion,
+                                  EmbeddingsResponse, ModelList, Health, Readiness, ConversationPage, Conversation]
+# The statuses a request to a model can end with besides success (see anyad.errors).
+MODEL_ERRORS = (400, 401, 403, 404, 413, 422, 429, 502, 503, 504)
+READ_ERRORS = (401, 403, 404)
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _json(model: type[BaseModel]) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(model)}}
+
+
+def _responses(ok: dict[str, Any], errors: tuple[int, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {"200": ok}
+    for status in errors:
+        out[str(status)] = {"description": "an error", "content": _json(ErrorResponse)}
+    return out
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"required": True, "content": _json(model)}
+
+
+def _chat(summary: str) -> dict[str, Any]:
+    return {"summary": summary, "requestBody": _body(ChatCompletionRequest), "responses": _responses(
+        {"description": "the completion; with stream: true, server-sent events ending in data: [DONE]",
+         "content": {**_json(ChatCompletion), "text/event-stream": {"schema": {"type": "string"}}}},
+        MODEL_ERRORS)}
+
+
+def _get(summary: str, model: type[BaseModel], errors: tuple[int, ...] = READ_ERRORS,
+         **extra: Any) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": _responses({"description": "OK", "content": _json(model)},
+                                                                 errors), **extra}}
+
+
+@cache
+def document() -> dict[str, Any]:
+    """The whole document (OpenAPI 3.1, whose schemas are the JSON Schema pydantic writes)."""
+    _, top = models_json_schema([(m, "validation") for m in _MODELS], ref_template=REF)
+    schemas = dict(top.get("$defs", {}))
+    conversation_id = {"name": "id", "in": "path", "required": True,
+                       "schema": {"type": "string", "pattern": CONVERSATION_ID.pattern}}
+    page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+            {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+            {"name": "q", "in": "query", "schema": {"type": "string", "maxLength": MAX_QUERY_CHARS}}]
+    not_ready = {"description": "not ready: a preloaded model is not loaded yet", "content": _json(Readiness)}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "anyad", "version": anyad.__version__,
+                 "description": "A local-LLM gateway with an OpenAI-compatible API."},
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
+        # Needed only where the daemon has keys; /health and /ready never need one.
+        "security": [{}, {"apiKey": []}],
+        "paths": {
+            "/v1/chat/completions": {"post": _chat("Chat completions (OpenAI's contract)")},
+            "/api/chat": {"post": _chat("Chat completions: the same contract as /v1/chat/completions")},
+            "/v1/embeddings": {"post": {"summary": "Embeddings", "requestBody": _body(EmbeddingsRequest),
+                                        "responses": _responses({"description": "OK",
+                                                                 "content": _json(EmbeddingsResponse)},
+                                                                MODEL_ERRORS)}},
+            "/v1/models": _get("The models this daemon serves (those the key may use)", ModelList),
+            "/health": _get("Liveness", Health, (), security=[{}]),
+            "/ready": {"get": {"summary": "Readiness", "security": [{}], "responses": {
+                "200": {"description": "ready", "content": _json(Readiness)}, "503": not_ready}}},
+            "/api/conversations": _get("The chat history, newest first (q: full-text search)", ConversationPage,
+                                       (400, 401, 403, 404), parameters=page),
+            "/api/conversations/{id}": {
+                "parameters": [conversation_id],
+                **_get("One conversation with its messages", Conversation),
+                "delete": {"summary": "Delete a conversation", "responses": {
+                    "204": {"description": "deleted"},
+                    **{str(s): {"description": "an error", "content": _json(ErrorResponse)} for s in READ_ERRORS}}},
+            },
+        },
+    }
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(document())
