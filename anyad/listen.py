@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+import aiohttp
 from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
@@ -244,6 +245,12 @@ class GuardedConnection(asyncio.Protocol):
         inner.close()
 
 
+# What GuardedConnection reads of aiohttp's RequestHandler. Should an aiohttp release drop
+# one, the daemon serves without the guard (and says so) rather than fail every connection.
+_HANDLER_PARTS = ("_request_count", "_waiter", "_messages", "_current_request", "force_close", "close")
+GUARD_SUPPORTED = all(hasattr(RequestHandler, a) for a in _HANDLER_PARTS)
+
+
 def _waiting_for_request(inner: RequestHandler) -> bool:
     waiter = inner._waiter
     return waiter is not None and not waiter.done()
@@ -270,9 +277,6 @@ class _GuardedSite(web.BaseSite):
         self._server = await asyncio.get_running_loop().create_server(
             lambda: GuardedConnection(server, limits), self._host or None, self._port, backlog=self._backlog)
 
-    def bound(self) -> tuple[str, int]:
-        socks = self._server.sockets if self._server is not None else ()
-        return tuple(socks[0].getsockname()[:2]) if socks else (self._host, self._port)  # type: ignore[return-value]
 
 
 async def listen(app: web.Application, host: str, port: int, server: ServerSettings, *, label: str = "",
@@ -288,11 +292,23 @@ async def listen(app: web.Application, host: str, port: int, server: ServerSetti
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout,
                            keepalive_timeout=server.keepalive_timeout_s)
     await runner.setup()
-    site = _GuardedSite(runner, host, port, Limits.of(server), backlog)
+    site: web.BaseSite
+    if GUARD_SUPPORTED:
+        site = _GuardedSite(runner, host, port, Limits.of(server), backlog)
+    else:  # pragma: no cover - an aiohttp whose internals moved
+        log.warning("this aiohttp (%s) lacks what the slow-client guard reads: no header/body timeouts or "
+                    "connection caps on %s:%s", getattr(aiohttp, "__version__", "?"), host, port)
+        site = web.TCPSite(runner, host, port, backlog=backlog)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise errors.ConfigError(f"{label}cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return runner, site.bound()
+    return runner, _bound(site, host, port)
+
+
+def _bound(site: web.BaseSite, host: str, port: int) -> tuple[str, int]:
+    server = getattr(site, "_server", None)  # aiohttp keeps the bound sockets here
+    socks = server.sockets if server is not None else ()
+    return tuple(socks[0].getsockname()[:2]) if socks else (host, port)  # type: ignore[return-value]
 
