@@ -123,6 +123,11 @@ def is_local_name(name: str) -> bool:
     return is_loopback(name) or name.endswith(".localhost")
 
 
+# A refused page's connection is closed at once: a web page opening keep-alive sockets
+# from many *.localhost names would otherwise hold the listener's connection caps.
+CLOSE = {"Connection": "close"}
+
+
 class BrowserGuard:
     """What a web page in the user's browser may not do, checked on every request of every
     listener before anything else: name a foreign host (DNS rebinding) or come from a
@@ -144,18 +149,18 @@ class BrowserGuard:
             if not is_local_name(name) and name not in (h.lower() for h in server.allowed_hosts):
                 raise errors.Forbidden(f"the Host {host[:100]!r} is not this machine: anyad listens on a loopback "
                                        "address and answers only to loopback names and server.allowed_hosts",
-                                       code="host_not_allowed")
+                                       code="host_not_allowed", headers=dict(CLOSE))
         origin = request.headers.get("Origin")
         if origin is None:
             # No Origin: not a script's cross-site request; but a cross-site <img>, <script>
             # or <link> still says where it came from.
             if request.headers.get("Sec-Fetch-Site") == "cross-site" \
                     and request.headers.get("Sec-Fetch-Mode") not in (None, "navigate"):
-                raise errors.Forbidden("cross-site requests are refused", code="origin_not_allowed")
+                raise errors.Forbidden("cross-site requests are refused", code="origin_not_allowed", headers=dict(CLOSE))
             return
         if not self.origin_allowed(origin, request, server):
             raise errors.Forbidden(f"the origin {origin[:100]!r} is not in server.allowed_origins",
-                                   code="origin_not_allowed")
+                                   code="origin_not_allowed", headers=dict(CLOSE))
 
     @staticmethod
     def origin_allowed(origin: str, request: web.Request, server: ServerSettings) -> bool:

@@ -34,6 +34,7 @@ from anyad.stream import ChatRequest, Chunk, ChunkStream, content_text
 log = logging.getLogger("anyad.chat")
 
 CONVERSATION_HEADER = "X-Anyad-Conversation-Id"
+TOOL_PARSE_HEADER = "X-Anyad-Tool-Parse"  # why a tool call the model wrote came back as text
 
 
 def new_conversation_id() -> str:
@@ -61,7 +62,9 @@ async def writable_conversation(history: Store, request: web.Request) -> str:
     if ident.admin or CONVERSATION_HEADER not in request.headers:
         return cid
     exists, owner = await asyncio.to_thread(history.owner, cid)
-    if exists and owner != ident.name:
+    if not exists:  # not written yet: the first key to use the id holds it, even mid-reply
+        owner = history.claim(cid, ident.name)
+    if owner != ident.name:
         raise Forbidden(f"the conversation {cid!r} belongs to another key; continue one of your own, or send "
                         f"no {CONVERSATION_HEADER} to start a new one", param=CONVERSATION_HEADER,
                         code="conversation_not_owned")
@@ -187,6 +190,8 @@ class ChatFlow:
             self.failed(exc)
             raise
         self.ended()
+        if self.reply.note:  # a whole reply's headers are still to be sent
+            self.headers[TOOL_PARSE_HEADER] = self.reply.note
         return self.reply
 
     def ended(self) -> None:
@@ -235,7 +240,7 @@ class ChatFlow:
                 prompt_tokens=usage.prompt_tokens if usage else None,
                 completion_tokens=usage.completion_tokens if usage else None,
                 started=self.started, latency_ms=latency_ms, ttft_ms=self.ttft_ms,
-                owner=identity(self.request).name))
+                owner=identity(self.request).name, any_conversation=identity(self.request).admin))
         if daemon.plugins.after_reply:
             record = ExchangeRecord(chat, self.request.path, self.request[REQUEST_ID], opened.name,
                                     reply.message(), outcome, usage, cached, self.conversation_id,

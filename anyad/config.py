@@ -157,6 +157,12 @@ class ModelSettings(_Strict):
     n_ctx: int | None = Field(None, ge=16)
     n_threads: int | None = Field(None, ge=1)
     n_batch: int = Field(512, ge=1)
+    # How the model writes tool calls; "auto": recognised from its chat template.
+    tool_format: Literal["auto", "hermes", "llama3", "mistral", "generic", "none"] = "auto"
+    # Thinking split out of the content as reasoning_content: "auto" where the template has
+    # thinking tags, "on" always (<think> tags if the template names none), "off" never (and
+    # thinking switched off where the template has a switch for it).
+    reasoning: Literal["auto", "on", "off"] = "auto"
     # Unset: the value from [defaults].
     gpu: GpuSetting | None = None
     keep_alive: KeepAlive | None = None

@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options every command that talks to the daemon takes."""
     p.add_argument("--host", help="the daemon's address (default from the config, else 127.0.0.1)")
     p.add_argument("--port", type=int, help="the daemon's port (default from the config, else 2692)")
-    p.add_argument("--api-key", help=f"the key to send the daemon (default ${API_KEY_ENV})")
+    p.add_argument("--api-key", help=f"the key to send the daemon (default ${API_KEY_ENV}, which other users cannot "
+                                     "see in the process list as they can a flag)")
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -51,6 +52,10 @@ def base_url(settings: "Settings") -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{settings.server.port}"
 
 
+# The daemon is on this machine: never through $http_proxy, which would see the API key.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def get_json(settings: "Settings", path: str, key: str | None) -> Any:
     """GET ``path`` from the daemon and decode its JSON; every failure is a DaemonError."""
     base = base_url(settings)
@@ -59,7 +64,7 @@ def get_json(settings: "Settings", path: str, key: str | None) -> Any:
         headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(base + path, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
+        with _DIRECT.open(req, timeout=TIMEOUT_S) as r:
             body = r.read()
     except urllib.error.HTTPError as exc:  # before URLError: it is one, but a daemon did answer
         raise _refusal(base, path, exc, key) from None

@@ -78,7 +78,18 @@ def plain_name(name: str) -> str:
             or any(unicodedata.category(c) in UNPRINTABLE for c in name)):
         raise DownloadError(f"refusing to save the download as {name!r}: not a plain file name (no /, \\, "
                             "'..', NUL or control characters); nothing was written")
+    # A hidden name could be another download's .part; a trailing space or dot is a name
+    # nobody means (and Windows drops); over 255 bytes no file system here takes it.
+    if name.startswith(".") or name != name.rstrip(" .") or len(name.encode()) > 255 or not name.strip(". "):
+        raise DownloadError(f"refusing to save the download as {name[:80]!r}: a model's file name must not start "
+                            "with a dot, end in a space or dot, or be longer than 255 bytes; nothing was written")
     return name
+
+
+def _range_total(content_range: str) -> int | None:
+    """The file's size in a Content-Range header (``bytes */N`` or ``bytes A-B/N``)."""
+    total = content_range.rpartition("/")[2].strip()
+    return int(total) if content_range.startswith("bytes ") and total.isdigit() else None
 
 
 def _published_sha256(resp: aiohttp.ClientResponse) -> str | None:
@@ -129,7 +140,8 @@ def progress_bar(stream=sys.stderr) -> Callable[[Progress], None]:
 
 
 async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revision: str = "main",
-               progress: Callable[[Progress], None] | None = None, timeout_s: float = 60.0) -> Path:
+               progress: Callable[[Progress], None] | None = None, timeout_s: float = 60.0,
+               _restarted: bool = False) -> Path:
     """Download ``source`` into ``dest_dir``; returns the final path."""
     url = resolve_source(source, revision)
     name = file_name(url)
@@ -162,8 +174,17 @@ async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revisi
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise DownloadError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
         async with resp:
-            if resp.status == 416 and have:  # the part is already whole
+            if resp.status == 416 and have:
+                # The part is whole only if the server says the file has exactly its size;
+                # anything else (a different or unknown size) is a part to throw away.
+                if _range_total(resp.headers.get("Content-Range", "")) != have:
+                    part.unlink(missing_ok=True)
+                    if _restarted:
+                        raise DownloadError(f"the server refuses every range of {url}; nothing was kept")
+                    return await pull(source, dest_dir, sha256=sha256, revision=revision, progress=progress,
+                                      timeout_s=timeout_s, _restarted=True)
                 total = have
+                expected = expected or _published_sha256(resp)
             elif resp.status == 404:
                 raise DownloadError(f"not found (404): {url}")
             elif resp.status >= 400:
@@ -172,6 +193,12 @@ async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revisi
                 content_type = resp.headers.get("Content-Type")
                 if resp.status == 200 and have:  # no range support: start again
                     have, digest, head = 0, hashlib.sha256(), b""
+                elif resp.status == 206 and not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                    part.unlink(missing_ok=True)  # not the rest of what we have: appending it would corrupt
+                    if _restarted:
+                        raise DownloadError(f"the server answers ranges of {url} wrongly; nothing was kept")
+                    return await pull(source, dest_dir, sha256=sha256, revision=revision, progress=progress,
+                                      timeout_s=timeout_s, _restarted=True)
                 length = resp.content_length
                 total = have + length if length is not None else None
                 expected = expected or _published_sha256(resp)

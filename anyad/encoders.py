@@ -90,6 +90,7 @@ class Reply:
         self.logprobs: dict[str, Any] | None = None
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.note: str | None = None  # the backend's, for a response header (Chunk.note)
 
     @property
     def text(self) -> str:
@@ -125,6 +126,8 @@ class Reply:
             self.logprobs["content"].extend(chunk.logprobs.get("content") or [])
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
+        if chunk.note:
+            self.note = chunk.note
         if chunk.usage is not None:
             self.usage = chunk.usage
 

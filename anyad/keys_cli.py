@@ -102,15 +102,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
             if args.name in settings.keys:
                 print(f"anyad: {args.name!r} is already a key in the config", file=sys.stderr)
                 return 1
-            if conn.execute("SELECT 1 FROM api_keys WHERE name = ?", (args.name,)).fetchone():
+            row = conn.execute("SELECT revoked FROM api_keys WHERE name = ?", (args.name,)).fetchone()
+            if row is not None and row[0] is None:
                 print(f"anyad: a key named {args.name!r} exists (revoke it first)", file=sys.stderr)
                 return 1
+            if args.expires is not None and args.expires <= time.time():
+                print("anyad: --expires is in the past; the key would never work", file=sys.stderr)
+                return 2
             keys_on, admin = key_state(settings, conn, time.time())
             if not keys_on and args.role != "admin" and not args.yes:
                 print(FIRST_KEY_REFUSED.format(name=args.name), file=sys.stderr)
                 return 2
             key = new_key()
             with conn:
+                # A revoked key's name may be used again; the new key replaces its row.
+                conn.execute("DELETE FROM api_keys WHERE name = ? AND revoked IS NOT NULL", (args.name,))
                 conn.execute("INSERT INTO api_keys (name, hash, role, models, tokens_per_day, tokens_per_month, "
                              "requests_per_minute, expires, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              (args.name, digest(key), args.role, json.dumps(args.models or []), args.tokens_per_day,

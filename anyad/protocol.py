@@ -7,12 +7,15 @@ library prints can corrupt the stream. The protocol is internal and versioned
 with the package: the worker's ``hello`` frame carries ``PROTOCOL_VERSION``.
 
 daemon → worker: ``{"op": "load", "version", "path", "n_ctx", "n_threads", "n_batch", "n_gpu_layers",
-"main_gpu", "parallel", "warm_up"}`` (first), ``{"op": "chat", "id", "messages", "params"}``,
+"main_gpu", "parallel", "warm_up", "tool_format", "reasoning"}`` (first),
+``{"op": "chat", "id", "messages", "params"}`` (params: ``SamplingParams.as_dict()``, tools included),
 ``{"op": "embed", "id", "input"}``, ``{"op": "stats", "id"}``,
 ``{"op": "cancel", "id"}``, ``{"op": "shutdown"}``.
 worker → daemon: ``{"t": "hello", "version", "pid"}``, ``{"t": "ready", ...model facts}``,
-``{"t": "delta", "id", "text"}``, ``{"t": "end", "id", "finish_reason", "usage"}``,
-``{"t": "error", "id", "code", "message"}``, ``{"t": "fatal", "message"}``.
+``{"t": "delta", "id", "text"?, "reasoning"?, "tool_calls"?}`` (tool_calls: OpenAI's deltas),
+``{"t": "end", "id", "finish_reason", "usage", "note"?}`` (finish_reason "tool_calls" after parsed
+calls; note: why the model's tool call was returned as text), ``{"t": "error", "id", "code", "message"}``,
+``{"t": "fatal", "message"}``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from anyad.jsoncodec import dumpb, loads
 if TYPE_CHECKING:  # the worker never needs asyncio, and importing it costs its start time
     import asyncio
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 

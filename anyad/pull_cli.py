@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nanyad: stopped; run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as exc:  # the directory: not writable, not a directory, …
+        print(f"anyad: cannot save into {dest}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"saved {path}")
-    print(f"serve it: anyad serve --model {path}   (or a [models.{path.stem}] table with path = \"{path}\")")
+    key = path.stem if re.fullmatch(r"[A-Za-z0-9_-]+", path.stem) else json.dumps(path.stem)
+    print(f"serve it: anyad serve --model {path}   (or a [models.{key}] table with path = {json.dumps(str(path))})")
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from anyad.config import KeepAlive
 from anyad.errors import InvalidRequest
@@ -64,6 +64,29 @@ class ChatMessage(_Open):
 
 
 
+class FunctionDefinition(_Open):
+    # OpenAI's rule for a function name; it also keeps names safe inside a template and a grammar.
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    # A JSON schema of the arguments; none: the function takes no arguments.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Open):
+    name: str
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class StreamOptions(_Open):
     include_usage: bool = False
 
@@ -99,6 +122,13 @@ class ChatCompletionRequest(_Open):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    # llama.cpp server's field: "none" keeps the reasoning inline in the content,
+    # "auto"/"deepseek" give it apart as reasoning_content (the default).
+    reasoning_format: Literal["auto", "deepseek", "none"] | None = None
     # Ollama's: how long a local model stays loaded after this request ("5m", 0, -1).
     keep_alive: KeepAlive | None = None
 
@@ -122,6 +152,18 @@ class ChatCompletionRequest(_Open):
             raise ValueError("at most 16 stop sequences")
         return v
 
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> "ChatCompletionRequest":
+        choice = self.tool_choice
+        names = [t.function.name for t in self.tools or ()]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequest(f"tool_choice: names the function {choice.function.name!r}, which is not one of "
+                                 f"the tools ({', '.join(map(repr, names)) or 'none were given'})",
+                                 param="tool_choice")
+        if choice == "required" and not names:
+            raise InvalidRequest("tool_choice: 'required' needs tools", param="tool_choice")
+        return self
+
     def to_internal(self, body: dict[str, Any]) -> ChatRequest:
         if self.n not in (None, 1):
             raise InvalidRequest("n other than 1 is not supported: ask once per completion", param="n")
@@ -138,6 +180,11 @@ class ChatCompletionRequest(_Open):
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=[s for s in stop if s],
             logit_bias=self.logit_bias,
             response_format=None if rf is None or rf.type == "text" else rf.model_dump(exclude_none=True),
+            tools=[t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None,
+            tool_choice=self.tool_choice.model_dump(exclude_none=True)
+            if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls, reasoning_effort=self.reasoning_effort,
+            reasoning_format=self.reasoning_format,
         )
         if "keep_alive" in body:
             # anyad's own field: a remote provider would refuse it as unknown.

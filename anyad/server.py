@@ -51,7 +51,10 @@ def error_response(exc: errors.AnyadError, request_id: str | None = None,
     headers = dict(exc.headers)
     if request_id:
         headers["X-Request-Id"] = request_id
-    return web.json_response(render(exc), status=exc.status, headers=headers, dumps=dumps)
+    resp = web.json_response(render(exc), status=exc.status, headers=headers, dumps=dumps)
+    if headers.get("Connection") == "close":
+        resp.force_close()  # aiohttp keeps the connection alive unless told
+    return resp
 
 
 def _from_http(exc: web.HTTPException, request: web.Request) -> errors.AnyadError:

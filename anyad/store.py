@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import queue
 import re
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,6 +36,7 @@ log = logging.getLogger("anyad.store")
 DB_NAME = "anyad.db"
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_QUERY_CHARS = 1000
+MAX_CLAIMS = 10000  # conversation ids claimed but not yet written, kept per daemon
 _STOP = object()
 
 
@@ -56,6 +59,8 @@ class Exchange:
     latency_ms: float
     ttft_ms: float | None
     owner: str | None = None  # the API key's name; the history shows a key only its own
+    # Whether the exchange may go into another key's conversation (an admin key's may).
+    any_conversation: bool = True
 
 
 class AuditRow(tuple):
@@ -291,6 +296,18 @@ class Store(HistoryReader):
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="anyad-store-writer", daemon=True)
         self._thread.start()
+        # Conversation ids taken by a key whose first exchange is not written yet (the event
+        # loop's; the least recent go first).
+        self._claims: OrderedDict[str, str | None] = OrderedDict()
+
+    def claim(self, conversation_id: str, owner: str | None) -> str | None:
+        """Take a conversation id for ``owner`` until its first exchange is written; returns
+        whoever holds the claim now (``owner`` unless another key claimed it first)."""
+        holder = self._claims.setdefault(conversation_id, owner)
+        self._claims.move_to_end(conversation_id)
+        while len(self._claims) > MAX_CLAIMS:
+            self._claims.popitem(last=False)
+        return holder
 
     # -- writing (one thread) --------------------------------------------------------------
 
@@ -399,6 +416,21 @@ class Store(HistoryReader):
     @staticmethod
     def _write_exchanges(c: sqlite3.Connection, batch: list[_Prepared]) -> None:
         now = time.time()
+        ids = list({p.ex.conversation_id for p in batch})
+        marks = ",".join("?" * len(ids))
+        owners = dict(c.execute(f"SELECT id, owner FROM conversations WHERE id IN ({marks})", ids).fetchall())
+        # The one rule, held where the rows are written too: an exchange goes into another
+        # key's conversation only when it may (an admin key's); else into a new one of its own.
+        for p in batch:
+            ex = p.ex
+            cid = ex.conversation_id
+            if cid not in owners:
+                owners[cid] = ex.owner
+            elif owners[cid] != ex.owner and not ex.any_conversation:
+                fresh = f"{cid[:100]}.{os.urandom(6).hex()}"
+                log.warning("request %s: conversation %s belongs to another key; its exchange is kept as %s",
+                            ex.request_id, cid, fresh)
+                ex.conversation_id = owners[fresh] = fresh
         ids = list({p.ex.conversation_id for p in batch})
         marks = ",".join("?" * len(ids))
         known = {r[0] for r in c.execute(f"SELECT id FROM conversations WHERE id IN ({marks})", ids)}

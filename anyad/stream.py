@@ -42,6 +42,15 @@ class SamplingParams:
     logit_bias: dict[str, float] | None = None
     # {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
     response_format: dict[str, Any] | None = None
+    # OpenAI's tools ({"type": "function", "function": {"name", "parameters", ...}}) and
+    # tool_choice ("none" | "auto" | "required" | {"type": "function", "function": {"name"}}).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # "none" switches a model's thinking off where its template can; any other effort on.
+    reasoning_effort: str | None = None
+    # llama.cpp server's name: "none" leaves the reasoning inline in the content.
+    reasoning_format: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) not in (None, [])}
@@ -84,6 +93,9 @@ class Chunk:
     # Delta fields anyad does not interpret (reasoning_content, refusal, …), relayed as they came.
     extra: dict[str, Any] | None = None
     logprobs: dict[str, Any] | None = None
+    # Why the backend answered otherwise than the model wrote (e.g. a malformed tool call
+    # returned as text); for a log line and a response header, never for the client's body.
+    note: str | None = None
 
 
 ChunkStream = AsyncIterator[Chunk]

@@ -29,6 +29,7 @@ from anyad import embedflow, errors, modelops
 from anyad.access import admit, check_bind, identity
 from anyad.chatflow import ChatFlow
 from anyad.config import parse_keep_alive
+from anyad.fields import check_ollama
 from anyad.jsoncodec import dumpb, loads
 from anyad.schemas import check_inputs, parse_chat_request
 from anyad.server import DAEMON, REQUEST_ID, gateway_app, read_json
@@ -52,8 +53,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+FOREVER_ISO = "2318-01-01T00:00:00Z"  # what Ollama says of a model kept loaded for ever
+
+
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):  # a keep_alive of centuries: past what a date can say
+        return FOREVER_ISO
 
 
 # -- requests: Ollama's fields → the OpenAI body anyad validates ------------------------------
@@ -86,6 +93,12 @@ def _openai_body(body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[s
         out["keep_alive"] = body["keep_alive"]
     if body.get("tools"):
         out["tools"] = body["tools"]
+    think = body.get("think")
+    if think is not None:
+        # true/false, or gpt-oss's levels; a local model's template switch follows it.
+        if think not in (True, False, "low", "medium", "high"):
+            raise errors.InvalidRequest('think must be true, false, "low", "medium" or "high"', param="think")
+        out["reasoning_effort"] = {True: "medium", False: "none"}.get(think, think)
     return out
 
 
@@ -162,29 +175,40 @@ async def _load_or_unload(request: web.Request, body: dict[str, Any], kind: str)
 
 async def _answer(request: web.Request, body: dict[str, Any], messages: list[dict[str, Any]],
                   kind: str) -> web.StreamResponse:
+    check_ollama(body, kind)
     chat = parse_chat_request(_openai_body(body, messages))
     flow = ChatFlow(request.app[DAEMON], request, chat)
     opened = await flow.open()
     model = body.get("model")
     t0 = flow.t0
 
-    def piece(text: str, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def piece(text: str, thinking: str = "", tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         obj: dict[str, Any] = {"model": model, "created_at": _now()}
         if kind == "chat":
             msg: dict[str, Any] = {"role": "assistant", "content": text}
+            if thinking:
+                msg["thinking"] = thinking
             if tool_calls:
                 msg["tool_calls"] = tool_calls
             obj["message"] = msg
         else:
             obj["response"] = text
+            if thinking:
+                obj["thinking"] = thinking
         obj["done"] = False
         return obj
 
-    def final(text: str, usage: Usage | None, reason: str | None) -> dict[str, Any]:
-        obj = piece(text, _tool_calls(flow.reply.message().get("tool_calls")) if kind == "chat" else None)
+    def thinking_of(chunk_or_reply: Any) -> str:
+        return (chunk_or_reply.extra or {}).get("reasoning_content") or ""
+
+    def final(text: str, thinking: str, usage: Usage | None, reason: str | None) -> dict[str, Any]:
+        # Tool calls go out whole, at the end, as Ollama sends them (arguments as objects).
+        obj = piece(text, thinking, _tool_calls(flow.reply.message().get("tool_calls")) if kind == "chat" else None)
         total = time.monotonic() - t0
         ttft = (flow.ttft_ms or 0) / 1000
-        obj.update(done=True, done_reason=reason or "stop", total_duration=int(total * 1e9), load_duration=0,
+        # Ollama ends a reply with tool calls as "stop".
+        reason = "stop" if reason in (None, "tool_calls") else reason
+        obj.update(done=True, done_reason=reason, total_duration=int(total * 1e9), load_duration=0,
                    prompt_eval_count=usage.prompt_tokens if usage else 0, prompt_eval_duration=int(ttft * 1e9),
                    eval_count=usage.completion_tokens if usage else 0,
                    eval_duration=int(max(0.0, total - ttft) * 1e9))
@@ -194,7 +218,7 @@ async def _answer(request: web.Request, body: dict[str, Any], messages: list[dic
         async with aclosing(opened.rest) as rest:
             if not chat.stream:
                 reply = await flow.collect(rest)
-                return web.Response(body=dumpb(final(reply.text, reply.usage, flow.outcome)),
+                return web.Response(body=dumpb(final(reply.text, thinking_of(reply), reply.usage, flow.outcome)),
                                     headers=flow.headers, content_type="application/json")
             resp = web.StreamResponse(headers={**flow.headers, "Content-Type": NDJSON})
             await resp.prepare(request)
@@ -202,12 +226,12 @@ async def _answer(request: web.Request, body: dict[str, Any], messages: list[dic
                 chunk = opened.first
                 while chunk is not None:
                     chunk = flow.take(chunk)
-                    if chunk.text:
-                        await resp.write(dumpb(piece(chunk.text)) + b"\n")
+                    if chunk.text or thinking_of(chunk):
+                        await resp.write(dumpb(piece(chunk.text, thinking_of(chunk))) + b"\n")
                     chunk = await anext(rest, None)
                 flow.check_finished()
                 flow.ended()
-                await resp.write(dumpb(final("", flow.reply.usage, flow.outcome)) + b"\n")
+                await resp.write(dumpb(final("", "", flow.reply.usage, flow.outcome)) + b"\n")
             except errors.AnyadError as exc:
                 flow.failed(exc)
                 try:  # Ollama reports a failure mid-stream as a line of its own
@@ -304,7 +328,7 @@ async def ps(request: web.Request) -> web.Response:
         backend = daemon.local.get(m.name)
         p = m.placement
         expires = _iso(m.expires_at) if m.expires_at else \
-            ("2318-01-01T00:00:00Z" if m.keep_alive == float("inf") else _now())
+            (FOREVER_ISO if m.keep_alive == float("inf") else _now())
         models.append({"name": m.name, "model": m.name, "size": p.ram_bytes + p.vram_bytes, "size_vram": p.vram_bytes,
                        "digest": _digest(m.name, backend), "details": _details(backend), "expires_at": expires,
                        "context_length": getattr(backend, "n_ctx", None)})

@@ -81,8 +81,12 @@ def vocabulary(shape: Shape) -> tuple[list[str], list[int], list[int]]:
     return tokens, types, printable
 
 
-def write_model(path: Path | str, shape: Shape = TINY, seed: int = 0, arch: str = "llama") -> Path:
-    """Write the model; another ``arch`` gives a file llama.cpp parses but refuses to load."""
+def write_model(path: Path | str, shape: Shape = TINY, seed: int = 0, arch: str = "llama",
+                chat_template: str = CHATML_TEMPLATE) -> Path:
+    """Write the model; another ``arch`` gives a file llama.cpp parses but refuses to load.
+
+    ``chat_template`` lets a test carry a real model family's template (tests/templates/).
+    """
     import gguf
 
     path = Path(path)
@@ -111,7 +115,7 @@ def write_model(path: Path | str, shape: Shape = TINY, seed: int = 0, arch: str 
     w.add_bos_token_id(tokens.index("<|endoftext|>"))
     w.add_eos_token_id(tokens.index("<|im_end|>"))
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    w.add_chat_template(chat_template)
 
     qtype = gguf.GGMLQuantizationType[shape.quant]
     w.add_file_type({"F16": gguf.LlamaFileType.MOSTLY_F16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[shape.quant])

@@ -142,3 +142,11 @@ async def test_allowed_hosts_and_origins_change_on_reload(doors):
     assert (await c.get("/v1/models", headers={"Host": "box.lan"})).status == 200
     assert (await c.get("/v1/models", headers={"Origin": "https://app.example"})).status == 200
     assert (await c.get("/v1/models", headers={"Origin": "http://localhost:3000"})).status == 403
+
+
+async def test_a_refused_page_does_not_keep_its_connection(doors):
+    c = doors
+    r = await c.get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert r.status == 403 and r.headers.get("Connection", "").lower() == "close"
+    r = await c.get("/v1/models", headers={"Host": "evil.example"})
+    assert r.status == 403 and r.headers.get("Connection", "").lower() == "close"

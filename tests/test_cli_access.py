@@ -103,3 +103,51 @@ def test_the_first_key_needs_admin_or_yes_and_says_what_changes(cli, tmp_path):
     assert cli("keys", "--config", str(cfg), "revoke", "root")[0] == 0
     rc, out, err = cli("keys", "--config", str(cfg), "create", "erin")
     assert rc == 0 and "every client needs a key" not in err and "no admin key exists" in err
+
+
+def test_a_revoked_name_can_be_used_again_and_a_past_expiry_is_refused(cli, tmp_path):
+    cfg = tmp_path / "anyad.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    assert cli("keys", "--config", str(cfg), "create", "u1", "--role", "admin")[0] == 0
+    assert cli("keys", "--config", str(cfg), "create", "u1")[0] == 1  # still active
+    assert cli("keys", "--config", str(cfg), "revoke", "u1")[0] == 0
+    rc, out, _ = cli("keys", "--config", str(cfg), "create", "u1", "--role", "admin")
+    assert rc == 0 and out.startswith("ak-")
+    rows = json.loads(cli("keys", "--config", str(cfg), "list", "--json")[1])
+    assert [(r["name"], r["state"]) for r in rows] == [("u1", "active")]
+    rc, _, err = cli("keys", "--config", str(cfg), "create", "old", "--expires", "2020-01-01")
+    assert rc == 2 and "in the past" in err
+
+
+def test_client_commands_never_send_the_key_through_a_proxy(cli, tmp_path, monkeypatch):
+    import socket
+    import threading
+
+    # A "proxy" that records what it is sent; the daemon's address has nothing listening.
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(4)
+    proxy.settimeout(5)
+    seen: list[bytes] = []
+
+    def accept() -> None:
+        try:
+            conn, _ = proxy.accept()
+            seen.append(conn.recv(4096))
+            conn.close()
+        except OSError:
+            pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    cfg = tmp_path / "anyad.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\n[server]\nport = {free_port()}\n')
+    rc, _, err = cli("status", "--config", str(cfg), "--api-key", "secret-key-123")
+    proxy.close()
+    t.join()
+    assert rc != 0 and "no daemon answers" in err
+    assert not seen

@@ -268,3 +268,60 @@ async def test_unloading_a_busy_model_says_what_will_happen(daemon):
     assert state(c) == "unloaded"
     status, answer = await openai.call("POST", f"/api/models/{MODEL_ID}/unload", ROOT)
     assert status == 200 and answer["state"] == "not_loaded"
+
+
+async def test_a_conversation_id_is_held_by_its_first_key_while_its_reply_is_still_running(daemon):
+    c = await daemon()
+    openai = c.doors["openai"]
+    started, release = asyncio.Event(), asyncio.Event()
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "BOB SECRET"}], "max_tokens": 32,
+            "stream": True}
+
+    async def bob() -> None:
+        async with openai.http.post(openai.base + "/v1/chat/completions", json=body,
+                                    headers={"Authorization": f"Bearer {BOB}",
+                                             "X-Anyad-Conversation-Id": "shared-1"}) as r:
+            async for _ in r.content:
+                started.set()
+                await release.wait()
+
+    task = asyncio.create_task(bob())
+    await started.wait()  # bob's exchange is not written yet
+    status, _ = await openai.chat(CAROL, headers={"X-Anyad-Conversation-Id": "shared-1"})
+    assert status == 403
+    release.set()
+    await task
+    await asyncio.to_thread(c.daemon.store.flush)
+    _, conv = await openai.call("GET", "/api/conversations/shared-1", BOB)
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant"]
+
+
+async def test_the_writer_keeps_a_foreign_exchange_out_of_another_keys_conversation(tmp_path):
+    from anyad.store import Exchange, Store
+
+    store = Store(tmp_path / "anyad.db")
+
+    def ex(owner: str, text: str, admin: bool = False) -> Exchange:
+        return Exchange("conv-9", f"r-{text}", MODEL_ID, MODEL_ID, False, None, [{"role": "user", "content": text}],
+                        {"role": "assistant", "content": "ok"}, "stop", 1, 1, 0.0, 1.0, 1.0, owner,
+                        any_conversation=admin)
+
+    try:
+        for e in (ex("bob", "mine"), ex("carol", "intruder"), ex("root", "admin's", admin=True)):
+            store.record(e)
+        store.flush()
+        conv = store.conversation("conv-9")
+        assert conv["owner"] == "bob"
+        assert [m["content"] for m in conv["messages"] if m["role"] == "user"] == ["mine", "admin's"]
+        others = [x for x in store.conversations(owner="carol")["data"]]
+        assert len(others) == 1 and others[0]["id"].startswith("conv-9.")
+    finally:
+        store.close()
+
+
+async def test_a_keep_alive_of_centuries_does_not_break_the_listing(daemon):
+    c = await daemon()
+    ollama = c.doors["ollama"]
+    assert (await ollama.chat(ROOT, keep_alive="1e12"))[0] == 200
+    status, body = await ollama.call("GET", "/api/ps", ROOT)
+    assert status == 200 and body["models"][0]["expires_at"].startswith("2318")

@@ -100,7 +100,12 @@ async def test_keys_made_with_the_cli_work_at_once_and_revocation_too(make_clien
     assert keys("revoke", "bob").returncode == 0
     with pytest.raises(openai.AuthenticationError):
         await client(c, bob).chat.completions.create(model="up/x", messages=MSGS)
-    p = keys("create", "old", "--yes", "--expires", "2020-01-01")
+    assert keys("create", "old", "--yes", "--expires", "2020-01-01").returncode == 2  # never usable: refused
+    p = keys("create", "old", "--yes", "--expires", "2999-01-01")
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "data" / "anyad.db") as db:  # the day comes: it expires
+        db.execute("UPDATE api_keys SET expires = 1 WHERE name = 'old'")
     with pytest.raises(openai.AuthenticationError):
         await client(c, p.stdout.strip()).models.list()
     # The key itself is nowhere: not in the database, the logs, nor any reply.

@@ -211,3 +211,42 @@ async def test_the_cli_refuses_with_one_line_and_keeps_nothing(server, tmp_path)
         assert proc.returncode == 1 and out == b"", err
         assert len(err.decode().splitlines()) == 1 and err.startswith(b"anyad: "), err
     assert written(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", [".hidden.gguf", ".x.gguf.part", "trailing.gguf ", "dot.gguf.", "a" * 300 + ".gguf"])
+async def test_hidden_padded_and_overlong_names_are_refused(server, tmp_path, name):
+    with pytest.raises(DownloadError, match="nothing was written"):
+        await pull(f"{server['base']}/any/{quote(name)}", tmp_path / "dl")
+    assert not (tmp_path / "dl").exists()
+
+
+async def test_a_kept_part_is_renamed_into_place_only_when_the_server_vouches_for_it(aiohttp_server, tiny_model,
+                                                                                   tmp_path):
+    data = tiny_model.read_bytes()
+    seen: list[str | None] = []
+
+    async def ranges(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Range"))
+        if request.headers.get("Range") and len(seen) == 1:
+            # "Not satisfiable" for a file of another size: the part is not this file.
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+        if request.headers.get("Range"):
+            return web.Response(status=206, body=b"GGUFjunk", headers={"Content-Range": "bytes 0-7/8"})
+        return web.Response(body=data)
+
+    app = web.Application()
+    app.router.add_get("/m/tiny.gguf", ranges)
+    srv = await aiohttp_server(app)
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    (dl / ".tiny.gguf.part").write_bytes(b"GGUF" + os.urandom(len(data) + 1000))
+    path = await pull(f"http://127.0.0.1:{srv.port}/m/tiny.gguf", dl)
+    assert path.read_bytes() == data  # the bogus part was thrown away and the file fetched whole
+    assert seen == [f"bytes={len(data) + 1004}-", None]
+    # A 206 that is not the rest of the part (wrong Content-Range) is not appended to it.
+    path.unlink()
+    (dl / ".tiny.gguf.part").write_bytes(data[:100])
+    seen.clear()
+    seen.append("skip-the-416")
+    path = await pull(f"http://127.0.0.1:{srv.port}/m/tiny.gguf", dl)
+    assert path.read_bytes() == data

@@ -107,7 +107,12 @@ def test_port_in_use_is_a_clear_error(tiny_model, tmp_path):
 def test_sigterm_during_a_stream_stops_promptly(tiny_model, tmp_path):
     import http.client
 
-    with serving(tmp_path, "--model", str(tiny_model)) as (proc, port, workers):
+    # A grace period far shorter than the reply: the daemon must cut it off and stop, on a
+    # machine of any speed (the reply alone could outlast the wait below on a busy one).
+    cfg = tmp_path / "grace.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\n[server]\nshutdown_grace_s = 1.0\n')
+    with serving(tmp_path, "--model", str(tiny_model), env_extra={"ANYAD_CONFIG": str(cfg)}) as (proc, port,
+                                                                                                  workers):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/v1/chat/completions", body=json.dumps({
             "model": MODEL_ID, "stream": True, "max_tokens": 1900,

@@ -13,6 +13,7 @@ import psutil
 from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.config import ModelDefaults, ModelSettings
 from anyad.errors import BackendError, ContextLengthExceeded, InvalidRequest
+from anyad.fields import check_local
 from anyad.gguf_meta import GGUFInfo, read_gguf_info
 from anyad.integrity import verify
 from anyad.memory import Estimate, ModelShape, estimate, read_shape
@@ -69,6 +70,18 @@ def flatten_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def delta_chunk(frame: dict[str, Any]) -> Chunk:
+    """A worker's delta frame as a chunk: text, reasoning and tool-call deltas (see anyad.protocol)."""
+    reasoning = frame.get("reasoning")
+    return Chunk(text=frame.get("text", ""), tool_calls=frame.get("tool_calls"),
+                 extra={"reasoning_content": reasoning} if reasoning else None)
+
+
+def header_safe(note: str, limit: int = 200) -> str:
+    """A worker's note fit for a log line and a response header: printable ASCII, one line, short."""
+    return "".join(c if " " <= c <= "~" else "?" for c in note)[:limit]
+
+
 class LlamaCppBackend(Backend):
     kind = "llama_cpp"
 
@@ -83,7 +96,8 @@ class LlamaCppBackend(Backend):
         self.n_ctx = context_size(model_id, info, settings, defaults, notes)
         self.n_threads = settings.n_threads or default_threads()
         self._base_load = {"path": str(info.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads,
-                           "n_batch": settings.n_batch}
+                           "n_batch": settings.n_batch, "tool_format": settings.tool_format,
+                           "reasoning": settings.reasoning}
         self.worker = WorkerProcess(model_id, WORKER_MODULE, dict(self._base_load),
                                     load_timeout_s=self.policy.load_timeout_s)
         self.scheduler = scheduler
@@ -152,16 +166,21 @@ class LlamaCppBackend(Backend):
                 "n_threads": self.n_threads, **self.scheduler.status(self.model_id)}
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
+        check_local(request.body)
         op = {"op": "chat", "messages": flatten_messages(request.messages), "params": request.params.as_dict()}
         async with self.scheduler.use(self.model_id, request.keep_alive):
             async with aclosing(self.worker.request(op)) as frames:
                 async for frame in frames:
                     t = frame["t"]
                     if t == "delta":
-                        yield Chunk(text=frame["text"])
+                        yield delta_chunk(frame)
                     elif t == "end":
                         u = frame.get("usage") or {}
-                        yield Chunk(finish_reason=frame["finish_reason"],
+                        note = frame.get("note")
+                        if note:
+                            note = header_safe(note)
+                            log.info("model %s: a tool call was returned as text: %s", self.model_id, note)
+                        yield Chunk(finish_reason=frame["finish_reason"], note=note,
                                     usage=Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)))
                     elif t == "error":
                         self._raise(frame)

@@ -10,6 +10,9 @@ of the pipe closes (the daemon died): a worker never outlives its daemon.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import queue
 import signal
@@ -20,12 +23,81 @@ import traceback
 from typing import IO, Any
 
 from anyad import protocol
+from anyad.errors import InvalidRequest
+from anyad.toolcalls import Event, Family, ReplyParser, family_of, forced_call_grammar, opens_reasoning
 
 # ChatML, for a model file that carries no chat template of its own.
 FALLBACK_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def _template_call(call: dict[str, Any], ids: "dict[str, str] | None") -> dict[str, Any]:
+    fn = dict(call.get("function") or {})
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            parsed = json.loads(args) if args.strip() else {}
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            fn["arguments"] = parsed
+    out = {k: v for k, v in call.items() if v is not None and k != "index"}
+    out["function"] = fn
+    if ids is not None and "id" in out:
+        out["id"] = _short_id(out["id"], ids)
+    return out
+
+
+def _short_id(call_id: Any, ids: dict[str, str]) -> str:
+    # Mistral's templates refuse any id but 9 letters or digits; a client's ids (OpenAI's
+    # "call_…", another provider's) map to stable ones of that shape.
+    key = str(call_id)
+    if key not in ids:
+        ids[key] = key if len(key) == 9 and key.isascii() and key.isalnum() else \
+            hashlib.sha256(key.encode()).hexdigest()[:9]
+    return ids[key]
+
+
+def template_messages(messages: list[dict[str, Any]], family: Family) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: no null fields (templates test ``is defined``),
+    tool-call arguments as objects (most templates write them with ``tojson``), a tool result
+    without a ``tool_call_id`` (Ollama sends none) given that of the call it answers, in
+    order, and for Mistral's templates, tool-call ids of the one shape they accept."""
+    ids: dict[str, str] | None = {} if family.name == "mistral" else None
+    unanswered: list[str] = []
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        if m.get("tool_calls"):
+            m["tool_calls"] = [_template_call(tc, ids) for tc in m["tool_calls"] if isinstance(tc, dict)]
+            unanswered = [str(tc["id"]) for tc in m["tool_calls"] if "id" in tc]
+        if m.get("role") == "tool":
+            if "tool_call_id" not in m and unanswered:
+                m["tool_call_id"] = unanswered[0]
+            elif ids is not None and "tool_call_id" in m:
+                m["tool_call_id"] = _short_id(m["tool_call_id"], ids)
+            if m.get("tool_call_id") in unanswered:
+                unanswered.remove(m["tool_call_id"])
+        out.append(m)
+    return out
+
+
+def delta_frames(rid: int, events: list[Event]) -> list[dict[str, Any]]:
+    """The parser's events as delta frames; empty ones left out."""
+    frames = []
+    for ev in events:
+        frame: dict[str, Any] = {"t": "delta", "id": rid}
+        if ev.text:
+            frame["text"] = ev.text
+        if ev.reasoning:
+            frame["reasoning"] = ev.reasoning
+        if ev.tool_calls:
+            frame["tool_calls"] = ev.tool_calls
+        if len(frame) > 2:
+            frames.append(frame)
+    return frames
 
 
 class RequestError(Exception):
@@ -77,6 +149,11 @@ class Engine:
         model = self.llm._model
         template = self.llm.metadata.get("tokenizer.chat_template")
         self.template_source = "model" if template else "fallback-chatml"
+        override = load.get("tool_format") or "auto"
+        self.family = family_of(template, None if override == "auto" else override)
+        self.reasoning_setting = load.get("reasoning") or "auto"
+        if self.reasoning_setting == "on" and self.family.reasoning is None:
+            self.family = dataclasses.replace(self.family, reasoning=("<think>", "</think>"))
         self.formatter = llama_chat_format.Jinja2ChatFormatter(
             template=template or FALLBACK_TEMPLATE,
             eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
@@ -141,13 +218,57 @@ class Engine:
     def facts(self) -> dict[str, Any]:
         return {"n_ctx": self.llm.n_ctx(), "n_threads": self.llm.n_threads, "load_s": round(self.load_s, 3),
                 "warm_up_s": round(self.warm_up_s, 3), "parallel": len(self.llms),
-                "n_gpu_layers": self.load.get("n_gpu_layers", 0), "chat_template": self.template_source}
+                "n_gpu_layers": self.load.get("n_gpu_layers", 0), "chat_template": self.template_source,
+                "tool_format": self.family.name, "reasoning": self._reasoning_split}
+
+    @property
+    def _reasoning_split(self) -> bool:
+        return self.family.reasoning is not None and self.reasoning_setting != "off"
+
+    def _thinking(self, params: dict[str, Any], forced: bool) -> bool | None:
+        """The template's thinking switch for this request; None: the template's default.
+        A forced tool call leaves no room for thinking: the grammar starts with the call."""
+        effort = params.get("reasoning_effort")
+        if forced:
+            return False
+        if effort is not None:
+            return effort != "none"
+        return False if self.reasoning_setting == "off" else None
+
+    def _render(self, messages: list[dict[str, Any]], params: dict[str, Any], offered: bool, forced: bool):
+        kwargs: dict[str, Any] = {}
+        if offered:
+            kwargs["tools"] = params["tools"]
+            kwargs["tool_choice"] = params.get("tool_choice") or "auto"
+        thinking = self._thinking(params, forced)
+        if self.family.thinking_switch and thinking is not None:
+            kwargs[self.family.thinking_switch] = thinking
+        try:
+            return self.formatter(messages=template_messages(messages, self.family), **kwargs)
+        except Exception as exc:
+            raise RequestError("invalid_request", f"messages: the model's chat template rejected them: {exc}",
+                               "messages") from None
+
+    def _call_grammar(self, params: dict[str, Any], in_reasoning: bool):
+        from llama_cpp import llama_grammar
+
+        if params.get("response_format"):
+            raise RequestError("invalid_request", "tool_choice: a forced tool call cannot be combined with "
+                               "response_format on a local model; use one or the other", "tool_choice")
+        try:
+            gbnf = forced_call_grammar(self.family, params["tools"], params["tool_choice"],
+                                       params.get("parallel_tool_calls") is not False, close_reasoning=in_reasoning)
+            return llama_grammar.LlamaGrammar.from_string(gbnf, verbose=False)
+        except InvalidRequest as exc:
+            raise RequestError("invalid_request", exc.message, exc.param) from None
+        except Exception as exc:
+            raise RequestError("invalid_request", f"tools: cannot build a grammar from the tools' schemas: {exc}",
+                               "tools") from None
 
     def _grammar(self, rf: dict[str, Any] | None):
         if not rf:
             return None
         from llama_cpp import llama_grammar
-        import json
 
         try:
             if rf["type"] == "json_schema":
@@ -179,11 +300,12 @@ class Engine:
 
     def chat(self, llm: Any, rid: int, messages: list[dict[str, Any]], params: dict[str, Any], cancelled: set[int],
              out: Output) -> None:
-        try:
-            fmt = self.formatter(messages=messages)
-        except Exception as exc:
-            raise RequestError("invalid_request", f"messages: the model's chat template rejected them: {exc}",
-                               "messages") from None
+        choice = params.get("tool_choice")
+        offered = bool(params.get("tools")) and choice != "none"
+        forced = offered and (choice == "required" or isinstance(choice, dict))
+        fmt = self._render(messages, params, offered, forced)
+        # A template may open the thinking block itself (DeepSeek-R1's), even with thinking off.
+        in_reasoning = opens_reasoning(self.family, fmt.prompt)
         prompt = llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
         n_ctx = llm.n_ctx()
         if len(prompt) >= n_ctx:
@@ -198,7 +320,8 @@ class Engine:
             "max_tokens": params.get("max_tokens") or -1,  # -1: up to the end of the context window
             "stop": stop,
             "stopping_criteria": fmt.stopping_criteria,
-            "grammar": self._grammar(params.get("response_format")),
+            "grammar": self._call_grammar(params, in_reasoning) if forced
+            else self._grammar(params.get("response_format")),
             "stream": True,
         }
         for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
@@ -210,6 +333,13 @@ class Engine:
         if params.get("logit_bias"):
             kwargs["logit_bias"] = self._logit_bias(llm, params["logit_bias"])
 
+        parser = None
+        split = self._reasoning_split
+        if offered or split:
+            parser = ReplyParser(self.family, tools=offered, reasoning=split,
+                                 parallel=params.get("parallel_tool_calls") is not False,
+                                 reasoning_inline=params.get("reasoning_format") == "none",
+                                 started_in_reasoning=split and in_reasoning)
         llm.sampled = 0
         llm.last_token = -1
         finish = "stop"
@@ -219,14 +349,28 @@ class Engine:
                 break
             choice = chunk["choices"][0]
             if choice["text"]:
-                out.write({"t": "delta", "id": rid, "text": choice["text"]})
+                if parser is None:
+                    out.write({"t": "delta", "id": rid, "text": choice["text"]})
+                else:
+                    for frame in delta_frames(rid, parser.feed(choice["text"])):
+                        out.write(frame)
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
+        end: dict[str, Any] = {"t": "end", "id": rid}
+        if parser is not None and finish != "cancelled":
+            events, note = parser.close()
+            for frame in delta_frames(rid, events):
+                out.write(frame)
+            if note:
+                end["note"] = note
+            if parser.calls and finish == "stop":  # calls the parser kept count, even beside a malformed one
+                finish = "tool_calls"
         completion = llm.sampled
-        if completion and finish == "stop" and self.llama_cpp.llama_vocab_is_eog(llm._model.vocab, llm.last_token):
+        if completion and finish in ("stop", "tool_calls") and \
+                self.llama_cpp.llama_vocab_is_eog(llm._model.vocab, llm.last_token):
             completion -= 1  # the end-of-turn token is not part of the reply
-        out.write({"t": "end", "id": rid, "finish_reason": finish,
-                                        "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion}})
+        end.update(finish_reason=finish, usage={"prompt_tokens": len(prompt), "completion_tokens": completion})
+        out.write(end)
 
 
 class Output:
