@@ -112,7 +112,9 @@ class ResponseCache:
         directives = cache_control(request)
         p = chat.params
         deterministic = p.temperature == 0 or p.seed is not None
-        cacheable = self.settings.mode == "all" or deterministic
+        # An entry keeps the message, not its log probabilities: a logprobs request is never
+        # answered from the cache (and never stored, so no stale answer lacks them either).
+        cacheable = (self.settings.mode == "all" or deterministic) and p.logprobs is None
         return Decision(lookup=cacheable and "no-cache" not in directives,
                         store=cacheable and "no-store" not in directives, _make_key=lambda: self.key(chat))
 

@@ -122,7 +122,7 @@ class Reply:
             self.extra[k] = self.extra.get(k, "") + v if isinstance(v, str) and isinstance(self.extra.get(k, ""), str) else v
         if chunk.logprobs:
             if self.logprobs is None:
-                self.logprobs = {"content": []}
+                self.logprobs = {"content": [], "refusal": None}
             self.logprobs["content"].extend(chunk.logprobs.get("content") or [])
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason

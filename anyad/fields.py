@@ -7,7 +7,7 @@ field a client relies on is dropped without a word. Remote providers get the bod
 client sent it: the OpenAI check runs in the local backend, only for the local model.
 
 A refused field is refused only when it asks for something: sent at its default
-(``logprobs: false``, ``raw: false``, ``typical_p: 1``) it asks for nothing and passes.
+(``n: 1``, ``raw: false``, ``typical_p: 1``) it asks for nothing and passes.
 Fields not in a table are ignored, as OpenAI's vendor extras and Ollama's unknown
 options are elsewhere: refusing them would break clients that send their own.
 
@@ -55,7 +55,9 @@ def _fields(local: Treatment, why: str, names: Iterable[str], **kw: Any) -> list
     return [Field(name, local, why, **kw) for name in names]
 
 
-LOGPROBS = "log probabilities are not implemented for local models yet"
+LOGPROBS = ("the sampled tokens' log probabilities from the model's raw logits (before temperature, "
+            "penalties and grammar), stream and non-stream")
+TOP_LOGPROBS = "up to 20 most likely alternatives per token, from the same logits"
 ONE_TIER = "a local model has one service tier: its queue (`queue_timeout_s`) decides who waits"
 
 OPENAI: tuple[Field, ...] = (
@@ -68,8 +70,8 @@ OPENAI: tuple[Field, ...] = (
           inert=default("none", "auto")),
     Field("functions", "refused", "the deprecated functions API is not supported: use `tools`"),
     Field("logit_bias", "honoured", "token ids of the model's own vocabulary"),
-    Field("logprobs", "refused", LOGPROBS),
-    Field("top_logprobs", "refused", LOGPROBS, inert=default(0)),
+    Field("logprobs", "honoured", LOGPROBS),
+    Field("top_logprobs", "honoured", TOP_LOGPROBS),
     Field("max_tokens", "honoured", "capped at the end of the context (`finish_reason: \"length\"`)"),
     Field("max_completion_tokens", "honoured", "as `max_tokens`, which it takes precedence over"),
     Field("metadata", "ignored", "tags for OpenAI's dashboard; anyad's history has its own conversation ids"),
@@ -121,7 +123,6 @@ OPENAI: tuple[Field, ...] = (
 BOTH = ("chat", "generate")
 CHAT = ("chat",)
 GENERATE = ("generate",)
-OLLAMA_LOGPROBS = "log probabilities are not implemented on anyad's Ollama API yet"
 
 OLLAMA: tuple[Field, ...] = (
     Field("model", "honoured", "a local model, `provider/model` or a route", endpoints=BOTH),
@@ -147,8 +148,8 @@ OLLAMA: tuple[Field, ...] = (
     Field("shift", "ignored", "the context is never shifted: a reply stops at its end (`done_reason: "
                               "\"length\"`)", endpoints=BOTH),
     Field("_debug_render_only", "refused", "anyad does not return the rendered prompt", endpoints=BOTH),
-    Field("logprobs", "refused", OLLAMA_LOGPROBS, endpoints=BOTH),
-    Field("top_logprobs", "refused", OLLAMA_LOGPROBS, inert=default(0), endpoints=BOTH),
+    Field("logprobs", "honoured", LOGPROBS, endpoints=BOTH),
+    Field("top_logprobs", "honoured", TOP_LOGPROBS, endpoints=BOTH),
 )
 
 LOAD_TIME = ("the model's context, placement and threads are its config's (`models.<id>`: `n_ctx`, "

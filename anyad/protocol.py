@@ -12,7 +12,8 @@ daemon → worker: ``{"op": "load", "version", "path", "n_ctx", "n_threads", "n_
 ``{"op": "embed", "id", "input"}``, ``{"op": "stats", "id"}``,
 ``{"op": "cancel", "id"}``, ``{"op": "shutdown"}``.
 worker → daemon: ``{"t": "hello", "version", "pid"}``, ``{"t": "ready", ...model facts}``,
-``{"t": "delta", "id", "text"?, "reasoning"?, "tool_calls"?}`` (tool_calls: OpenAI's deltas),
+``{"t": "delta", "id", "text"?, "reasoning"?, "tool_calls"?, "logprobs"?}`` (tool_calls: OpenAI's deltas;
+logprobs: OpenAI's ``logprobs.content`` entries of the tokens since the last frame),
 ``{"t": "end", "id", "finish_reason", "usage", "note"?}`` (finish_reason "tool_calls" after parsed
 calls; note: why the model's tool call was returned as text), ``{"t": "error", "id", "code", "message"}``,
 ``{"t": "fatal", "message"}``.
@@ -28,7 +29,7 @@ from anyad.jsoncodec import dumpb, loads
 if TYPE_CHECKING:  # the worker never needs asyncio, and importing it costs its start time
     import asyncio
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 

@@ -122,6 +122,8 @@ class ChatCompletionRequest(_Open):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -164,6 +166,14 @@ class ChatCompletionRequest(_Open):
             raise InvalidRequest("tool_choice: 'required' needs tools", param="tool_choice")
         return self
 
+    def _logprobs(self) -> int | None:
+        """How many alternatives each token's log probability comes with; None: none asked."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
+
     def to_internal(self, body: dict[str, Any]) -> ChatRequest:
         if self.n not in (None, 1):
             raise InvalidRequest("n other than 1 is not supported: ask once per completion", param="n")
@@ -179,6 +189,7 @@ class ChatCompletionRequest(_Open):
             repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=[s for s in stop if s],
             logit_bias=self.logit_bias,
+            logprobs=self._logprobs(),
             response_format=None if rf is None or rf.type == "text" else rf.model_dump(exclude_none=True),
             tools=[t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None,
             tool_choice=self.tool_choice.model_dump(exclude_none=True)

@@ -40,6 +40,9 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[str, float] | None = None
+    # Log probabilities of the sampled tokens, each with this many most likely alternatives
+    # (OpenAI's ``logprobs: true`` with ``top_logprobs``); None: none asked.
+    logprobs: int | None = None
     # {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
     response_format: dict[str, Any] | None = None
     # OpenAI's tools ({"type": "function", "function": {"name", "parameters", ...}}) and

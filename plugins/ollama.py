@@ -93,6 +93,12 @@ def _openai_body(body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[s
         out["keep_alive"] = body["keep_alive"]
     if body.get("tools"):
         out["tools"] = body["tools"]
+    if body.get("logprobs"):
+        out["logprobs"] = True
+        if body.get("top_logprobs"):
+            out["top_logprobs"] = body["top_logprobs"]
+    elif body.get("top_logprobs"):
+        raise errors.InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     think = body.get("think")
     if think is not None:
         # true/false, or gpt-oss's levels; a local model's template switch follows it.
@@ -182,7 +188,8 @@ async def _answer(request: web.Request, body: dict[str, Any], messages: list[dic
     model = body.get("model")
     t0 = flow.t0
 
-    def piece(text: str, thinking: str = "", tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def piece(text: str, thinking: str = "", tool_calls: list[dict[str, Any]] | None = None,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         obj: dict[str, Any] = {"model": model, "created_at": _now()}
         if kind == "chat":
             msg: dict[str, Any] = {"role": "assistant", "content": text}
@@ -195,15 +202,19 @@ async def _answer(request: web.Request, body: dict[str, Any], messages: list[dic
             obj["response"] = text
             if thinking:
                 obj["thinking"] = thinking
+        if logprobs:  # Ollama's: the entries themselves, beside the message
+            obj["logprobs"] = logprobs.get("content") or []
         obj["done"] = False
         return obj
 
     def thinking_of(chunk_or_reply: Any) -> str:
         return (chunk_or_reply.extra or {}).get("reasoning_content") or ""
 
-    def final(text: str, thinking: str, usage: Usage | None, reason: str | None) -> dict[str, Any]:
+    def final(text: str, thinking: str, usage: Usage | None, reason: str | None,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         # Tool calls go out whole, at the end, as Ollama sends them (arguments as objects).
-        obj = piece(text, thinking, _tool_calls(flow.reply.message().get("tool_calls")) if kind == "chat" else None)
+        obj = piece(text, thinking, _tool_calls(flow.reply.message().get("tool_calls")) if kind == "chat" else None,
+                    logprobs)
         total = time.monotonic() - t0
         ttft = (flow.ttft_ms or 0) / 1000
         # Ollama ends a reply with tool calls as "stop".
@@ -218,7 +229,8 @@ async def _answer(request: web.Request, body: dict[str, Any], messages: list[dic
         async with aclosing(opened.rest) as rest:
             if not chat.stream:
                 reply = await flow.collect(rest)
-                return web.Response(body=dumpb(final(reply.text, thinking_of(reply), reply.usage, flow.outcome)),
+                return web.Response(body=dumpb(final(reply.text, thinking_of(reply), reply.usage, flow.outcome,
+                                                      reply.logprobs)),
                                     headers=flow.headers, content_type="application/json")
             resp = web.StreamResponse(headers={**flow.headers, "Content-Type": NDJSON})
             await resp.prepare(request)
@@ -226,8 +238,8 @@ async def _answer(request: web.Request, body: dict[str, Any], messages: list[dic
                 chunk = opened.first
                 while chunk is not None:
                     chunk = flow.take(chunk)
-                    if chunk.text or thinking_of(chunk):
-                        await resp.write(dumpb(piece(chunk.text, thinking_of(chunk))) + b"\n")
+                    if chunk.text or thinking_of(chunk) or chunk.logprobs:
+                        await resp.write(dumpb(piece(chunk.text, thinking_of(chunk), logprobs=chunk.logprobs)) + b"\n")
                     chunk = await anext(rest, None)
                 flow.check_finished()
                 flow.ended()

@@ -38,8 +38,8 @@ OPENAI_ASKS: dict[str, Any] = {
 }
 # For each refused field, a value that asks for nothing: it must pass.
 OPENAI_INERT: dict[str, Any] = {
-    "audio": None, "function_call": "auto", "functions": [], "grammar": "", "json_schema": None, "logprobs": False,
-    "top_logprobs": 0, "modalities": ["text"], "moderation": None, "n": 1, "web_search_options": None,
+    "audio": None, "function_call": "auto", "functions": [], "grammar": "", "json_schema": None,
+    "modalities": ["text"], "moderation": None, "n": 1, "web_search_options": None,
 }
 PNG = base64.b64encode(bytes.fromhex("89504e470d0a1a0a")).decode()
 OLLAMA_ASKS: dict[str, Any] = {
@@ -49,7 +49,7 @@ OLLAMA_ASKS: dict[str, Any] = {
     "raw": True, "truncate": True, "shift": False, "_debug_render_only": True, "logprobs": True, "top_logprobs": 2,
 }
 OLLAMA_INERT: dict[str, Any] = {"suffix": "", "template": "", "context": [], "raw": False,
-                                "_debug_render_only": False, "logprobs": False, "top_logprobs": 0}
+                                "_debug_render_only": False}
 OPTION_ASKS: dict[str, Any] = {
     "num_predict": 2, "temperature": 0.5, "top_p": 0.9, "seed": 1, "stop": ["\n"], "presence_penalty": 0.5,
     "frequency_penalty": 0.5, "top_k": 5, "min_p": 0.1, "repeat_penalty": 1.1, "num_ctx": 4096, "num_batch": 64,
@@ -59,6 +59,9 @@ OPTION_ASKS: dict[str, Any] = {
     "mirostat": 2, "typical_p": 0.5, "tfs_z": 0.5, "repeat_last_n": 16,
 }
 OPTION_INERT: dict[str, Any] = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0, "repeat_last_n": 64}
+
+# What a field needs beside it to mean anything (alone it is a 400 saying so).
+COMPANIONS: dict[str, dict[str, Any]] = {"top_logprobs": {"logprobs": True}}
 
 # Honoured, and refused by a text-only model such as the tiny one: a 400, not silence.
 NEEDS_VISION = {"images"}
@@ -127,7 +130,8 @@ async def test_ignored_honoured_and_unknown_fields_are_answered(gateway):
     wrong = []
     accepted = sorted(names(fields.OPENAI) - names(fields.OPENAI, "refused"))
     for name in accepted + ["x_vendor_extra"]:
-        status, body = await post_openai(gateway, {**BASE, name: OPENAI_ASKS.get(name, {"any": "thing"})})
+        status, body = await post_openai(gateway, {**BASE, **COMPANIONS.get(name, {}),
+                                                   name: OPENAI_ASKS.get(name, {"any": "thing"})})
         if status != 200:
             wrong.append((name, status, body))
     assert wrong == []
@@ -156,7 +160,7 @@ async def test_ollama_fields_are_honoured_ignored_or_refused_by_name(gateway, en
     for f in fields.OLLAMA:
         if endpoint not in f.endpoints:
             continue
-        status, text = await post_ollama(gateway, endpoint, {f.name: OLLAMA_ASKS[f.name]})
+        status, text = await post_ollama(gateway, endpoint, {**COMPANIONS.get(f.name, {}), f.name: OLLAMA_ASKS[f.name]})
         if f.local == "refused" or f.name in NEEDS_VISION:
             ok = status == 400 and (f.name in text or f.name in NEEDS_VISION)
         else:

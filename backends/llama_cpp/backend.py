@@ -73,8 +73,10 @@ def flatten_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def delta_chunk(frame: dict[str, Any]) -> Chunk:
     """A worker's delta frame as a chunk: text, reasoning and tool-call deltas (see anyad.protocol)."""
     reasoning = frame.get("reasoning")
+    logprobs = frame.get("logprobs")
     return Chunk(text=frame.get("text", ""), tool_calls=frame.get("tool_calls"),
-                 extra={"reasoning_content": reasoning} if reasoning else None)
+                 extra={"reasoning_content": reasoning} if reasoning else None,
+                 logprobs={"content": logprobs, "refusal": None} if logprobs else None)
 
 
 def header_safe(note: str, limit: int = 200) -> str:

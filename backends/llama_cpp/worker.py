@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from anyad import protocol
 from anyad.errors import InvalidRequest
+from anyad.backends.llama_cpp.logprobs import TokenLogprobs, piece_reader
 from anyad.toolcalls import Event, Family, ReplyParser, family_of, forced_call_grammar, opens_reasoning
 
 # ChatML, for a model file that carries no chat template of its own.
@@ -109,6 +110,7 @@ class RequestError(Exception):
 class Engine:
     def __init__(self, load: dict[str, Any]) -> None:
         import llama_cpp
+        import numpy as np
         from llama_cpp import llama_chat_format
 
         self.llama_cpp = llama_cpp
@@ -119,12 +121,18 @@ class Engine:
             sampled = 0
             sampled_total = 0
             last_token = -1
+            # Set for a request that asks for log probabilities (see logprobs.py).
+            logprobs: TokenLogprobs | None = None
 
             def generate(self, *args: Any, **kwargs: Any):  # type: ignore[override]
                 for token in super().generate(*args, **kwargs):
                     self.sampled += 1
                     self.sampled_total += 1
                     self.last_token = token
+                    if self.logprobs is not None and not llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+                        # The row the sampler just drew from; the next eval overwrites it.
+                        row = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1)
+                        self.logprobs.add(np.ctypeslib.as_array(row, shape=(self._n_vocab,)), token)
                     yield token
 
         if load.get("n_gpu_layers", 0) and not llama_cpp.llama_supports_gpu_offload():
@@ -342,25 +350,39 @@ class Engine:
                                  started_in_reasoning=split and in_reasoning)
         llm.sampled = 0
         llm.last_token = -1
+        top = params.get("logprobs")
+        logprobs = llm.logprobs = None if top is None else TokenLogprobs(
+            int(top), piece_reader(self.llama_cpp, llm._model.vocab))
+
+        def send(frame: dict[str, Any]) -> None:
+            # A token's log probability goes with the first piece of the reply after it; the
+            # tokens of a stop sequence never reach the client, nor do theirs.
+            if logprobs is not None and logprobs.pending:
+                frame["logprobs"] = logprobs.take()
+            out.write(frame)
+
         finish = "stop"
-        for chunk in llm.create_completion(prompt, **kwargs):
-            if rid in cancelled:
-                finish = "cancelled"
-                break
-            choice = chunk["choices"][0]
-            if choice["text"]:
-                if parser is None:
-                    out.write({"t": "delta", "id": rid, "text": choice["text"]})
-                else:
-                    for frame in delta_frames(rid, parser.feed(choice["text"])):
-                        out.write(frame)
-            if choice.get("finish_reason"):
-                finish = choice["finish_reason"]
+        try:
+            for chunk in llm.create_completion(prompt, **kwargs):
+                if rid in cancelled:
+                    finish = "cancelled"
+                    break
+                choice = chunk["choices"][0]
+                if choice["text"]:
+                    if parser is None:
+                        send({"t": "delta", "id": rid, "text": choice["text"]})
+                    else:
+                        for frame in delta_frames(rid, parser.feed(choice["text"])):
+                            send(frame)
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+        finally:
+            llm.logprobs = None
         end: dict[str, Any] = {"t": "end", "id": rid}
         if parser is not None and finish != "cancelled":
             events, note = parser.close()
             for frame in delta_frames(rid, events):
-                out.write(frame)
+                send(frame)
             if note:
                 end["note"] = note
             if parser.calls and finish == "stop":  # calls the parser kept count, even beside a malformed one
