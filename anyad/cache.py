@@ -112,9 +112,10 @@ class ResponseCache:
         directives = cache_control(request)
         p = chat.params
         deterministic = p.temperature == 0 or p.seed is not None
-        # An entry keeps the message, not its log probabilities: a logprobs request is never
-        # answered from the cache (and never stored, so no stale answer lacks them either).
-        cacheable = (self.settings.mode == "all" or deterministic) and p.logprobs is None
+        # An entry keeps one message, without its log probabilities: a request for those, or
+        # for several choices, is never answered from the cache (nor stored, so no stale
+        # answer lacks them either).
+        cacheable = (self.settings.mode == "all" or deterministic) and p.logprobs is None and p.n is None
         return Decision(lookup=cacheable and "no-cache" not in directives,
                         store=cacheable and "no-store" not in directives, _make_key=lambda: self.key(chat))
 

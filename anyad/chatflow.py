@@ -105,6 +105,9 @@ class ChatFlow:
         self.request = request
         self.chat = chat
         self.reply = Reply()
+        # One reply per choice (``n``); the first is ``reply``, which also gathers the usage and
+        # is the one the history, the cache and the plugins see.
+        self.choices = [self.reply]
         self.opened: Opened | Replayed | None = None
         self.cached: str | None = None
         self.conversation_id: str | None = None
@@ -175,7 +178,17 @@ class ChatFlow:
         """A chunk on its way out: the plugins may change it, the reply keeps it."""
         if self._chunk_hooks:
             chunk = self.daemon.plugins.chunk(chunk, self.chat, self.opened.name if self.opened else "")
-        self.reply.add(chunk)
+        if not chunk.index:
+            self.reply.add(chunk)
+            return chunk
+        if not 0 < chunk.index < (self.chat.params.n or 1):
+            raise BackendError(f"{self.opened.name if self.opened else '?'} answered with a choice "
+                               f"(index {chunk.index}) that was not asked for")
+        while len(self.choices) <= chunk.index:
+            self.choices.append(Reply())
+        self.choices[chunk.index].add(chunk)
+        if chunk.usage is not None:
+            self.reply.usage = chunk.usage
         return chunk
 
     async def collect(self, rest: ChunkStream) -> Reply:
@@ -207,7 +220,11 @@ class ChatFlow:
                     self.opened.name if self.opened else "?", exc.message)
 
     def check_finished(self) -> None:
-        if self.reply.finish_reason is None:
+        asked = self.chat.params.n or 1
+        if len(self.choices) < asked:
+            raise BackendError(f"{self.opened.name if self.opened else '?'} answered {len(self.choices)} of the "
+                               f"{asked} choices asked for")
+        if any(r.finish_reason is None for r in self.choices):
             raise BackendError(f"{self.opened.name if self.opened else '?'} ended the reply without a "
                                "finish reason")
 

@@ -52,30 +52,31 @@ class OpenAIEncoder:
 
     def chunk(self, chunk: Chunk) -> bytes:
         """Any chunk with content for the client; plain text takes the fast path."""
-        if chunk.tool_calls is None and chunk.extra is None and chunk.logprobs is None:
+        if chunk.tool_calls is None and chunk.extra is None and chunk.logprobs is None and not chunk.index:
             return self.delta(chunk.text)
         delta: dict[str, Any] = dict(chunk.extra or {})
         if chunk.text:
             delta["content"] = chunk.text
         if chunk.tool_calls is not None:
             delta["tool_calls"] = chunk.tool_calls
-        return self._event([{"index": 0, "delta": delta, "logprobs": chunk.logprobs, "finish_reason": None}])
+        return self._event([{"index": chunk.index, "delta": delta, "logprobs": chunk.logprobs,
+                             "finish_reason": None}])
 
-    def finish(self, reason: str) -> bytes:
-        return self._event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+    def finish(self, reason: str, index: int = 0) -> bytes:
+        return self._event([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
 
     def usage(self, usage: Usage) -> bytes:
         """OpenAI's extra last chunk for ``stream_options.include_usage``: no choices, the usage."""
         return self._event([], usage, with_usage=True)
 
-    def completion(self, reply: "Reply") -> dict[str, Any]:
-        message = {"role": "assistant", "refusal": None, **reply.message()}
+    def completion(self, replies: "list[Reply]") -> dict[str, Any]:
+        """The whole answer: one choice per reply (the first carries the usage of all)."""
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": reply.logprobs,
-                         "finish_reason": reply.finish_reason}],
-            "usage": (reply.usage or Usage()).as_dict(),
+            "choices": [{"index": i, "message": {"role": "assistant", "refusal": None, **r.message()},
+                         "logprobs": r.logprobs, "finish_reason": r.finish_reason} for i, r in enumerate(replies)],
+            "usage": (replies[0].usage or Usage()).as_dict(),
         }
 
 

@@ -78,7 +78,9 @@ OPENAI: tuple[Field, ...] = (
     Field("modalities", "refused", "local models answer in text only", inert=default(["text"])),
     Field("moderation", "refused", "anyad runs no moderation model, so it can neither score nor block",
           inert=absent),
-    Field("n", "refused", "one completion per request: ask once per completion", inert=default(1)),
+    Field("n", "honoured", "up to 16 choices from one reading of the prompt (each further choice reuses it "
+                           "in the context; with a `seed`, choice i samples with seed + i); streamed one "
+                           "choice after another; the history keeps the first"),
     Field("parallel_tool_calls", "honoured", "whether one reply may call several tools"),
     Field("prediction", "ignored", "predicted output only makes OpenAI's reply faster, never different"),
     Field("presence_penalty", "honoured", "llama.cpp's presence penalty"),

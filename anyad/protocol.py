@@ -14,8 +14,11 @@ daemon → worker: ``{"op": "load", "version", "path", "n_ctx", "n_threads", "n_
 worker → daemon: ``{"t": "hello", "version", "pid"}``, ``{"t": "ready", ...model facts}``,
 ``{"t": "delta", "id", "text"?, "reasoning"?, "tool_calls"?, "logprobs"?}`` (tool_calls: OpenAI's deltas;
 logprobs: OpenAI's ``logprobs.content`` entries of the tokens since the last frame),
-``{"t": "end", "id", "finish_reason", "usage", "note"?}`` (finish_reason "tool_calls" after parsed
-calls; note: why the model's tool call was returned as text), ``{"t": "error", "id", "code", "message"}``,
+``{"t": "finish", "id", "index"?, "finish_reason", "note"?}`` (the end of one of ``n`` choices but
+the last; delta frames carry the ``index`` of their choice, absent for the first),
+``{"t": "end", "id", "index"?, "finish_reason", "usage", "note"?}`` (the last choice's end, the usage
+of all; finish_reason "tool_calls" after parsed calls; note: why the model's tool call was returned
+as text), ``{"t": "error", "id", "code", "message"}``,
 ``{"t": "fatal", "message"}``.
 """
 

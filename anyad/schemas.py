@@ -103,6 +103,9 @@ class ResponseFormat(_Open):
         return v
 
 
+MAX_CHOICES = 16  # a bound on one request's decoding time, as max_tokens is on each choice's
+
+
 class ChatCompletionRequest(_Open):
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
@@ -117,7 +120,7 @@ class ChatCompletionRequest(_Open):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -175,8 +178,6 @@ class ChatCompletionRequest(_Open):
         return self.top_logprobs or 0
 
     def to_internal(self, body: dict[str, Any]) -> ChatRequest:
-        if self.n not in (None, 1):
-            raise InvalidRequest("n other than 1 is not supported: ask once per completion", param="n")
         if self.response_format is not None and self.response_format.type == "json_schema" \
                 and not self.response_format.json_schema:
             raise InvalidRequest("response_format of type json_schema needs a json_schema object",
@@ -189,7 +190,7 @@ class ChatCompletionRequest(_Open):
             repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=[s for s in stop if s],
             logit_bias=self.logit_bias,
-            logprobs=self._logprobs(),
+            logprobs=self._logprobs(), n=self.n if self.n and self.n > 1 else None,
             response_format=None if rf is None or rf.type == "text" else rf.model_dump(exclude_none=True),
             tools=[t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None,
             tool_choice=self.tool_choice.model_dump(exclude_none=True)

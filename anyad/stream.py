@@ -43,6 +43,8 @@ class SamplingParams:
     # Log probabilities of the sampled tokens, each with this many most likely alternatives
     # (OpenAI's ``logprobs: true`` with ``top_logprobs``); None: none asked.
     logprobs: int | None = None
+    # Choices from the one prompt (OpenAI's ``n``); None: one.
+    n: int | None = None
     # {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
     response_format: dict[str, Any] | None = None
     # OpenAI's tools ({"type": "function", "function": {"name", "parameters", ...}}) and
@@ -89,6 +91,9 @@ class Chunk:
     """One piece of a reply: text and/or tool-call deltas, or (last) the finish reason with the usage."""
 
     text: str = ""
+    # Which of the request's ``n`` choices this piece belongs to; each choice ends with its
+    # own finish reason, and the usage (of all of them) comes with the last.
+    index: int = 0
     finish_reason: str | None = None
     usage: Usage | None = None
     # OpenAI tool-call deltas ({"index", "id", "type", "function": {"name", "arguments"}}).

@@ -61,6 +61,7 @@ class FakeOpenAI:
         if mode == "hang":
             await asyncio.sleep(3600)
         tools = bool(body.get("tools"))
+        n = int(body.get("n") or 1)  # choice i > 0 says REPLY and its number, interleaved when streamed
         if not body.get("stream"):
             msg: dict = {"role": "assistant", "content": None if tools else REPLY}
             if tools:
@@ -68,7 +69,9 @@ class FakeOpenAI:
                                       "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
             return web.json_response({
                 "id": "up-1", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
-                "choices": [{"index": 0, "message": msg, "finish_reason": "tool_calls" if tools else "stop"}],
+                "choices": [{"index": 0, "message": msg, "finish_reason": "tool_calls" if tools else "stop"}] + [
+                    {"index": i, "message": {"role": "assistant", "content": f"{REPLY} {i}"}, "finish_reason": "stop"}
+                    for i in range(1, n)],
                 "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -97,9 +100,15 @@ class FakeOpenAI:
                 # No role in the first delta, as some servers do.
                 await resp.write(ev({**base, "choices": [{"index": 0, "delta": {"content": text},
                                                           "finish_reason": None}]}, space=i % 2 == 0))
+                for c in range(1, n):
+                    await resp.write(ev({**base, "choices": [{"index": c, "delta": {"content": text},
+                                                              "finish_reason": None}]}))
                 if mode == "reset" and i == 1:
                     request.transport.close()  # drop the connection mid-stream
                     return resp
+            for c in range(1, n):
+                await resp.write(ev({**base, "choices": [{"index": c, "delta": {"content": f" {c}"},
+                                                          "finish_reason": "stop"}]}))
             finish = "stop"
         await resp.write(ev({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}))
         if (body.get("stream_options") or {}).get("include_usage"):

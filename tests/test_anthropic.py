@@ -107,3 +107,13 @@ async def test_anthropic_errors_in_openai_shape(setup):
     assert e.value.status_code == 400
     assert e.value.body["message"] == "claude: max_tokens: too large"
     assert e.value.body["type"] == "invalid_request_error"
+
+
+async def test_several_choices_are_a_400_naming_n(setup):
+    fake, sdk = setup
+    before = len(fake.requests)
+    with pytest.raises(openai.BadRequestError) as e:
+        await sdk.chat.completions.create(model="claude/sonnet", max_tokens=5, n=2,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert e.value.param == "n" and "one reply per request" in e.value.message
+    assert len(fake.requests) == before

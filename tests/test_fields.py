@@ -39,7 +39,7 @@ OPENAI_ASKS: dict[str, Any] = {
 # For each refused field, a value that asks for nothing: it must pass.
 OPENAI_INERT: dict[str, Any] = {
     "audio": None, "function_call": "auto", "functions": [], "grammar": "", "json_schema": None,
-    "modalities": ["text"], "moderation": None, "n": 1, "web_search_options": None,
+    "modalities": ["text"], "moderation": None, "web_search_options": None,
 }
 PNG = base64.b64encode(bytes.fromhex("89504e470d0a1a0a")).decode()
 OLLAMA_ASKS: dict[str, Any] = {
@@ -138,13 +138,10 @@ async def test_ignored_honoured_and_unknown_fields_are_answered(gateway):
 
 
 async def test_a_remote_provider_gets_every_field_a_local_model_refuses(gateway):
-    for name in sorted(names(fields.OPENAI, "refused") - {"n"}):
+    for name in sorted(names(fields.OPENAI, "refused")):
         status, body = await post_openai(gateway, {**BASE, "model": "up/gpt-x", name: OPENAI_ASKS[name]})
         assert status == 200, (name, body)
         assert gateway.fake.requests[-1][name] == OPENAI_ASKS[name]
-    # n is the one refused before routing: one completion per request, whatever the target.
-    status, body = await post_openai(gateway, {**BASE, "model": "up/gpt-x", "n": 2})
-    assert status == 400 and body["error"]["param"] == "n"
 
 
 async def post_ollama(gateway, endpoint: str, extra: dict[str, Any], model: str = MODEL_ID) -> tuple[int, Any]:

@@ -50,7 +50,7 @@ async def test_sdk_models_and_errors(sdk):
         await sdk.chat.completions.create(model="nope", messages=MSGS)
     assert e.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
-        await sdk.chat.completions.create(model=MODEL_ID, messages=MSGS, n=2)
+        await sdk.chat.completions.create(model=MODEL_ID, messages=MSGS, n=17)
     assert e.value.param == "n"
 
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from anyad.chatflow import ChatFlow
 from anyad.encoders import DONE, OpenAIEncoder, sse_error
-from anyad.errors import AnyadError, BackendError
+from anyad.errors import AnyadError
 from anyad.jsoncodec import dumpb
 from anyad.schemas import parse_chat_request
 from anyad.server import DAEMON, REQUEST_ID, read_json
@@ -33,30 +33,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         async with aclosing(opened.rest) as rest:
             if not chat.stream:
-                return web.Response(body=dumpb(enc.completion(await flow.collect(rest))), headers=headers,
+                await flow.collect(rest)
+                return web.Response(body=dumpb(enc.completion(flow.choices)), headers=headers,
                                     content_type="application/json")
 
             resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
             await resp.prepare(request)
-            finish: bytes = b""
+            finishes: dict[int, bytes] = {}
             try:
                 out = [enc.role()]  # the role goes out with the first piece, in one write
                 chunk = opened.first
                 while chunk is not None:
                     chunk = take(chunk)
-                    if chunk.text or chunk.tool_calls or chunk.extra:
+                    if chunk.text or chunk.tool_calls or chunk.extra or chunk.logprobs:
                         out.append(enc.chunk(chunk))
-                    if chunk.finish_reason and not finish:
+                    if chunk.finish_reason and chunk.index not in finishes:
                         # Held back until the stream ends (the usage chunk and [DONE] follow at
                         # once), so the tail of the reply is one write.
-                        finish = enc.finish(chunk.finish_reason)
+                        finishes[chunk.index] = enc.finish(chunk.finish_reason, chunk.index)
                     if out:
                         await resp.write(b"".join(out))
                         out = []
                     chunk = await anext(rest, None)
-                if not finish:
-                    raise BackendError(f"{opened.name} ended the reply without a finish reason")
-                tail = [finish]
+                flow.check_finished()
+                tail = [finishes[i] for i in sorted(finishes)]
                 if chat.include_usage:
                     tail.append(enc.usage(reply.usage or Usage()))
                 tail.append(DONE)

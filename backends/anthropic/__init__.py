@@ -135,6 +135,9 @@ class AnthropicBackend(RemoteBackend):
         return h
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
+        if request.params.n:
+            raise InvalidRequest(f"n: {self.name} (Anthropic's Messages API) gives one reply per request; "
+                                 "ask once per choice", param="n")
         resp = await self.client.post("/messages", to_messages_request(request, model), await self.headers())
         async with resp:
             try:

@@ -74,7 +74,7 @@ def delta_chunk(frame: dict[str, Any]) -> Chunk:
     """A worker's delta frame as a chunk: text, reasoning and tool-call deltas (see anyad.protocol)."""
     reasoning = frame.get("reasoning")
     logprobs = frame.get("logprobs")
-    return Chunk(text=frame.get("text", ""), tool_calls=frame.get("tool_calls"),
+    return Chunk(text=frame.get("text", ""), index=frame.get("index", 0), tool_calls=frame.get("tool_calls"),
                  extra={"reasoning_content": reasoning} if reasoning else None,
                  logprobs={"content": logprobs, "refusal": None} if logprobs else None)
 
@@ -176,14 +176,15 @@ class LlamaCppBackend(Backend):
                     t = frame["t"]
                     if t == "delta":
                         yield delta_chunk(frame)
-                    elif t == "end":
-                        u = frame.get("usage") or {}
+                    elif t in ("finish", "end"):  # a choice's end; "end" is the last one's, with the usage
+                        u = frame.get("usage")
                         note = frame.get("note")
                         if note:
                             note = header_safe(note)
                             log.info("model %s: a tool call was returned as text: %s", self.model_id, note)
-                        yield Chunk(finish_reason=frame["finish_reason"], note=note,
-                                    usage=Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)))
+                        yield Chunk(index=frame.get("index", 0), finish_reason=frame["finish_reason"], note=note,
+                                    usage=None if u is None else Usage(u.get("prompt_tokens", 0),
+                                                                       u.get("completion_tokens", 0)))
                     elif t == "error":
                         self._raise(frame)
 

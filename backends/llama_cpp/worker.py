@@ -341,6 +341,34 @@ class Engine:
         if params.get("logit_bias"):
             kwargs["logit_bias"] = self._logit_bias(llm, params["logit_bias"])
 
+        n = int(params.get("n") or 1)
+        seed = params.get("seed")
+        completion = 0
+        for index in range(n):
+            if seed is not None:  # the same seed for every choice would give n copies of one
+                kwargs["seed"] = seed + index
+            # Every choice after the first reuses the prompt in the context (llama-cpp-python
+            # keeps the longest common prefix): the prompt is read once, whatever n is.
+            finish, tokens, note = self._choice(llm, rid, index, prompt, kwargs, params, offered, in_reasoning,
+                                                cancelled, out)
+            completion += tokens
+            frame: dict[str, Any] = {"t": "finish" if index < n - 1 and finish != "cancelled" else "end",
+                                     "id": rid, "finish_reason": finish}
+            if index:
+                frame["index"] = index
+            if note:
+                frame["note"] = note
+            if frame["t"] == "end":
+                frame["usage"] = {"prompt_tokens": len(prompt), "completion_tokens": completion}
+            out.write(frame)
+            if frame["t"] == "end":
+                return
+
+    def _choice(self, llm: Any, rid: int, index: int, prompt: list[int], kwargs: dict[str, Any],
+                params: dict[str, Any], offered: bool, in_reasoning: bool, cancelled: set[int],
+                out: Output) -> tuple[str, int, str | None]:
+        """One choice, streamed as delta frames: its finish reason, its tokens, and a note when a
+        tool call it wrote came back as text."""
         parser = None
         split = self._reasoning_split
         if offered or split:
@@ -359,6 +387,8 @@ class Engine:
             # tokens of a stop sequence never reach the client, nor do theirs.
             if logprobs is not None and logprobs.pending:
                 frame["logprobs"] = logprobs.take()
+            if index:
+                frame["index"] = index
             out.write(frame)
 
         finish = "stop"
@@ -378,21 +408,18 @@ class Engine:
                     finish = choice["finish_reason"]
         finally:
             llm.logprobs = None
-        end: dict[str, Any] = {"t": "end", "id": rid}
+        note = None
         if parser is not None and finish != "cancelled":
             events, note = parser.close()
             for frame in delta_frames(rid, events):
                 send(frame)
-            if note:
-                end["note"] = note
             if parser.calls and finish == "stop":  # calls the parser kept count, even beside a malformed one
                 finish = "tool_calls"
         completion = llm.sampled
         if completion and finish in ("stop", "tool_calls") and \
                 self.llama_cpp.llama_vocab_is_eog(llm._model.vocab, llm.last_token):
             completion -= 1  # the end-of-turn token is not part of the reply
-        end.update(finish_reason=finish, usage={"prompt_tokens": len(prompt), "completion_tokens": completion})
-        out.write(end)
+        return finish, completion, note
 
 
 class Output:

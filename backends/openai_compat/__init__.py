@@ -34,21 +34,33 @@ def _text(value: Any) -> str:
     return value
 
 
-def chunk_from_event(ev: dict[str, Any]) -> Chunk | None:
-    """One upstream ``chat.completion.chunk`` → our chunk (None when it carries nothing)."""
+def _index(choice: dict[str, Any]) -> int:
+    i = choice.get("index") or 0
+    if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+        raise ValueError("a choice's index is not a number")
+    return i
+
+
+def chunks_from_event(ev: dict[str, Any]) -> list[Chunk]:
+    """One upstream ``chat.completion.chunk`` → our chunks, one per choice it carries (usage last)."""
     choices = ev.get("choices") or []  # null or [] in usage-only chunks
     usage = _usage(ev.get("usage"))
-    if not choices:
-        return Chunk(usage=usage) if usage else None
-    choice = choices[0]
-    delta = choice.get("delta") or {}
-    if usage is None and choice.get("finish_reason") is None and choice.get("logprobs") is None \
-            and delta.keys() <= _TEXT_DELTA:
-        return Chunk(text=_text(delta.get("content")))  # the common case: plain text
-    extra = {k: v for k, v in delta.items() if k not in _KNOWN_DELTA and v is not None}
-    return Chunk(text=_text(delta.get("content")), finish_reason=choice.get("finish_reason"), usage=usage,
-                 tool_calls=delta.get("tool_calls") or None, extra=extra or None,
-                 logprobs=choice.get("logprobs"))
+    out = []
+    for choice in choices:
+        delta = choice.get("delta") or {}
+        if choice.get("finish_reason") is None and choice.get("logprobs") is None and delta.keys() <= _TEXT_DELTA:
+            out.append(Chunk(text=_text(delta.get("content")), index=_index(choice)))  # the common case
+            continue
+        extra = {k: v for k, v in delta.items() if k not in _KNOWN_DELTA and v is not None}
+        out.append(Chunk(text=_text(delta.get("content")), index=_index(choice),
+                         finish_reason=choice.get("finish_reason"), tool_calls=delta.get("tool_calls") or None,
+                         extra=extra or None, logprobs=choice.get("logprobs")))
+    if usage is not None:
+        if out:
+            out[-1].usage = usage
+        else:
+            out.append(Chunk(usage=usage))
+    return out
 
 
 def is_plain(c: Chunk) -> bool:
@@ -56,18 +68,21 @@ def is_plain(c: Chunk) -> bool:
         and c.logprobs is None
 
 
-def chunk_from_completion(data: Any) -> Chunk:
-    """A whole upstream ``chat.completion`` → one final chunk (ValueError: not one)."""
+def chunks_from_completion(data: Any) -> list[Chunk]:
+    """A whole upstream ``chat.completion`` → one final chunk per choice (ValueError: not one)."""
     choices = data.get("choices") if isinstance(data, dict) else None
     if not choices or not isinstance(choices, list):
         raise ValueError("the reply has no choices")
-    choice = choices[0]
-    msg = choice.get("message") or {}
-    tool_calls = [{"index": i, **tc} for i, tc in enumerate(msg.get("tool_calls") or [])] or None
-    extra = {k: v for k, v in msg.items() if k not in _KNOWN_DELTA and v is not None}
-    return Chunk(text=_text(msg.get("content")), finish_reason=choice.get("finish_reason") or "stop",
-                 usage=_usage(data.get("usage")), tool_calls=tool_calls, extra=extra or None,
-                 logprobs=choice.get("logprobs"))
+    out = []
+    for choice in choices:
+        msg = choice.get("message") or {}
+        tool_calls = [{"index": i, **tc} for i, tc in enumerate(msg.get("tool_calls") or [])] or None
+        extra = {k: v for k, v in msg.items() if k not in _KNOWN_DELTA and v is not None}
+        out.append(Chunk(text=_text(msg.get("content")), index=_index(choice),
+                         finish_reason=choice.get("finish_reason") or "stop", tool_calls=tool_calls,
+                         extra=extra or None, logprobs=choice.get("logprobs")))
+    out[-1].usage = _usage(data.get("usage"))
+    return out
 
 
 # What a reply in the wrong shape raises on its way through the functions above.
@@ -89,10 +104,11 @@ class OpenAIBackend(RemoteBackend):
                 if not request.stream:
                     data = await self.reply_json(resp)
                     try:
-                        chunk = chunk_from_completion(data)
+                        whole = chunks_from_completion(data)
                     except _SHAPE_ERRORS as exc:
                         raise BackendError(f"{self.name}: the reply is not a chat completion ({exc})") from None
-                    yield chunk
+                    for chunk in whole:
+                        yield chunk
                     return
                 # Chunks before the first choice (usage alone) are held back: a stream
                 # with no choice at all is then a failure before the reply began, and
@@ -169,14 +185,13 @@ class OpenAIBackend(RemoteBackend):
                 msg = err.get("message") if isinstance(err, dict) else str(err)
                 raise BackendError(f"{self.name}: {msg}")
             try:
-                chunk = chunk_from_event(ev)
+                chunks = chunks_from_event(ev)
             except _SHAPE_ERRORS:
                 raise BackendError(f"{self.name}: an event in the stream is not a chat completion chunk") from None
             saw_choice = saw_choice or bool(ev.get("choices"))
-            if chunk is None:
-                continue
-            if out and is_plain(out[-1]) and is_plain(chunk):
-                out[-1].text += chunk.text
-            else:
-                out.append(chunk)
+            for chunk in chunks:
+                if out and is_plain(out[-1]) and is_plain(chunk) and out[-1].index == chunk.index:
+                    out[-1].text += chunk.text
+                else:
+                    out.append(chunk)
         return out, False, saw_choice
