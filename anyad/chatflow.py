@@ -3,9 +3,10 @@
 ``ChatFlow`` does everything between parsing and encoding: the server's caps, the
 plugins' guards, the conversation id, the response cache (lookup, and the expired
 answer as a last resort), the route's walk to a first chunk, and after the reply the
-cache write, the history, the metrics and the ``after_reply`` plugins. The OpenAI
-handler (``anyad.api.chat``) and the Ollama one (``anyad.plugins.ollama``) each only
-turn a wire request into a ``ChatRequest`` and the chunks into their own bytes.
+cache write, the history, the metrics and the ``after_reply`` plugins; and between
+them the streaming loop itself (``respond``). A door (``anyad.api.chat``, the Ollama
+listener's ``plugins/ollama.py``, any to come) only turns its wire request into a
+``ChatRequest`` and supplies a ``ReplyWriter`` that turns chunks into its own bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import hashlib
 import logging
 import os
 import time
+from contextlib import aclosing
+from typing import Protocol
 
 from aiohttp import web
 
@@ -94,11 +97,32 @@ def check_caps(chat: ChatRequest, server: ServerSettings) -> None:
                              f"{server.max_prompt_chars} (server.max_prompt_chars)", param="messages")
 
 
+class ReplyWriter(Protocol):
+    """A door's wire format for replies; ``ChatFlow.respond`` does the rest."""
+
+    stream_headers: dict[str, str]  # of a streamed reply (its Content-Type at least)
+
+    def head(self) -> bytes:
+        """What a stream starts with, sent with the first piece (b"": nothing)."""
+
+    def piece(self, chunk: Chunk) -> bytes:
+        """One chunk on the wire (b"": nothing to send for it)."""
+
+    def tail(self, flow: "ChatFlow") -> bytes:
+        """What a stream ends with, once the reply ran to its end."""
+
+    def error(self, exc: AnyadError) -> bytes:
+        """A failure after the stream began, reported in-band."""
+
+    def whole(self, flow: "ChatFlow") -> bytes:
+        """A non-streamed reply's JSON body."""
+
+
 class ChatFlow:
-    """Use: ``await flow.open()``; then either ``await flow.collect(rest)`` for a whole
-    reply, or feed the first chunk and each of the rest through ``flow.take`` while
-    streaming and call ``flow.ended()`` at the end; ``flow.failed(exc)`` if the reply
-    breaks; and ``flow.finish()`` in a ``finally``."""
+    """Use: ``opened = await flow.open()``, then ``return await flow.respond(opened, writer)``.
+
+    A door that needs the reply as a whole for itself calls ``await flow.collect(rest)``
+    instead, and ``flow.finish()`` in a ``finally``."""
 
     def __init__(self, daemon: Daemon, request: web.Request, chat: ChatRequest) -> None:
         self.daemon = daemon
@@ -190,6 +214,46 @@ class ChatFlow:
         if chunk.usage is not None:
             self.reply.usage = chunk.usage
         return chunk
+
+    async def respond(self, opened: Opened | Replayed, writer: ReplyWriter) -> web.StreamResponse:
+        """The whole answer in the writer's wire format: streamed (a client that goes away
+        cancels generation; a failure mid-stream goes in-band) or as one body."""
+        request = self.request
+        try:
+            async with aclosing(opened.rest) as rest:
+                if not self.chat.stream:
+                    await self.collect(rest)
+                    return web.Response(body=writer.whole(self), headers=self.headers,
+                                        content_type="application/json")
+                resp = web.StreamResponse(headers={**writer.stream_headers, **self.headers})
+                await resp.prepare(request)
+                try:
+                    head = writer.head()
+                    out = [head] if head else []  # the head goes out with the first piece, in one write
+                    chunk: Chunk | None = opened.first
+                    while chunk is not None:
+                        piece = writer.piece(self.take(chunk))
+                        if piece:
+                            out.append(piece)
+                        if out:
+                            await resp.write(b"".join(out))
+                            out = []
+                        chunk = await anext(rest, None)
+                    self.check_finished()
+                    self.ended()
+                    await resp.write(writer.tail(self))
+                except AnyadError as exc:
+                    self.failed(exc)
+                    try:  # the headers are gone already
+                        await resp.write(writer.error(exc))
+                    except ConnectionError:
+                        pass
+                except ConnectionError:
+                    # The client went away; closing the stream cancels generation.
+                    log.info("request %s: client disconnected mid-stream", request[REQUEST_ID])
+                return resp
+        finally:
+            self.finish()
 
     async def collect(self, rest: ChunkStream) -> Reply:
         """A whole (non-streamed) reply: the first chunk and the rest, taken in turn."""

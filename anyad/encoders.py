@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anyad.jsoncodec import dumpb
 
 from anyad.stream import Chunk, Usage
 
+if TYPE_CHECKING:
+    from anyad.chatflow import ChatFlow
+    from anyad.errors import AnyadError
+
 DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
 
 
 class OpenAIEncoder:
@@ -27,6 +33,7 @@ class OpenAIEncoder:
                       "system_fingerprint": None}
         self._delta_head = b""
         self._delta_tail = b""
+        self._finishes: dict[int, bytes] = {}
 
     def _templates(self) -> None:
         # Built on the first streamed delta only: a non-streamed reply never needs them.
@@ -68,6 +75,36 @@ class OpenAIEncoder:
     def usage(self, usage: Usage) -> bytes:
         """OpenAI's extra last chunk for ``stream_options.include_usage``: no choices, the usage."""
         return self._event([], usage, with_usage=True)
+
+    # As a ReplyWriter (anyad.chatflow) for /v1/chat/completions.
+
+    stream_headers = SSE_HEADERS
+
+    def head(self) -> bytes:
+        return self.role()
+
+    def piece(self, chunk: Chunk) -> bytes:
+        if chunk.finish_reason and chunk.index not in self._finishes:
+            # Held back until the stream ends (the usage chunk and [DONE] follow at once),
+            # so the tail of the reply is one write.
+            self._finishes[chunk.index] = self.finish(chunk.finish_reason, chunk.index)
+        if chunk.text or chunk.tool_calls or chunk.extra or chunk.logprobs:
+            return self.chunk(chunk)
+        return b""
+
+    def tail(self, flow: "ChatFlow") -> bytes:
+        out = [self._finishes[i] for i in sorted(self._finishes)]
+        if self.include_usage:
+            out.append(self.usage(flow.reply.usage or Usage()))
+        out.append(DONE)
+        return b"".join(out)
+
+    def error(self, exc: "AnyadError") -> bytes:
+        # As OpenAI does: an error event, and no [DONE].
+        return sse_error(exc.body())
+
+    def whole(self, flow: "ChatFlow") -> bytes:
+        return dumpb(self.completion(flow.choices))
 
     def completion(self, replies: "list[Reply]") -> dict[str, Any]:
         """The whole answer: one choice per reply (the first carries the usage of all)."""

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import time
 import weakref
-from contextlib import aclosing
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,8 +31,8 @@ from anyad.config import parse_keep_alive
 from anyad.fields import check_ollama
 from anyad.jsoncodec import dumpb, loads
 from anyad.schemas import check_inputs, parse_chat_request
-from anyad.server import DAEMON, REQUEST_ID, gateway_app, read_json
-from anyad.stream import Usage
+from anyad.server import DAEMON, gateway_app, read_json
+from anyad.stream import Chunk
 
 log = logging.getLogger("anyad.ollama")
 
@@ -179,19 +178,18 @@ async def _load_or_unload(request: web.Request, body: dict[str, Any], kind: str)
     return web.json_response(done, dumps=lambda o: dumpb(o).decode())
 
 
-async def _answer(request: web.Request, body: dict[str, Any], messages: list[dict[str, Any]],
-                  kind: str) -> web.StreamResponse:
-    check_ollama(body, kind)
-    chat = parse_chat_request(_openai_body(body, messages))
-    flow = ChatFlow(request.app[DAEMON], request, chat)
-    opened = await flow.open()
-    model = body.get("model")
-    t0 = flow.t0
+class OllamaWriter:
+    """Ollama's NDJSON lines (``/api/chat`` and ``/api/generate``), as a ChatFlow ReplyWriter."""
 
-    def piece(text: str, thinking: str = "", tool_calls: list[dict[str, Any]] | None = None,
+    stream_headers = {"Content-Type": NDJSON}
+
+    def __init__(self, kind: str, model: Any) -> None:
+        self.kind, self.model = kind, model
+
+    def _line(self, text: str, thinking: str = "", tool_calls: list[dict[str, Any]] | None = None,
               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-        obj: dict[str, Any] = {"model": model, "created_at": _now()}
-        if kind == "chat":
+        obj: dict[str, Any] = {"model": self.model, "created_at": _now()}
+        if self.kind == "chat":
             msg: dict[str, Any] = {"role": "assistant", "content": text}
             if thinking:
                 msg["thinking"] = thinking
@@ -207,54 +205,52 @@ async def _answer(request: web.Request, body: dict[str, Any], messages: list[dic
         obj["done"] = False
         return obj
 
-    def thinking_of(chunk_or_reply: Any) -> str:
+    @staticmethod
+    def _thinking(chunk_or_reply: Any) -> str:
         return (chunk_or_reply.extra or {}).get("reasoning_content") or ""
 
-    def final(text: str, thinking: str, usage: Usage | None, reason: str | None,
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _final(self, flow: ChatFlow, text: str, thinking: str, logprobs: dict[str, Any] | None) -> dict[str, Any]:
         # Tool calls go out whole, at the end, as Ollama sends them (arguments as objects).
-        obj = piece(text, thinking, _tool_calls(flow.reply.message().get("tool_calls")) if kind == "chat" else None,
-                    logprobs)
-        total = time.monotonic() - t0
+        calls = _tool_calls(flow.reply.message().get("tool_calls")) if self.kind == "chat" else None
+        obj = self._line(text, thinking, calls, logprobs)
+        usage = flow.reply.usage
+        total = time.monotonic() - flow.t0
         ttft = (flow.ttft_ms or 0) / 1000
         # Ollama ends a reply with tool calls as "stop".
-        reason = "stop" if reason in (None, "tool_calls") else reason
+        reason = "stop" if flow.outcome in (None, "tool_calls") else flow.outcome
         obj.update(done=True, done_reason=reason, total_duration=int(total * 1e9), load_duration=0,
                    prompt_eval_count=usage.prompt_tokens if usage else 0, prompt_eval_duration=int(ttft * 1e9),
                    eval_count=usage.completion_tokens if usage else 0,
                    eval_duration=int(max(0.0, total - ttft) * 1e9))
         return obj
 
-    try:
-        async with aclosing(opened.rest) as rest:
-            if not chat.stream:
-                reply = await flow.collect(rest)
-                return web.Response(body=dumpb(final(reply.text, thinking_of(reply), reply.usage, flow.outcome,
-                                                      reply.logprobs)),
-                                    headers=flow.headers, content_type="application/json")
-            resp = web.StreamResponse(headers={**flow.headers, "Content-Type": NDJSON})
-            await resp.prepare(request)
-            try:
-                chunk = opened.first
-                while chunk is not None:
-                    chunk = flow.take(chunk)
-                    if chunk.text or thinking_of(chunk) or chunk.logprobs:
-                        await resp.write(dumpb(piece(chunk.text, thinking_of(chunk), logprobs=chunk.logprobs)) + b"\n")
-                    chunk = await anext(rest, None)
-                flow.check_finished()
-                flow.ended()
-                await resp.write(dumpb(final("", "", flow.reply.usage, flow.outcome)) + b"\n")
-            except errors.AnyadError as exc:
-                flow.failed(exc)
-                try:  # Ollama reports a failure mid-stream as a line of its own
-                    await resp.write(dumpb({"error": exc.message}) + b"\n")
-                except ConnectionError:
-                    pass
-            except ConnectionError:
-                log.info("request %s: client disconnected mid-stream", request[REQUEST_ID])
-            return resp
-    finally:
-        flow.finish()
+    def head(self) -> bytes:
+        return b""
+
+    def piece(self, chunk: Chunk) -> bytes:
+        thinking = self._thinking(chunk)
+        if chunk.text or thinking or chunk.logprobs:
+            return dumpb(self._line(chunk.text, thinking, logprobs=chunk.logprobs)) + b"\n"
+        return b""
+
+    def tail(self, flow: ChatFlow) -> bytes:
+        return dumpb(self._final(flow, "", "", None)) + b"\n"
+
+    def error(self, exc: errors.AnyadError) -> bytes:
+        return dumpb({"error": exc.message}) + b"\n"  # Ollama reports a failure mid-stream as a line
+
+    def whole(self, flow: ChatFlow) -> bytes:
+        reply = flow.reply
+        return dumpb(self._final(flow, reply.text, self._thinking(reply), reply.logprobs))
+
+
+async def _answer(request: web.Request, body: dict[str, Any], messages: list[dict[str, Any]],
+                  kind: str) -> web.StreamResponse:
+    check_ollama(body, kind)
+    chat = parse_chat_request(_openai_body(body, messages))
+    flow = ChatFlow(request.app[DAEMON], request, chat)
+    opened = await flow.open()
+    return await flow.respond(opened, OllamaWriter(kind, body.get("model")))
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
