@@ -26,7 +26,7 @@ from aiohttp import web
 
 from anyad.config import CacheSettings
 from anyad.jsoncodec import dumpb, dumps, loads
-from anyad.router import Router
+from anyad.router import Target
 from anyad.store import Store
 from anyad.stream import ChatRequest, Chunk, Usage
 
@@ -96,19 +96,20 @@ def cache_control(request: web.Request) -> set[str]:
 
 
 class ResponseCache:
-    def __init__(self, store: Store, settings: CacheSettings, router: Router,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, settings: CacheSettings, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.settings = settings
-        self.router = router
         self.clock = clock  # wall-clock seconds: entries outlive a restart
 
-    def key(self, chat: ChatRequest) -> str:
-        identity = [t.backend.identity(t.model) for t in self.router.resolve(chat.model, chat.route_key)]
+    @staticmethod
+    def key(chat: ChatRequest, targets: list[Target]) -> str:
+        """The request as it changes the answer: what the route's targets are (a replaced model
+        file is another model) and every field of the body that is not about delivery."""
+        identity = [t.backend.identity(t.model) for t in targets]
         body = {k: v for k, v in chat.body.items() if k not in DELIVERY_FIELDS}
         return hashlib.sha256(dumpb({"targets": identity, "body": body})).hexdigest()
 
-    def decide(self, chat: ChatRequest, request: web.Request) -> Decision:
+    def decide(self, chat: ChatRequest, request: web.Request, targets: list[Target]) -> Decision:
         directives = cache_control(request)
         p = chat.params
         deterministic = p.temperature == 0 or p.seed is not None
@@ -117,7 +118,7 @@ class ResponseCache:
         # answer lacks them either).
         cacheable = (self.settings.mode == "all" or deterministic) and p.logprobs is None and p.n is None
         return Decision(lookup=cacheable and "no-cache" not in directives,
-                        store=cacheable and "no-store" not in directives, _make_key=lambda: self.key(chat))
+                        store=cacheable and "no-store" not in directives, _make_key=lambda: self.key(chat, targets))
 
     async def get(self, key: str, *, stale_ok: bool = False) -> Entry | None:
         row = await asyncio.to_thread(self._read, key)

@@ -28,7 +28,7 @@ from anyad.encoders import Reply
 from anyad.access import admit, identity
 from anyad.errors import AnyadError, BackendError, Forbidden, InvalidRequest
 from anyad.plugin_manager import ExchangeRecord
-from anyad.router import Opened, fallback_header
+from anyad.router import Opened, Target, fallback_header
 from anyad.server import BACKEND, CONTENT, MODEL, REQUEST_ID, USAGE
 from anyad.modelops import check_keep_alive
 from anyad.store import CONVERSATION_ID, Exchange, Store
@@ -136,6 +136,7 @@ class ChatFlow:
         self.cached: str | None = None
         self.conversation_id: str | None = None
         self.decision: Decision | None = None
+        self.targets: list[Target] = []
         self.started = time.time()
         self.t0 = time.monotonic()
         self.ttft_ms: float | None = None
@@ -158,8 +159,11 @@ class ChatFlow:
             self.conversation_id = await writable_conversation(daemon.history, request)
         if daemon.router.weighted:
             self.chat.route_key = route_key(request)
+        # Resolved once: the cache key and the walk see the same targets (a weighted route's
+        # pick included).
+        self.targets = daemon.router.resolve(self.chat.model, self.chat.route_key)
         if daemon.cache is not None:
-            self.decision = daemon.cache.decide(self.chat, request)
+            self.decision = daemon.cache.decide(self.chat, request, self.targets)
         # The router waits for a target's first chunk before we answer: until then a
         # failure can still fall back, or get its own HTTP status.
         self.opened, self.cached = await self._open()
@@ -186,11 +190,11 @@ class ChatFlow:
         daemon, chat, decision = self.daemon, self.chat, self.decision
         cache = daemon.cache
         if cache is None or decision is None:
-            return await daemon.router.open(chat), None
+            return await daemon.router.open(chat, self.targets), None
         if decision.lookup and (entry := await cache.get(decision.key)) is not None:
             return replay(entry), "hit"
         try:
-            return await daemon.router.open(chat), decision.header
+            return await daemon.router.open(chat, self.targets), decision.header
         except AnyadError as exc:
             if not exc.retryable or (entry := await cache.get(decision.key, stale_ok=True)) is None:
                 raise

@@ -163,7 +163,7 @@ class Daemon:
             except (OSError, sqlite3.Error) as exc:
                 raise ConfigError(f"cannot open the database {path}: {exc}") from None
             if self.settings.cache.enabled:
-                self.cache = ResponseCache(self.store, self.settings.cache, self.router)
+                self.cache = ResponseCache(self.store, self.settings.cache)
             if self.settings.audit.enabled:
                 self.audit = AuditLog(self.store, self.settings.audit)
                 self.scheduler.listeners.append(self.audit.model_event)

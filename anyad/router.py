@@ -192,10 +192,12 @@ class Router:
         except asyncio.TimeoutError:
             raise Timeout(f"{target.name} sent nothing within {timeout:g} s") from None
 
-    async def _walk(self, name: str, call: Callable[[Target], Awaitable[T]],
-                    route_key: str | None = None) -> tuple[Target, T, list[str], Breaker | None]:
-        """Try the targets of ``name`` in order; the first success wins, client errors end the walk."""
-        targets = self.resolve(name, route_key)
+    async def _walk(self, name: str, call: Callable[[Target], Awaitable[T]], route_key: str | None = None,
+                    targets: list[Target] | None = None) -> tuple[Target, T, list[str], Breaker | None]:
+        """Try the targets of ``name`` (resolved here unless given) in order; the first success
+        wins, client errors end the walk."""
+        if targets is None:
+            targets = self.resolve(name, route_key)
         skipped: list[str] = []
         last: AnyadError | None = None
         for target in targets:
@@ -246,8 +248,9 @@ class Router:
         self._annotate(last, skipped)
         raise last
 
-    async def open(self, request: ChatRequest) -> Opened:
-        """Start the reply: returns once a target has produced its first chunk."""
+    async def open(self, request: ChatRequest, targets: list[Target] | None = None) -> Opened:
+        """Start the reply: returns once a target has produced its first chunk. ``targets``: the
+        route as the caller resolved it already (``resolve``), so both see the same one."""
 
         async def start(target: Target) -> tuple[Chunk, ChunkStream]:
             outgoing = request
@@ -263,7 +266,8 @@ class Router:
                 raise
             return first, stream
 
-        target, (first, stream), skipped, breaker = await self._walk(request.model, start, request.route_key)
+        target, (first, stream), skipped, breaker = await self._walk(request.model, start, request.route_key,
+                                                                     targets)
         return Opened(target, first, stream, skipped, breaker)
 
     async def embed(self, model: str, inputs: list[str] | list[list[int]],
