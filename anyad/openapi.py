@@ -54,9 +54,16 @@ class EmbeddingsResponse(_Reply):
     usage: dict[str, Any]
 
 
+class Model(_Reply):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
 class ModelList(_Reply):
     object: Literal["list"]
-    data: list[dict[str, Any]]
+    data: list[Model]
 
 
 class Health(_Reply):
@@ -78,7 +85,13 @@ class Conversation(_Reply):
 
 
 _MODELS: list[type[BaseModel]] = [ChatCompletionRequest, EmbeddingsRequest, ErrorResponse, ChatCompletion,
-                                  EmbeddingsResponse, ModelList, Health, Readiness, ConversationPage, Conversation]
+                                  EmbeddingsResponse, Model, ModelList, Health, Readiness, ConversationPage,
+                                  Conversation]
+# One server-sent event, as OpenAPI 3.2 describes a text/event-stream item: its data is a
+# chunk's JSON, or [DONE].
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                            "retry": {"type": "integer", "minimum": 0}}}
 # The statuses a request to a model can end with besides success (see anyad.errors).
 MODEL_ERRORS = (400, 401, 403, 404, 413, 422, 429, 502, 503, 504)
 READ_ERRORS = (401, 403, 404)
@@ -106,7 +119,7 @@ def _body(model: type[BaseModel]) -> dict[str, Any]:
 def _chat(summary: str) -> dict[str, Any]:
     return {"summary": summary, "requestBody": _body(ChatCompletionRequest), "responses": _responses(
         {"description": "the completion; with stream: true, server-sent events ending in data: [DONE]",
-         "content": {**_json(ChatCompletion), "text/event-stream": {"schema": {"type": "string"}}}},
+         "content": {**_json(ChatCompletion), "text/event-stream": {"schema": SSE_EVENT}}},
         MODEL_ERRORS)}
 
 
@@ -143,6 +156,9 @@ def document() -> dict[str, Any]:
                                                                  "content": _json(EmbeddingsResponse)},
                                                                 MODEL_ERRORS)}},
             "/v1/models": _get("The models this daemon serves (those the key may use)", ModelList),
+            "/v1/models/{id}": {"parameters": [{"name": "id", "in": "path", "required": True,
+                                                "schema": {"type": "string"}}],
+                                **_get("One model of the list (404 if this key may not use it)", Model)},
             "/health": _get("Liveness", Health, (), security=[{}]),
             "/ready": {"get": {"summary": "Readiness", "security": [{}], "responses": {
                 "200": {"description": "ready", "content": _json(Readiness)}, "503": not_ready}}},

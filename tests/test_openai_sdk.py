@@ -63,3 +63,11 @@ async def test_sdk_structured_output(sdk):
     import json
 
     assert isinstance(json.loads(r.choices[0].message.content)["answer"], int)
+
+
+async def test_sdk_retrieves_one_model_and_a_missing_one_is_404(sdk):
+    m = await sdk.models.retrieve(MODEL_ID)
+    assert m.id == MODEL_ID and m.object == "model" and m.owned_by == "local"
+    with pytest.raises(openai.NotFoundError) as e:
+        await sdk.models.retrieve("nope/not-a-model")
+    assert e.value.code == "model_not_found"

@@ -11,6 +11,7 @@ def register_routes(app: web.Application) -> None:
     app.router.add_post("/api/chat", chat.chat_completions)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)
     app.router.add_get("/v1/models", system.list_models)
+    app.router.add_get("/v1/models/{id:.+}", system.get_model)
     app.router.add_get("/openapi.json", openapi.openapi_json)
     app.router.add_get("/health", system.health)
     app.router.add_get("/ready", system.ready)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp import web
 
 from anyad import __version__
 from anyad.access import identity
+from anyad.errors import ModelNotFound
 from anyad.server import DAEMON
 
 
@@ -21,13 +23,25 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"ready": ok, "models": models}, status=200 if ok else 503)
 
 
-async def list_models(request: web.Request) -> web.Response:
+def _visible_models(request: web.Request) -> list[dict[str, Any]]:
     daemon = request.app[DAEMON]
     ident = identity(request)  # a key sees only the models it may use
-    data = [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by, **m.meta,
+    return [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by, **m.meta,
              **({"source": daemon.sources[m.id]} if m.id in daemon.sources else {})}
             for m in daemon.router.models() if ident.may_use(m.id)]
-    return web.json_response({"object": "list", "data": data})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": _visible_models(request)})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """One model of the list; one this key may not use is as absent as an unknown one."""
+    model_id = request.match_info["id"]
+    for m in _visible_models(request):
+        if m["id"] == model_id:
+            return web.json_response(m)
+    raise ModelNotFound(f"The model {model_id[:200]!r} does not exist", param="model")
 
 
 async def metrics(request: web.Request) -> web.Response:
