@@ -116,7 +116,7 @@ class ResponseCache:
         # An entry keeps one message, without its log probabilities: a request for those, or
         # for several choices, is never answered from the cache (nor stored, so no stale
         # answer lacks them either).
-        cacheable = (self.settings.mode == "all" or deterministic) and p.logprobs is None and p.n is None
+        cacheable = (self.settings.mode == "all" or deterministic) and p.logprobs is None and chat.choices == 1
         return Decision(lookup=cacheable and "no-cache" not in directives,
                         store=cacheable and "no-store" not in directives, _make_key=lambda: self.key(chat, targets))
 

@@ -209,7 +209,7 @@ class ChatFlow:
         if not chunk.index:
             self.reply.add(chunk)
             return chunk
-        if not 0 < chunk.index < (self.chat.params.n or 1):
+        if not 0 < chunk.index < self.chat.choices:
             raise BackendError(f"{self.opened.name if self.opened else '?'} answered with a choice "
                                f"(index {chunk.index}) that was not asked for")
         while len(self.choices) <= chunk.index:
@@ -288,7 +288,7 @@ class ChatFlow:
                     self.opened.name if self.opened else "?", exc.message)
 
     def check_finished(self) -> None:
-        asked = self.chat.params.n or 1
+        asked = self.chat.choices
         if len(self.choices) < asked:
             raise BackendError(f"{self.opened.name if self.opened else '?'} answered {len(self.choices)} of the "
                                f"{asked} choices asked for")

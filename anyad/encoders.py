@@ -172,3 +172,88 @@ class Reply:
 
 def sse_error(body: dict[str, Any]) -> bytes:
     return b"data: " + dumpb(body) + b"\n\n"
+
+
+class CompletionEncoder:
+    """Internal chunks → OpenAI's (legacy) ``text_completion`` JSON and SSE: a ReplyWriter for
+    ``/v1/completions``. ``prompts`` are the client's, for ``echo``; choice i answers prompt
+    i // n."""
+
+    stream_headers = SSE_HEADERS
+
+    def __init__(self, model: str, prompts: list[str], n: int, *, echo: bool = False,
+                 include_usage: bool = False) -> None:
+        self.id = "cmpl-" + os.urandom(12).hex()
+        self.model = model
+        self.created = int(time.time())
+        self.prompts, self.n, self.echo, self.include_usage = prompts, n, echo, include_usage
+        self._echoed: set[int] = set()
+        self._offsets: dict[int, int] = {}
+        self._finishes: dict[int, str] = {}
+
+    def _prefix(self, index: int) -> str:
+        """The prompt once, before a choice's first text, when echoing."""
+        if not self.echo or index in self._echoed:
+            return ""
+        self._echoed.add(index)
+        return self.prompts[index // self.n] if index // self.n < len(self.prompts) else ""
+
+    def _legacy(self, index: int, logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Chat's logprobs entries as completions' parallel lists, with each token's offset
+        in the choice's text."""
+        if not logprobs:
+            return None
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = self._offsets.get(index, 0)
+        for e in logprobs.get("content") or []:
+            out["tokens"].append(e["token"])
+            out["token_logprobs"].append(e["logprob"])
+            out["top_logprobs"].append({a["token"]: a["logprob"] for a in e.get("top_logprobs") or []})
+            out["text_offset"].append(offset)
+            offset += len(e["token"])
+        self._offsets[index] = offset
+        return out
+
+    def _event(self, choices: list[dict[str, Any]], usage: Usage | None = None, with_usage: bool = False) -> bytes:
+        obj: dict[str, Any] = {"id": self.id, "object": "text_completion", "created": self.created,
+                               "model": self.model, "system_fingerprint": None, "choices": choices}
+        if self.include_usage or with_usage:
+            obj["usage"] = usage.as_dict() if usage else None
+        return b"data: " + dumpb(obj) + b"\n\n"
+
+    def head(self) -> bytes:
+        return b""
+
+    def piece(self, chunk: Chunk) -> bytes:
+        i = chunk.index
+        if chunk.finish_reason:
+            self._finishes.setdefault(i, chunk.finish_reason)
+        if not (chunk.text or chunk.logprobs):
+            return b""
+        prefix = self._prefix(i)
+        if prefix and i not in self._offsets:
+            self._offsets[i] = len(prefix)
+        return self._event([{"text": prefix + chunk.text, "index": i, "logprobs": self._legacy(i, chunk.logprobs),
+                             "finish_reason": None}])
+
+    def tail(self, flow: "ChatFlow") -> bytes:
+        out = [self._event([{"text": self._prefix(i), "index": i, "logprobs": None, "finish_reason": reason}])
+               for i, reason in sorted(self._finishes.items())]
+        if self.include_usage:
+            out.append(self._event([], flow.reply.usage or Usage(), with_usage=True))
+        out.append(DONE)
+        return b"".join(out)
+
+    def error(self, exc: "AnyadError") -> bytes:
+        return sse_error(exc.body())
+
+    def whole(self, flow: "ChatFlow") -> bytes:
+        choices = []
+        for i, r in enumerate(flow.choices):
+            prefix = self._prefix(i)
+            self._offsets[i] = len(prefix)
+            choices.append({"text": prefix + r.text, "index": i, "logprobs": self._legacy(i, r.logprobs),
+                            "finish_reason": r.finish_reason})
+        return dumpb({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                      "system_fingerprint": None, "choices": choices,
+                      "usage": (flow.reply.usage or Usage()).as_dict()})

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
 import anyad
-from anyad.schemas import ChatCompletionRequest, EmbeddingsRequest
+from anyad.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 from anyad.store import CONVERSATION_ID, MAX_QUERY_CHARS
 
 REF = "#/components/schemas/{model}"
@@ -42,6 +42,14 @@ class ErrorResponse(_Reply):
 class ChatCompletion(_Reply):
     id: str
     object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+
+
+class TextCompletion(_Reply):
+    id: str
+    object: Literal["text_completion"]
     created: int
     model: str
     choices: list[dict[str, Any]]
@@ -84,7 +92,8 @@ class Conversation(_Reply):
     id: str
 
 
-_MODELS: list[type[BaseModel]] = [ChatCompletionRequest, EmbeddingsRequest, ErrorResponse, ChatCompletion,
+_MODELS: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, TextCompletion, EmbeddingsRequest,
+                                  ErrorResponse, ChatCompletion,
                                   EmbeddingsResponse, Model, ModelList, Health, Readiness, ConversationPage,
                                   Conversation]
 # One server-sent event, as OpenAPI 3.2 describes a text/event-stream item: its data is a
@@ -151,6 +160,12 @@ def document() -> dict[str, Any]:
         "paths": {
             "/v1/chat/completions": {"post": _chat("Chat completions (OpenAI's contract)")},
             "/api/chat": {"post": _chat("Chat completions: the same contract as /v1/chat/completions")},
+            "/v1/completions": {"post": {
+                "summary": "Text completions (OpenAI's legacy contract): a raw prompt continued",
+                "requestBody": _body(CompletionRequest), "responses": _responses(
+                    {"description": "the completion; with stream: true, server-sent events ending in data: [DONE]",
+                     "content": {**_json(TextCompletion), "text/event-stream": {"schema": SSE_EVENT}}},
+                    MODEL_ERRORS)}},
             "/v1/embeddings": {"post": {"summary": "Embeddings", "requestBody": _body(EmbeddingsRequest),
                                         "responses": _responses({"description": "OK",
                                                                  "content": _json(EmbeddingsResponse)},

@@ -106,6 +106,24 @@ class ResponseFormat(_Open):
 MAX_CHOICES = 16  # a bound on one request's decoding time, as max_tokens is on each choice's
 
 
+def token_biases(v: dict[str, float] | None) -> dict[str, float] | None:
+    # Checked here, not by the engine: llama-cpp-python applies the bias in a callback
+    # that only logs a bad key, once per generated token. Ids past the vocabulary
+    # are the worker's check, where the vocabulary is known.
+    for key, bias in (v or {}).items():
+        if not (key.isascii() and key.isdigit()):
+            raise ValueError(f"keys must be token ids (integers as strings), got {key[:40]!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"the bias of token {key} must be between -100 and 100")
+    return v
+
+
+def stop_limit(v: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(v, list) and len(v) > 16:
+        raise ValueError("at most 16 stop sequences")
+    return v
+
+
 class ChatCompletionRequest(_Open):
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
@@ -137,25 +155,8 @@ class ChatCompletionRequest(_Open):
     # Ollama's: how long a local model stays loaded after this request ("5m", 0, -1).
     keep_alive: KeepAlive | None = None
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _token_biases(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        # Checked here, not by the engine: llama-cpp-python applies the bias in a callback
-        # that only logs a bad key, once per generated token. Ids past the vocabulary
-        # are the worker's check, where the vocabulary is known.
-        for key, bias in (v or {}).items():
-            if not (key.isascii() and key.isdigit()):
-                raise ValueError(f"keys must be token ids (integers as strings), got {key[:40]!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"the bias of token {key} must be between -100 and 100")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_limit(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError("at most 16 stop sequences")
-        return v
+    _biases = field_validator("logit_bias")(lambda cls, v: token_biases(v))
+    _stops = field_validator("stop")(lambda cls, v: stop_limit(v))
 
     @model_validator(mode="after")
     def _tool_choice_names_a_tool(self) -> "ChatCompletionRequest":
@@ -299,3 +300,75 @@ def validate(model: type[M], data: Any) -> M:
 
 def parse_chat_request(data: Any) -> ChatRequest:
     return validate(ChatCompletionRequest, data).to_internal(data)
+
+
+MAX_PROMPTS = 16
+
+
+class CompletionRequest(_Open):
+    """OpenAI's (legacy) completions: a raw prompt continued, no chat template."""
+
+    model: str = Field(min_length=1)
+    prompt: str | list[str]
+    suffix: str | None = None
+    # OpenAI's default: a completion without max_tokens is 16 tokens, not the whole context.
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, ge=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    logit_bias: dict[str, float] | None = None
+    keep_alive: KeepAlive | None = None
+
+    _biases = field_validator("logit_bias")(lambda cls, v: token_biases(v))
+    _stops = field_validator("stop")(lambda cls, v: stop_limit(v))
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_PROMPTS:
+            raise ValueError(f"send 1 to {MAX_PROMPTS} prompts")
+        return v
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def to_internal(self, body: dict[str, Any]) -> ChatRequest:
+        n = self.n or 1
+        if self.best_of not in (None, 1, n):
+            # best_of ranks candidates by their total log probability: anyad returns every
+            # choice it generates instead, so ask for n.
+            raise InvalidRequest("best_of other than n is not supported: ask for n choices and pick", param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequest("echo with logprobs needs the prompt's log probabilities, which anyad does not "
+                                 "compute; ask for one or the other", param="echo")
+        prompts = self.prompts()
+        if self.suffix is not None and len(prompts) > 1:
+            raise InvalidRequest("suffix goes with one prompt", param="suffix")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        params = SamplingParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=[s for s in stop if s],
+            logit_bias=self.logit_bias, logprobs=self.logprobs, n=n if n > 1 else None, suffix=self.suffix)
+        if "keep_alive" in body:
+            body = {k: v for k, v in body.items() if k != "keep_alive"}
+        return ChatRequest(model=self.model, keep_alive=self.keep_alive, raw=True,
+                           messages=[{"role": "user", "content": p} for p in prompts], params=params,
+                           stream=self.stream,
+                           include_usage=bool(self.stream_options and self.stream_options.include_usage), body=body)
+
+
+def parse_completion_request(data: Any) -> ChatRequest:
+    return validate(CompletionRequest, data).to_internal(data)

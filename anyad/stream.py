@@ -56,6 +56,8 @@ class SamplingParams:
     reasoning_effort: str | None = None
     # llama.cpp server's name: "none" leaves the reasoning inline in the content.
     reasoning_format: str | None = None
+    # Fill-in-the-middle: the text after the gap (a completions request's ``suffix``).
+    suffix: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) not in (None, [])}
@@ -74,6 +76,9 @@ class ChatRequest:
     # As the client sent them (content parts included); a local backend flattens them.
     messages: list[dict[str, Any]]
     params: SamplingParams = field(default_factory=SamplingParams)
+    # The completions door: each message's content is a raw prompt, continued as it is (no
+    # chat template); choices are numbered prompt by prompt (prompt i's are i*n … i*n+n-1).
+    raw: bool = False
     stream: bool = False
     include_usage: bool = False
     # Seconds the model stays loaded after this request (Ollama's keep_alive); None: its default.
@@ -84,6 +89,11 @@ class ChatRequest:
     # The whole validated request body: relaying backends send it on with the fields
     # anyad does not interpret (tools, tool_choice, logprobs, user, …) unchanged.
     body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def choices(self) -> int:
+        """How many choices the reply has: ``n`` per prompt."""
+        return (self.params.n or 1) * (len(self.messages) if self.raw else 1)
 
 
 @dataclass(slots=True)

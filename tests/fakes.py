@@ -27,8 +27,44 @@ class FakeOpenAI:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         return app
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """Legacy completions: every choice says REPLY, choice i of a prompt list is prompt i // n's."""
+        body = await request.json()
+        self.requests.append(body)
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        count = len(prompts) * int(body.get("n") or 1)
+        words = REPLY.split(" ")
+        lp = body.get("logprobs")
+
+        def logprobs(toks: list[str]) -> dict | None:
+            return None if lp is None else {"tokens": toks, "token_logprobs": [-0.5] * len(toks),
+                                            "top_logprobs": [{t: -0.5} for t in toks], "text_offset": [0] * len(toks)}
+
+        base = {"id": "up-c", "object": "text_completion", "created": 0, "model": body["model"]}
+        usage = {"prompt_tokens": 3 * len(prompts), "completion_tokens": 7 * count, "total_tokens": 0}
+        if not body.get("stream"):
+            toks = [w if i == 0 else " " + w for i, w in enumerate(words)]
+            return web.json_response({**base, "usage": usage, "choices": [
+                {"index": i, "text": REPLY, "logprobs": logprobs(toks), "finish_reason": "stop"}
+                for i in range(count)]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for j, w in enumerate(words):
+            text = w if j == 0 else " " + w
+            for i in range(count):
+                await resp.write(b"data: " + json.dumps({**base, "choices": [
+                    {"index": i, "text": text, "logprobs": logprobs([text]), "finish_reason": None}]}).encode()
+                    + b"\n\n")
+        for i in range(count):
+            await resp.write(b"data: " + json.dumps({**base, "choices": [
+                {"index": i, "text": "", "logprobs": None, "finish_reason": "stop"}]}).encode() + b"\n\n")
+        await resp.write(b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()

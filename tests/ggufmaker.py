@@ -25,6 +25,8 @@ CHATML_TEMPLATE = (
 )
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Fill-in-the-middle tokens, as Qwen2.5-Coder names them (only in a model written with fim=True).
+FIM_SPECIALS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
 MERGES = [("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġt", "he"), ("e", "r"), ("o", "n")]
 
 
@@ -63,7 +65,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def vocabulary(shape: Shape) -> tuple[list[str], list[int], list[int]]:
+def vocabulary(shape: Shape, fim: bool = False) -> tuple[list[str], list[int], list[int]]:
     """Tokens, token types and the ids of printable-ASCII tokens."""
     b2u = _bytes_to_unicode()
     tokens = [b2u[b] for b in range(256)]
@@ -72,7 +74,7 @@ def vocabulary(shape: Shape) -> tuple[list[str], list[int], list[int]]:
         printable.append(len(tokens))
         tokens.append(a + b)
     types = [1] * len(tokens)
-    for s in SPECIALS:
+    for s in SPECIALS + (FIM_SPECIALS if fim else []):
         tokens.append(s)
         types.append(3)
     for i in range(shape.n_vocab_pad):
@@ -82,16 +84,17 @@ def vocabulary(shape: Shape) -> tuple[list[str], list[int], list[int]]:
 
 
 def write_model(path: Path | str, shape: Shape = TINY, seed: int = 0, arch: str = "llama",
-                chat_template: str = CHATML_TEMPLATE) -> Path:
+                chat_template: str = CHATML_TEMPLATE, fim: bool = False) -> Path:
     """Write the model; another ``arch`` gives a file llama.cpp parses but refuses to load.
 
-    ``chat_template`` lets a test carry a real model family's template (tests/templates/).
+    ``chat_template`` lets a test carry a real model family's template (tests/templates/);
+    ``fim`` adds fill-in-the-middle tokens (a code model's).
     """
     import gguf
 
     path = Path(path)
     rng = np.random.default_rng(seed)
-    tokens, types, printable = vocabulary(shape)
+    tokens, types, printable = vocabulary(shape, fim)
     n_vocab = len(tokens)
     head_dim = shape.n_embd // shape.n_head
     n_embd_kv = head_dim * shape.n_head_kv
@@ -115,6 +118,9 @@ def write_model(path: Path | str, shape: Shape = TINY, seed: int = 0, arch: str 
     w.add_bos_token_id(tokens.index("<|endoftext|>"))
     w.add_eos_token_id(tokens.index("<|im_end|>"))
     w.add_add_bos_token(False)
+    if fim:
+        for key, name in zip(("pre", "suf", "mid"), FIM_SPECIALS):
+            w.add_uint32(f"tokenizer.ggml.fim_{key}_token_id", tokens.index(name))
     w.add_chat_template(chat_template)
 
     qtype = gguf.GGMLQuantizationType[shape.quant]

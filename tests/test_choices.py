@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from conftest import MODEL_ID, make_settings
+from conftest import MODEL_ID
 from anyad.config import parse_settings
 
 MSGS = [{"role": "user", "content": "hello"}]

@@ -79,7 +79,8 @@ def test_the_daemon_serves_the_document(daemon):
         served = json.load(r)
     assert served == json.loads(json.dumps(document()))
     ops = {(m, p) for p, item in served["paths"].items() for m in item if m in ("get", "post", "delete")}
-    assert {("post", "/v1/chat/completions"), ("post", "/api/chat"), ("post", "/v1/embeddings"),
+    assert {("post", "/v1/chat/completions"), ("post", "/api/chat"), ("post", "/v1/completions"),
+            ("post", "/v1/embeddings"), ("get", "/v1/models/{id}"),
             ("get", "/v1/models"), ("get", "/health"), ("get", "/ready"), ("get", "/api/conversations"),
             ("get", "/api/conversations/{id}"), ("delete", "/api/conversations/{id}")} <= ops
 

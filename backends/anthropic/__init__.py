@@ -135,6 +135,9 @@ class AnthropicBackend(RemoteBackend):
         return h
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
+        if request.raw:
+            raise InvalidRequest(f"{self.name} (Anthropic's Messages API) has no text completions: send messages "
+                                 "to /v1/chat/completions", param="prompt")
         if request.params.n:
             raise InvalidRequest(f"n: {self.name} (Anthropic's Messages API) gives one reply per request; "
                                  "ask once per choice", param="n")

@@ -168,8 +168,12 @@ class LlamaCppBackend(Backend):
                 "n_threads": self.n_threads, **self.scheduler.status(self.model_id)}
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
-        check_local(request.body)
-        op = {"op": "chat", "messages": flatten_messages(request.messages), "params": request.params.as_dict()}
+        op: dict[str, Any] = {"op": "chat", "messages": flatten_messages(request.messages),
+                              "params": request.params.as_dict()}
+        if request.raw:
+            op["raw"] = True  # a completions request: its fields were checked by its schema
+        else:
+            check_local(request.body)
         async with self.scheduler.use(self.model_id, request.keep_alive):
             async with aclosing(self.worker.request(op)) as frames:
                 async for frame in frames:

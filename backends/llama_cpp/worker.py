@@ -306,30 +306,60 @@ class Engine:
             out[tid] = float(value)
         return out
 
+    def _raw_prompt(self, llm: Any, text: str, suffix: str | None) -> list[int]:
+        """A completions prompt as tokens: as it is, or around the gap before ``suffix`` in the
+        model's fill-in-the-middle form (prefix, suffix, then the middle to write)."""
+        if suffix is None:
+            return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        vocab = llm._model.vocab
+        lc = self.llama_cpp
+        pre, suf, mid = lc.llama_vocab_fim_pre(vocab), lc.llama_vocab_fim_suf(vocab), lc.llama_vocab_fim_mid(vocab)
+        if -1 in (pre, suf, mid):
+            raise RequestError("invalid_request", "suffix: this model has no fill-in-the-middle tokens (a code "
+                               "model's); send the prompt alone", "suffix")
+        bos = [llm.token_bos()] if lc.llama_vocab_get_add_bos(vocab) and llm.token_bos() != -1 else []
+        return (bos + [pre] + llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) + [suf]
+                + llm.tokenize(suffix.encode("utf-8"), add_bos=False, special=False) + [mid])
+
     def chat(self, llm: Any, rid: int, messages: list[dict[str, Any]], params: dict[str, Any], cancelled: set[int],
-             out: Output) -> None:
-        choice = params.get("tool_choice")
-        offered = bool(params.get("tools")) and choice != "none"
-        forced = offered and (choice == "required" or isinstance(choice, dict))
-        fmt = self._render(messages, params, offered, forced)
-        # A template may open the thinking block itself (DeepSeek-R1's), even with thinking off.
-        in_reasoning = opens_reasoning(self.family, fmt.prompt)
-        prompt = llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
-        n_ctx = llm.n_ctx()
-        if len(prompt) >= n_ctx:
-            raise RequestError("context_length_exceeded",
-                               f"This model's maximum context length is {n_ctx} tokens. However, your messages "
-                               f"resulted in {len(prompt)} tokens. Please reduce the length of the messages.",
-                               "messages")
+             out: Output, raw: bool = False) -> None:
+        """A reply for each prompt (one from a chat, or each of a completions request's), each
+        of ``n`` choices, streamed as frames; choice i*n+j is prompt i's j-th."""
         stop = list(params.get("stop") or [])
-        if fmt.stop:
-            stop += [fmt.stop] if isinstance(fmt.stop, str) else list(fmt.stop)
+        offered = forced = in_reasoning = False
+        if raw:
+            prompts = [self._raw_prompt(llm, m["content"], params.get("suffix")) for m in messages]
+            for i, prompt in enumerate(prompts):
+                if not prompt:  # nothing to continue from (the model adds no start token of its own)
+                    raise RequestError("invalid_request", f"prompt{f'[{i}]' if len(prompts) > 1 else ''} is "
+                                       "empty: this model needs at least one token to continue from", "prompt")
+            criteria = grammar = None
+        else:
+            choice = params.get("tool_choice")
+            offered = bool(params.get("tools")) and choice != "none"
+            forced = offered and (choice == "required" or isinstance(choice, dict))
+            fmt = self._render(messages, params, offered, forced)
+            # A template may open the thinking block itself (DeepSeek-R1's), even with thinking off.
+            in_reasoning = opens_reasoning(self.family, fmt.prompt)
+            prompts = [llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)]
+            if fmt.stop:
+                stop += [fmt.stop] if isinstance(fmt.stop, str) else list(fmt.stop)
+            criteria = fmt.stopping_criteria
+            grammar = self._call_grammar(params, in_reasoning) if forced \
+                else self._grammar(params.get("response_format"))
+        n_ctx = llm.n_ctx()
+        for i, prompt in enumerate(prompts):
+            if len(prompt) >= n_ctx:
+                what, param = ("prompt", "prompt") if raw else ("messages", "messages")
+                raise RequestError("context_length_exceeded",
+                                   f"This model's maximum context length is {n_ctx} tokens. However, your "
+                                   f"{what}{f'[{i}]' if len(prompts) > 1 else ''} resulted in {len(prompt)} tokens. "
+                                   f"Please reduce the length of the {what}.", param)
         kwargs: dict[str, Any] = {
             "max_tokens": params.get("max_tokens") or -1,  # -1: up to the end of the context window
             "stop": stop,
-            "stopping_criteria": fmt.stopping_criteria,
-            "grammar": self._call_grammar(params, in_reasoning) if forced
-            else self._grammar(params.get("response_format")),
+            "stopping_criteria": criteria,
+            "grammar": grammar,
             "stream": True,
         }
         for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
@@ -344,33 +374,35 @@ class Engine:
         n = int(params.get("n") or 1)
         seed = params.get("seed")
         completion = 0
-        for index in range(n):
+        last = len(prompts) * n - 1
+        split = self._reasoning_split and not raw
+        for index in range(last + 1):
+            prompt = prompts[index // n]
             if seed is not None:  # the same seed for every choice would give n copies of one
                 kwargs["seed"] = seed + index
-            # Every choice after the first reuses the prompt in the context (llama-cpp-python
-            # keeps the longest common prefix): the prompt is read once, whatever n is.
-            finish, tokens, note = self._choice(llm, rid, index, prompt, kwargs, params, offered, in_reasoning,
-                                                cancelled, out)
+            # Every choice after a prompt's first reuses that prompt in the context (llama-cpp-python
+            # keeps the longest common prefix): a prompt is read once, whatever n is.
+            finish, tokens, note = self._choice(llm, rid, index, prompt, kwargs, params, offered, split,
+                                                in_reasoning, cancelled, out)
             completion += tokens
-            frame: dict[str, Any] = {"t": "finish" if index < n - 1 and finish != "cancelled" else "end",
+            frame: dict[str, Any] = {"t": "finish" if index < last and finish != "cancelled" else "end",
                                      "id": rid, "finish_reason": finish}
             if index:
                 frame["index"] = index
             if note:
                 frame["note"] = note
             if frame["t"] == "end":
-                frame["usage"] = {"prompt_tokens": len(prompt), "completion_tokens": completion}
+                frame["usage"] = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": completion}
             out.write(frame)
             if frame["t"] == "end":
                 return
 
     def _choice(self, llm: Any, rid: int, index: int, prompt: list[int], kwargs: dict[str, Any],
-                params: dict[str, Any], offered: bool, in_reasoning: bool, cancelled: set[int],
+                params: dict[str, Any], offered: bool, split: bool, in_reasoning: bool, cancelled: set[int],
                 out: Output) -> tuple[str, int, str | None]:
         """One choice, streamed as delta frames: its finish reason, its tokens, and a note when a
         tool call it wrote came back as text."""
         parser = None
-        split = self._reasoning_split
         if offered or split:
             parser = ReplyParser(self.family, tools=offered, reasoning=split,
                                  parallel=params.get("parallel_tool_calls") is not False,
@@ -470,7 +502,7 @@ def _serve(engine: Engine, llm: Any, ops: "queue.Queue[dict[str, Any]]", cancell
                 vectors, tokens = engine.embed(op["input"])
                 out.write({"t": "end", "id": rid, "embeddings": vectors, "usage": {"prompt_tokens": tokens}})
             elif rid not in cancelled:
-                engine.chat(llm, rid, op["messages"], op.get("params") or {}, cancelled, out)
+                engine.chat(llm, rid, op["messages"], op.get("params") or {}, cancelled, out, bool(op.get("raw")))
             else:
                 out.write({"t": "end", "id": rid, "finish_reason": "cancelled", "usage": None})
         except RequestError as exc:

@@ -63,6 +63,30 @@ def chunks_from_event(ev: dict[str, Any]) -> list[Chunk]:
     return out
 
 
+def chat_logprobs(lp: Any) -> dict[str, Any] | None:
+    """Completions' legacy logprobs (parallel lists) → chat's ``{"content": [entries]}``."""
+    if not isinstance(lp, dict):
+        return None
+    tokens, values, tops = lp.get("tokens") or [], lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
+    content = []
+    for i, (token, value) in enumerate(zip(tokens, values)):
+        top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        content.append({"token": token, "logprob": value, "bytes": list(str(token).encode()),
+                        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(str(t).encode())}
+                                         for t, v in top.items()]})
+    return {"content": content, "refusal": None}
+
+
+def as_chat(data: Any, stream: bool) -> Any:
+    """A completions reply (``choices[].text``) in chat's shape, for the same parsers."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        return data
+    key = "delta" if stream else "message"
+    choices = [{"index": c.get("index", 0), key: {"content": c.get("text")}, "finish_reason": c.get("finish_reason"),
+                "logprobs": chat_logprobs(c.get("logprobs"))} for c in data["choices"] if isinstance(c, dict)]
+    return {**data, "choices": choices}
+
+
 def is_plain(c: Chunk) -> bool:
     return c.finish_reason is None and c.usage is None and c.tool_calls is None and c.extra is None \
         and c.logprobs is None
@@ -97,14 +121,21 @@ class OpenAIBackend(RemoteBackend):
         return {"Authorization": f"Bearer {key}"} if key else None
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
-        body = {**request.body, "model": model, "messages": request.messages}
-        resp = await self.client.post("/chat/completions", body, await self.headers())
+        if request.raw:  # the completions door: relayed as one, the prompts as the plugins left them
+            prompts = [m.get("content") for m in request.messages]
+            prompt = prompts[0] if len(prompts) == 1 and isinstance(request.body.get("prompt"), str) else prompts
+            body = {**request.body, "model": model, "prompt": prompt}
+            resp = await self.client.post("/completions", body, await self.headers())
+        else:
+            body = {**request.body, "model": model, "messages": request.messages}
+            resp = await self.client.post("/chat/completions", body, await self.headers())
+        raw = request.raw
         async with resp:
             try:
                 if not request.stream:
                     data = await self.reply_json(resp)
                     try:
-                        whole = chunks_from_completion(data)
+                        whole = chunks_from_completion(as_chat(data, False) if raw else data)
                     except _SHAPE_ERRORS as exc:
                         raise BackendError(f"{self.name}: the reply is not a chat completion ({exc})") from None
                     for chunk in whole:
@@ -115,7 +146,7 @@ class OpenAIBackend(RemoteBackend):
                 # the router can still try the next target.
                 held: list[Chunk] = []
                 began = False
-                async for chunks, saw_choice in self._reads(resp):
+                async for chunks, saw_choice in self._reads(resp, raw):
                     began = began or saw_choice
                     if not began:
                         held += chunks
@@ -130,20 +161,20 @@ class OpenAIBackend(RemoteBackend):
             except Exception as exc:  # aiohttp payload/connection errors, read timeouts
                 raise mid_stream(self.name, exc) from None
 
-    async def _reads(self, resp: Any) -> AsyncIterator[tuple[list[Chunk], bool]]:
+    async def _reads(self, resp: Any, raw: bool = False) -> AsyncIterator[tuple[list[Chunk], bool]]:
         """Per network read: its chunks, and whether an event among them had a choice; up to [DONE]."""
         parser = SSEParser()
         batch: list = []
         async for block in resp.content.iter_any():
             batch.clear()
             parser.feed(block, batch)
-            chunks, done, saw_choice = self._chunks(batch)
+            chunks, done, saw_choice = self._chunks(batch, raw)
             yield chunks, saw_choice
             if done:
                 return
         batch.clear()
         parser.finish(batch)  # an upstream that ends without a last blank line
-        chunks, _, saw_choice = self._chunks(batch)
+        chunks, _, saw_choice = self._chunks(batch, raw)
         yield chunks, saw_choice
 
     async def embed(self, inputs: list[str] | list[list[int]], model: str,
@@ -164,7 +195,7 @@ class OpenAIBackend(RemoteBackend):
             raise BackendError(f"{self.name}: sent {len(inputs)} inputs, got {len(vectors)} embeddings")
         return Embeddings(vectors, int((data.get("usage") or {}).get("prompt_tokens") or 0))
 
-    def _chunks(self, batch: list) -> tuple[list[Chunk], bool, bool]:
+    def _chunks(self, batch: list, raw: bool = False) -> tuple[list[Chunk], bool, bool]:
         """The events of one network read as chunks, whether [DONE] was among them, and
         whether any carried a choice.
 
@@ -185,7 +216,7 @@ class OpenAIBackend(RemoteBackend):
                 msg = err.get("message") if isinstance(err, dict) else str(err)
                 raise BackendError(f"{self.name}: {msg}")
             try:
-                chunks = chunks_from_event(ev)
+                chunks = chunks_from_event(as_chat(ev, True) if raw else ev)
             except _SHAPE_ERRORS:
                 raise BackendError(f"{self.name}: an event in the stream is not a chat completion chunk") from None
             saw_choice = saw_choice or bool(ev.get("choices"))
