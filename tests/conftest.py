@@ -6,17 +6,40 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
-from anyad.config import parse_settings
+from anyad.config import Settings, parse_settings
 from anyad.daemon import Daemon
+from anyad.plugins import ollama as ollama_plugin
 from anyad.server import build_app
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ggufmaker  # noqa: E402
 
 MODEL_ID = "tiny"
+
+TEMPLATES = Path(__file__).parent / "templates"
+# Tiny models carrying real families' chat templates: the tool-call and thinking tests
+# of every door (OpenAI, Ollama, agent frameworks) run on the same ones.
+FAMILIES = {"hermes": "hermes-qwen2.5-7b-instruct", "llama3": "llama3-llama-3.1-8b-instruct",
+            "mistral": "mistral-mistral-nemo-instruct-2407"}
+THINKING = {"qwen3": "hermes-qwen3-0.6b", "r1": "generic-deepseek-r1-distill-qwen-32b"}
+
+# Small schemas: a whole call (the tiny vocabulary spends a token a character) fits in a
+# bounded max_tokens.
+WEATHER = {"type": "function", "function": {
+    "name": "weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                   "required": ["city"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "clock", "description": "The time in a zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+                   "required": ["zone"], "additionalProperties": False}}}
+TOOLS = [WEATHER, CLOCK]
+ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +53,20 @@ def _own_data_dir(tmp_path, monkeypatch):
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real GGUF (random weights, byte-level BPE, ChatML template), made once per session."""
     return ggufmaker.write_model(tmp_path_factory.mktemp("models") / f"{MODEL_ID}.gguf")
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny model per family, each with that family's real chat template."""
+    d = tmp_path_factory.mktemp("family-models")
+    return {name: ggufmaker.write_model(d / f"{name}.gguf",
+                                        chat_template=(TEMPLATES / f"{stem}.jinja").read_text())
+            for name, stem in {**FAMILIES, **THINKING}.items()}
+
+
+def settings_for(tmp_path: Path, models: dict[str, Path], **extra: Any) -> Settings:
+    return parse_settings({"data_dir": str(tmp_path / "data"),
+                           "models": {name: {"path": str(path)} for name, path in models.items()}, **extra})
 
 
 def make_settings(model: Path, tmp_path: Path, **model_opts):
@@ -66,6 +103,26 @@ def start_fake(aiohttp_server):
         return fake, f"http://127.0.0.1:{server.port}/v1"
 
     return start
+
+
+@pytest.fixture
+async def gateway(make_client, tiny_model, tmp_path, start_fake):
+    """The tiny model, a fake provider "up" serving "gpt-x" and the Ollama listener on a free port.
+
+    The test client carries ``fake``, ``ollama_url`` and ``ollama`` (an aiohttp session on the listener).
+    """
+    fake, url = await start_fake()
+    s = parse_settings({"data_dir": str(tmp_path / "data"),
+                        "models": {MODEL_ID: {"path": str(tiny_model)}},
+                        "providers": {"up": {"base_url": url, "models": ["gpt-x"]}},
+                        "plugins": {"enabled": ["ollama"], "ollama": {"port": 0}}})
+    c = await make_client(s)
+    host, port = ollama_plugin.address(c.daemon)
+    c.fake = fake
+    c.ollama_url = f"http://{host}:{port}"
+    async with aiohttp.ClientSession(c.ollama_url) as ollama:
+        c.ollama = ollama
+        yield c
 
 
 @pytest.fixture

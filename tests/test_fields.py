@@ -10,12 +10,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from anyad import fields
-from anyad.config import parse_settings
-from anyad.plugins import ollama as ollama_plugin
 from conftest import MODEL_ID
 
 TOOL = {"type": "function", "function": {"name": "lookup", "description": "Look a word up",
@@ -79,22 +76,6 @@ def test_the_samples_cover_every_field_of_the_tables():
     assert set(OLLAMA_INERT) == names(fields.OLLAMA, "refused")
     assert set(OPTION_ASKS) == names(fields.OLLAMA_OPTIONS)
     assert set(OPTION_INERT) == names(fields.OLLAMA_OPTIONS, "refused")
-
-
-@pytest.fixture
-async def gateway(make_client, tiny_model, tmp_path, start_fake):
-    fake, url = await start_fake()
-    s = parse_settings({"data_dir": str(tmp_path / "data"),
-                        "models": {MODEL_ID: {"path": str(tiny_model)}},
-                        "providers": {"up": {"base_url": url, "models": ["gpt-x"]}},
-                        "plugins": {"enabled": ["ollama"], "ollama": {"port": 0}}})
-    c = await make_client(s)
-    await c.daemon.scheduler.load(MODEL_ID)
-    host, port = ollama_plugin.address(c.daemon)
-    async with aiohttp.ClientSession(f"http://{host}:{port}") as ollama:
-        c.ollama = ollama
-        c.fake = fake
-        yield c
 
 
 BASE = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -5,45 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import openai
 import pytest
 
-import ggufmaker
-from anyad.config import parse_settings
+from conftest import ASK, FAMILIES, TOOLS, settings_for
 
-TEMPLATES = Path(__file__).parent / "templates"
-FAMILIES = {"hermes": "hermes-qwen2.5-7b-instruct", "llama3": "llama3-llama-3.1-8b-instruct",
-            "mistral": "mistral-mistral-nemo-instruct-2407"}
-THINKING = {"qwen3": "hermes-qwen3-0.6b", "r1": "generic-deepseek-r1-distill-qwen-32b"}
-
-# Small schemas: a whole call (the tiny vocabulary spends a token a character) fits in MAX.
-WEATHER = {"type": "function", "function": {
-    "name": "weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
-                   "required": ["city"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {
-    "name": "clock", "description": "The time in a zone",
-    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-                   "required": ["zone"], "additionalProperties": False}}}
-TOOLS = [WEATHER, CLOCK]
-ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 MAX = 200
-
-
-@pytest.fixture(scope="session")
-def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One tiny model per family, each with that family's real chat template."""
-    d = tmp_path_factory.mktemp("family-models")
-    return {name: ggufmaker.write_model(d / f"{name}.gguf",
-                                        chat_template=(TEMPLATES / f"{stem}.jinja").read_text())
-            for name, stem in {**FAMILIES, **THINKING}.items()}
-
-
-def settings_for(tmp_path: Path, models: dict[str, Path], **extra):
-    return parse_settings({"data_dir": str(tmp_path / "data"),
-                           "models": {name: {"path": str(path)} for name, path in models.items()}, **extra})
 
 
 @pytest.fixture

@@ -15,17 +15,11 @@ from conftest import MODEL_ID
 
 
 @pytest.fixture
-async def api(make_client, tiny_model, tmp_path, start_fake):
-    fake, url = await start_fake()
-    s = parse_settings({"data_dir": str(tmp_path / "data"),
-                        "models": {MODEL_ID: {"path": str(tiny_model)}},
-                        "providers": {"up": {"base_url": url, "models": ["gpt-x"]}},
-                        "plugins": {"enabled": ["ollama"], "ollama": {"port": 0}}})
-    c = await make_client(s)
-    host, port = ollama_plugin.address(c.daemon)
-    client = ollama.AsyncClient(host=f"http://{host}:{port}")
-    client.anyad = c
-    client.fake = fake
+def api(gateway):
+    """The official client on the gateway's Ollama listener; the test client and the fake ride along."""
+    client = ollama.AsyncClient(host=gateway.ollama_url)
+    client.anyad = gateway
+    client.fake = gateway.fake
     return client
 
 

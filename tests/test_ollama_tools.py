@@ -7,11 +7,11 @@ import ollama
 import pytest
 
 from anyad.plugins import ollama as ollama_plugin
-from test_local_tools import ASK, FAMILIES, TOOLS, family_models, settings_for  # noqa: F401 (a fixture)
+from conftest import ASK, FAMILIES, TOOLS, settings_for
 
 
 @pytest.fixture
-async def api_for(make_client, tmp_path, family_models, start_fake):  # noqa: F811
+async def api_for(make_client, tmp_path, family_models, start_fake):
     """An ollama client on a daemon serving the named family models and a fake provider "up"."""
 
     async def make(*names: str):
