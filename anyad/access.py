@@ -71,10 +71,14 @@ def auth_middleware(current: Callable[[], KeyRing | None]) -> Callable[[web.Requ
             return await handler(request)
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
-        ident = ring.identify(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        if not auth:  # Anthropic's SDKs (and the tools built on them) send their key so
+            auth = token = request.headers.get("x-api-key", "").strip()
+        ident = ring.identify(token) if token else None
         if ident is None:
-            raise errors.Unauthorized("this anyad needs an API key: send Authorization: Bearer <key>"
-                                      if not auth else "the API key is not valid (unknown, revoked or expired)",
+            raise errors.Unauthorized("this anyad needs an API key: send Authorization: Bearer <key> (or "
+                                      "x-api-key: <key>)" if not auth
+                                      else "the API key is not valid (unknown, revoked or expired)",
                                       headers={"WWW-Authenticate": "Bearer"})
         request[IDENT] = ident
         request[WHO] = ident.name

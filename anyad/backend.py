@@ -76,6 +76,10 @@ class Backend(abc.ABC):
         """One vector per input, in order. ``options``: further request fields (dimensions, user)."""
         raise InvalidRequest(f"{self.kind} models do not make embeddings", param="model")
 
+    async def count_tokens(self, request: ChatRequest, model: str) -> int:
+        """The prompt tokens ``request`` would cost, its tools included, without running it."""
+        raise InvalidRequest(f"{self.kind} models cannot count tokens without answering", param="model")
+
     async def start(self) -> None:
         """Prepare at daemon start (e.g. preload a model); must not block the loop."""
 

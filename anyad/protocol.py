@@ -9,7 +9,8 @@ with the package: the worker's ``hello`` frame carries ``PROTOCOL_VERSION``.
 daemon → worker: ``{"op": "load", "version", "path", "n_ctx", "n_threads", "n_batch", "n_gpu_layers",
 "main_gpu", "parallel", "warm_up", "tool_format", "reasoning"}`` (first),
 ``{"op": "chat", "id", "messages", "params"}`` (params: ``SamplingParams.as_dict()``, tools included),
-``{"op": "embed", "id", "input"}``, ``{"op": "stats", "id"}``,
+``{"op": "embed", "id", "input"}``, ``{"op": "count", "id", "messages", "params"}`` (answered by
+``{"t": "end", "id", "tokens"}``), ``{"op": "stats", "id"}``,
 ``{"op": "cancel", "id"}``, ``{"op": "shutdown"}``.
 worker → daemon: ``{"t": "hello", "version", "pid"}``, ``{"t": "ready", ...model facts}``,
 ``{"t": "delta", "id", "text"?, "reasoning"?, "tool_calls"?, "logprobs"?}`` (tool_calls: OpenAI's deltas;

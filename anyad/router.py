@@ -270,6 +270,12 @@ class Router:
                                                                      targets)
         return Opened(target, first, stream, skipped, breaker)
 
+    async def count_tokens(self, request: ChatRequest) -> tuple[Target, int]:
+        """The prompt's size as the route's first target that answers counts it."""
+        target, result, _, _ = await self._walk(request.model, lambda t: t.backend.count_tokens(request, t.model),
+                                                request.route_key)
+        return target, result
+
     async def embed(self, model: str, inputs: list[str] | list[list[int]],
                     options: dict | None = None) -> tuple[Target, Embeddings, list[str]]:
         target, result, skipped, _ = await self._walk(model, lambda t: t.backend.embed(inputs, t.model, options))

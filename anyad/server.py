@@ -73,8 +73,15 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> errors.AnyadErro
     return err
 
 
-def error_middleware_for(render: ErrorBody) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """The one place where any failure becomes a response, in the door's error shape."""
+def error_middleware_for(render: ErrorBody, by_path: tuple[tuple[str, ErrorBody], ...] = ()
+                         ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """The one place where any failure becomes a response, in the door's error shape:
+    ``render``'s, or for a path under one of ``by_path``'s prefixes, that door's (one
+    listener may hold several doors: Anthropic's Messages beside OpenAI's)."""
+    doors = tuple(sorted(by_path, key=lambda door: -len(door[0])))  # the longest prefix wins
+
+    def render_for(path: str) -> ErrorBody:
+        return next((door_render for prefix, door_render in doors if path.startswith(prefix)), render)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -85,15 +92,15 @@ def error_middleware_for(render: ErrorBody) -> Callable[[web.Request, Handler], 
         except errors.AnyadError as exc:
             if exc.status >= 500:
                 log.warning("request %s: %s", rid, exc.message)
-            return error_response(exc, rid, render)
+            return error_response(exc, rid, render_for(request.path))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(_from_http(exc, request), rid, render)
+            return error_response(_from_http(exc, request), rid, render_for(request.path))
         except Exception:
             log.exception("request %s: unhandled error", rid)
             return error_response(errors.AnyadError("internal error; see the daemon's log for request " + rid), rid,
-                                  render)
+                                  render_for(request.path))
         if not resp.prepared:
             resp.headers["X-Request-Id"] = rid
         return resp
@@ -179,7 +186,8 @@ async def read_json(request: web.Request) -> object:
         raise errors.InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 
-def gateway_app(daemon: Daemon, bind_host: Callable[[], str], render: ErrorBody = openai_error_body) -> web.Application:
+def gateway_app(daemon: Daemon, bind_host: Callable[[], str], render: ErrorBody = openai_error_body,
+                by_path: tuple[tuple[str, ErrorBody], ...] = ()) -> web.Application:
     """An application with the layer every door (listener) shares: errors in the door's
     shape, drain and accounting, the browser guard (Host and Origin) and CORS, API keys,
     rate limits and their headers. Its rules are read from the daemon on each request, so
@@ -189,7 +197,7 @@ def gateway_app(daemon: Daemon, bind_host: Callable[[], str], render: ErrorBody 
     def server() -> "ServerSettings":
         return daemon.settings.server
 
-    middlewares = [error_middleware_for(render), accounting_middleware(daemon),
+    middlewares = [error_middleware_for(render, by_path), accounting_middleware(daemon),
                    guard_middleware(BrowserGuard(server, bind_host)),
                    auth_middleware(lambda: daemon.keys), rate_limit_middleware(lambda: daemon.limiter)]
     app = web.Application(middlewares=middlewares, client_max_size=daemon.settings.server.max_body_bytes)
@@ -203,7 +211,9 @@ def gateway_app(daemon: Daemon, bind_host: Callable[[], str], render: ErrorBody 
 def build_app(daemon: Daemon) -> web.Application:
     from anyad.api import register_routes
 
-    app = gateway_app(daemon, lambda: daemon.settings.server.host)
+    from anyad.messages_api import anthropic_error_body
+
+    app = gateway_app(daemon, lambda: daemon.settings.server.host, by_path=(("/v1/messages", anthropic_error_body),))
 
     async def on_startup(app: web.Application) -> None:
         await daemon.start()

@@ -189,7 +189,14 @@ class FakeAnthropic:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         return app
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """A count of one token per four characters of the body, as a stand-in for a tokenizer."""
+        body = await request.json()
+        self.requests.append(body)
+        return web.json_response({"input_tokens": len(json.dumps(body)) // 4})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

@@ -5,11 +5,13 @@ from aiohttp import web
 
 def register_routes(app: web.Application) -> None:
     from anyad import openapi
-    from anyad.api import admin, chat, completions, dashboard, embeddings, history, system
+    from anyad.api import admin, chat, completions, dashboard, embeddings, history, messages, system
 
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
     app.router.add_post("/api/chat", chat.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
+    app.router.add_post("/v1/messages", messages.messages)
+    app.router.add_post("/v1/messages/count_tokens", messages.count_tokens)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)
     app.router.add_get("/v1/models", system.list_models)
     app.router.add_get("/v1/models/{id:.+}", system.get_model)

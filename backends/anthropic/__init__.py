@@ -134,6 +134,18 @@ class AnthropicBackend(RemoteBackend):
             h["x-api-key"] = key
         return h
 
+    async def count_tokens(self, request: ChatRequest, model: str) -> int:
+        full = to_messages_request(request, model)
+        body = {k: v for k, v in full.items() if k in ("model", "messages", "system", "tools", "tool_choice",
+                                                         "thinking")}
+        resp = await self.client.post("/messages/count_tokens", body, await self.headers())
+        async with resp:
+            data = await self.reply_json(resp)
+        tokens = data.get("input_tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, int):
+            raise BackendError(f"{self.name}: the token count is not a number")
+        return tokens
+
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
         if request.raw:
             raise InvalidRequest(f"{self.name} (Anthropic's Messages API) has no text completions: send messages "

@@ -192,6 +192,16 @@ class LlamaCppBackend(Backend):
                     elif t == "error":
                         self._raise(frame)
 
+    async def count_tokens(self, request: ChatRequest, model: str) -> int:
+        check_local(request.body)
+        op = {"op": "count", "messages": flatten_messages(request.messages), "params": request.params.as_dict()}
+        async with self.scheduler.use(self.model_id):  # the template and the vocabulary are the worker's
+            async for frame in self.worker.request(op):
+                if frame["t"] == "error":
+                    self._raise(frame)
+                return int(frame["tokens"])
+        raise BackendError(f"model {self.model_id!r}: no count")  # pragma: no cover
+
     async def embed(self, inputs: list[str] | list[list[int]], model: str,
                     options: dict[str, Any] | None = None) -> Embeddings:
         if (options or {}).get("dimensions") is not None:

@@ -321,6 +321,14 @@ class Engine:
         return (bos + [pre] + llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) + [suf]
                 + llm.tokenize(suffix.encode("utf-8"), add_bos=False, special=False) + [mid])
 
+    def count(self, llm: Any, messages: list[dict[str, Any]], params: dict[str, Any]) -> int:
+        """The prompt tokens of a chat, rendered as ``chat`` would render it."""
+        choice = params.get("tool_choice")
+        offered = bool(params.get("tools")) and choice != "none"
+        forced = offered and (choice == "required" or isinstance(choice, dict))
+        fmt = self._render(messages, params, offered, forced)
+        return len(llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True))
+
     def chat(self, llm: Any, rid: int, messages: list[dict[str, Any]], params: dict[str, Any], cancelled: set[int],
              out: Output, raw: bool = False) -> None:
         """A reply for each prompt (one from a chat, or each of a completions request's), each
@@ -498,7 +506,9 @@ def _serve(engine: Engine, llm: Any, ops: "queue.Queue[dict[str, Any]]", cancell
         rid = op["id"]
         busy.add(rid)
         try:
-            if op["op"] == "embed":
+            if op["op"] == "count":
+                out.write({"t": "end", "id": rid, "tokens": engine.count(llm, op["messages"], op.get("params") or {})})
+            elif op["op"] == "embed":
                 vectors, tokens = engine.embed(op["input"])
                 out.write({"t": "end", "id": rid, "embeddings": vectors, "usage": {"prompt_tokens": tokens}})
             elif rid not in cancelled:
