@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from contextlib import aclosing
-from typing import Protocol
+from typing import Callable, Protocol
 
 from aiohttp import web
 
@@ -124,8 +124,15 @@ class ChatFlow:
     A door that needs the reply as a whole for itself calls ``await flow.collect(rest)``
     instead, and ``flow.finish()`` in a ``finally``."""
 
-    def __init__(self, daemon: Daemon, request: web.Request, chat: ChatRequest) -> None:
+    def __init__(self, daemon: Daemon, request: web.Request, chat: ChatRequest,
+                 continues: str | None = None) -> None:
+        """``continues``: the conversation this request goes on with, as its door found it (a
+        stored response's), its owner checked; else the conversation header's, or a new one."""
         self.daemon = daemon
+        self.continues = continues
+        # Called at the end of ``finish`` when the reply ran to its end (after the history's
+        # write is queued): a door's own records of the reply.
+        self.after: list[Callable[[ChatFlow], None]] = []
         self.request = request
         self.chat = chat
         self.reply = Reply()
@@ -156,7 +163,7 @@ class ChatFlow:
         admit(request, self.chat.model, daemon.quotas)
         check_keep_alive(daemon, request, self.chat.model, self.chat.keep_alive)
         if daemon.history is not None:
-            self.conversation_id = await writable_conversation(daemon.history, request)
+            self.conversation_id = self.continues or await writable_conversation(daemon.history, request)
         if daemon.router.weighted:
             self.chat.route_key = route_key(request)
         # Resolved once: the cache key and the walk see the same targets (a weighted route's
@@ -331,3 +338,6 @@ class ChatFlow:
                                     reply.message(), outcome, usage, cached, self.conversation_id,
                                     latency_ms / 1000)
             daemon.spawn(daemon.plugins.notify("anyad_after_reply", exchange=record))
+        if outcome not in ("cancelled", "error"):
+            for after in self.after:
+                after(self)

@@ -159,6 +159,23 @@ def m005_keys_and_usage(db: Database) -> None:
     """)
 
 
+@migration
+def m006_responses(db: Database) -> None:
+    """Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``: each in the
+    conversation of its exchange, so the history's deletion and retention take it too."""
+    db.executescript("""
+        CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            owner TEXT,                    -- the key's name; anonymous without keys
+            created REAL NOT NULL,
+            body TEXT NOT NULL,            -- the response object, as it was answered
+            messages TEXT NOT NULL         -- the conversation through it, as chat messages
+        );
+        CREATE INDEX idx_responses_conversation ON responses (conversation_id);
+    """)
+
+
 def migrate(db: Database) -> list[str]:
     """Apply the migrations this database lacks; returns their names."""
     if "_migrations" not in db.table_names():

@@ -130,3 +130,34 @@ async def test_openai_agents_function_tool_round_trip(base_url):
     assert len(city) <= 8
     assert isinstance(result.final_output, str) and result.final_output
     assert len(result.raw_responses) == 2
+
+
+async def test_openai_agents_default_responses_model_round_trip(base_url):
+    """The SDK's default model speaks the Responses API (POST /v1/responses)."""
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+    from pydantic import BaseModel
+
+    set_tracing_disabled(True)
+    ran: list[str] = []
+
+    class Forecast(BaseModel):
+        sky: Annotated[str, Field(max_length=8)]
+
+    @function_tool
+    def weather(city: Annotated[str, Field(max_length=8)]) -> str:
+        """The weather in a city."""
+        ran.append(city)
+        return json.dumps({"city": city, "sky": "clear"})
+
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=0) as sdk:
+        # A structured final output: its grammar ends the random model's last turn (the SDK
+        # takes a reply cut off by max_output_tokens for a failure, as it should).
+        agent = Agent(name="forecaster", instructions="Answer with the weather.", tools=[weather],
+                      output_type=Forecast, model=OpenAIResponsesModel(model=MODEL, openai_client=sdk),
+                      model_settings=ModelSettings(tool_choice="weather", parallel_tool_calls=False,
+                                                   max_tokens=MAX, temperature=0))
+        result = await Runner.run(agent, ASK, max_turns=2)
+    [city] = ran
+    assert len(city) <= 8
+    assert isinstance(result.final_output, Forecast)
+    assert len(result.raw_responses) == 2

@@ -9,7 +9,7 @@ import json
 import openai
 import pytest
 
-from conftest import ASK, FAMILIES, TOOLS, settings_for
+from conftest import ASK, FAMILIES, TOOLS, WEATHER, settings_for
 
 MAX = 200
 
@@ -121,13 +121,23 @@ async def test_tool_requests_that_cannot_be_honoured_are_400s(sdk_for):
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
         ({"tools": [{"type": "function"}]}, "tools[0].function"),
-        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
         ({"reasoning_format": "sideways"}, "reasoning_format"),
     ]
     for kw, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
             await sdk.chat.completions.create(model="hermes", messages=ASK, max_tokens=4, extra_body=kw)
         assert e.value.param == param, (kw, e.value.body)
+
+
+async def test_a_forced_call_beside_a_response_format_is_the_call(sdk_for):
+    """Agents with a structured final output send both: this turn's answer is the call."""
+    sdk = await sdk_for("hermes")
+    r = await sdk.chat.completions.create(model="hermes", messages=ASK, max_tokens=200, tools=[WEATHER],
+                                          tool_choice="required", parallel_tool_calls=False,
+                                          response_format={"type": "json_object"})
+    (call,) = r.choices[0].message.tool_calls
+    check_call(call.function.name, call.function.arguments)
+    assert r.choices[0].finish_reason == "tool_calls"
 
 
 async def test_malformed_call_comes_back_as_text_with_the_reason(sdk_for):

@@ -5,12 +5,15 @@ from aiohttp import web
 
 def register_routes(app: web.Application) -> None:
     from anyad import openapi
-    from anyad.api import admin, chat, completions, dashboard, embeddings, history, messages, system
+    from anyad.api import admin, chat, completions, dashboard, embeddings, history, messages, responses, system
 
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
     app.router.add_post("/api/chat", chat.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
     app.router.add_post("/v1/messages", messages.messages)
+    app.router.add_post("/v1/responses", responses.create)
+    app.router.add_get("/v1/responses/{id}", responses.get)
+    app.router.add_delete("/v1/responses/{id}", responses.delete)
     app.router.add_post("/v1/messages/count_tokens", messages.count_tokens)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)
     app.router.add_get("/v1/models", system.list_models)

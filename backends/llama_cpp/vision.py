@@ -63,7 +63,8 @@ def unavailable_reason() -> str | None:
     """Why images cannot work in this install (no libmtmd), or None when they can."""
     try:
         import llama_cpp.mtmd_cpp  # noqa: F401
-    except Exception as exc:  # a missing library surfaces as OSError, RuntimeError or FileNotFoundError
+    # No library: load_shared_library's OSError or RuntimeError; an older one: a missing symbol.
+    except (OSError, RuntimeError, AttributeError) as exc:
         return f"llama-cpp-python has no multimodal library (build it with CMAKE_ARGS=-DLLAVA_BUILD=ON): {exc}"
     return None
 
@@ -128,6 +129,7 @@ class _Log:
 
     installed = False
     last = threading.local()
+    _callback: Any = None
 
     @classmethod
     def install(cls, mtmd: Any) -> None:

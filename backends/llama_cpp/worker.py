@@ -260,9 +260,8 @@ class Engine:
     def _call_grammar(self, params: dict[str, Any], in_reasoning: bool):
         from llama_cpp import llama_grammar
 
-        if params.get("response_format"):
-            raise RequestError("invalid_request", "tool_choice: a forced tool call cannot be combined with "
-                               "response_format on a local model; use one or the other", "tool_choice")
+        # A response_format beside it shapes text answers: a forced call answers with a call,
+        # never with text, so the call's grammar is the whole of this reply's.
         try:
             gbnf = forced_call_grammar(self.family, params["tools"], params["tool_choice"],
                                        params.get("parallel_tool_calls") is not False, close_reasoning=in_reasoning)
