@@ -150,6 +150,9 @@ class ModelDefaults(ModelPolicy):
 
 class ModelSettings(_Strict):
     path: Path
+    # A vision projector (an mmproj GGUF) for image parts; unset: found beside the model by
+    # discovery, or none (images are a 400).
+    mmproj: Path | None = None
     backend: str = "llama_cpp"
     # The file's SHA-256; checked before its first load (the result remembered by path,
     # size and modification time). Unset: not checked.
@@ -416,6 +419,9 @@ def parse_settings(data: dict[str, Any], source: Path | None = None) -> Settings
     base = source.parent if source else Path.cwd()
     for m in settings.models.values():
         m.path = (base / m.path.expanduser()).resolve() if not m.path.expanduser().is_absolute() else m.path.expanduser()
+        if m.mmproj is not None:
+            m.mmproj = (base / m.mmproj.expanduser()).resolve() if not m.mmproj.expanduser().is_absolute() \
+                else m.mmproj.expanduser()
     return settings
 
 

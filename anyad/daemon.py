@@ -111,7 +111,7 @@ class Daemon:
         found = discover(settings.discovery, taken=set(self.local))
         for f in found:
             try:
-                ms = ModelSettings(path=f.path)
+                ms = ModelSettings(path=f.path, mmproj=f.mmproj)
                 self.local[f.id] = self._backend_class(ms.backend).from_model(f.id, ms, settings.defaults,
                                                                               self.scheduler)
             except ConfigError as exc:  # one odd file must not stop the daemon

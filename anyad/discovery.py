@@ -2,8 +2,10 @@
 LM Studio's models folder and the Hugging Face hub cache.
 
 Each file's metadata comes from its GGUF header (read, not loaded). Files that are not
-GGUF, not a language model (vision projectors), later parts of a split model, or
-unreadable are skipped with the reason logged. Ids: Ollama's own names
+GGUF, not a language model, later parts of a split model, or unreadable are skipped
+with the reason logged. A vision projector (an ``mmproj`` GGUF, architecture ``clip``)
+is no model of its own: it is paired with the models beside it (the same folder, as LM
+Studio and Hugging Face repositories keep them; the same manifest in Ollama's store). Ids: Ollama's own names
 (``llama3.2:3b``); the file's stem elsewhere. The first source to claim an id keeps it,
 and configured models come before all of them.
 """
@@ -26,6 +28,7 @@ log = logging.getLogger("anyad.discovery")
 SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})$")
 NOT_LANGUAGE_MODELS = {"clip"}  # multimodal projectors ship as GGUF too
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+OLLAMA_PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
 
 
 @dataclass(slots=True)
@@ -34,6 +37,7 @@ class Found:
     path: Path
     source: str  # directory | ollama | lmstudio | huggingface
     info: GGUFInfo
+    mmproj: Path | None = None  # its vision projector, where one was found with it
 
 
 def ollama_root() -> Path:
@@ -85,16 +89,53 @@ def _inspect(path: Path, source: str) -> GGUFInfo | None:
     return info
 
 
+def _projector(path: Path) -> bool:
+    """A vision projector by its name (how converters and hubs name them) or its header."""
+    if "mmproj" in path.name.lower():
+        return True
+    try:
+        return read_gguf_info(path).architecture in NOT_LANGUAGE_MODELS
+    except ConfigError:
+        return False
+
+
+def _paired(paths: list[Path]) -> dict[Path, Path]:
+    """Each folder's projector, for the models in that folder: the one there, or of several
+    the one whose name holds the model's stem (else none: which would be a guess)."""
+    by_dir: dict[Path, list[Path]] = {}
+    for p in paths:
+        if _projector(p):
+            by_dir.setdefault(p.parent, []).append(p)
+    out = {}
+    for p in paths:
+        projectors = by_dir.get(p.parent, [])
+        if p in projectors or not projectors:
+            continue
+        stem = (_stem_id(p) or "").lower()
+        named = [q for q in projectors if stem and stem in q.name.lower()]
+        pick = projectors if len(projectors) == 1 else named if len(named) == 1 else []
+        if pick:
+            out[p] = pick[0]
+    return out
+
+
+def _from_paths(paths: list[Path], source: str, seen: set[str] | None = None) -> Iterator[Found]:
+    projectors = _paired(paths)
+    for path in paths:
+        model_id = _stem_id(path)
+        if model_id is None or (seen is not None and model_id in seen):
+            continue
+        if seen is not None:
+            seen.add(model_id)
+        info = _inspect(path, source)
+        if info is not None:
+            yield Found(model_id, path, source, info, projectors.get(path))
+
+
 def _from_roots(roots: list[Path], source: str) -> Iterator[Found]:
     """Every *.gguf under ``roots``, named by its stem."""
     for root in roots:
-        for path in _ggufs(root):
-            model_id = _stem_id(path)
-            if model_id is None:
-                continue
-            info = _inspect(path, source)
-            if info is not None:
-                yield Found(model_id, path, source, info)
+        yield from _from_paths(list(_ggufs(root)), source)
 
 
 def from_directories(dirs: list[Path]) -> Iterator[Found]:
@@ -114,14 +155,7 @@ def from_huggingface() -> Iterator[Found]:
         snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
         seen: set[str] = set()
         for snap in snapshots:
-            for path in _ggufs(snap):
-                model_id = _stem_id(path)
-                if model_id is None or model_id in seen:
-                    continue
-                seen.add(model_id)
-                info = _inspect(path, "huggingface")
-                if info is not None:
-                    yield Found(model_id, path, "huggingface", info)
+            yield from _from_paths(list(_ggufs(snap)), "huggingface", seen)
 
 
 def _ollama_name(manifest: Path, manifests: Path) -> str:
@@ -146,14 +180,17 @@ def from_ollama() -> Iterator[Found]:
         try:
             name = _ollama_name(manifest, manifests)
             data = json.loads(manifest.read_text())
-            layer = next(layer for layer in data.get("layers", []) if layer.get("mediaType") == OLLAMA_MODEL_LAYER)
+            layers = data.get("layers", [])
+            layer = next(layer for layer in layers if layer.get("mediaType") == OLLAMA_MODEL_LAYER)
             blob = root / "blobs" / layer["digest"].replace(":", "-")
+            projector = next((root / "blobs" / p["digest"].replace(":", "-") for p in layers
+                              if p.get("mediaType") == OLLAMA_PROJECTOR_LAYER), None)
         except (ValueError, OSError, StopIteration, KeyError, AttributeError) as exc:
             log.info("discovery (ollama): skipping %s: not a model manifest (%s)", manifest, type(exc).__name__)
             continue
         info = _inspect(blob, "ollama")
         if info is not None:
-            yield Found(name, blob, "ollama", info)
+            yield Found(name, blob, "ollama", info, projector if projector is not None and projector.is_file() else None)
 
 
 def discover(settings: DiscoverySettings, taken: set[str] = frozenset()) -> list[Found]:

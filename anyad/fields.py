@@ -62,8 +62,9 @@ ONE_TIER = "a local model has one service tier: its queue (`queue_timeout_s`) de
 
 OPENAI: tuple[Field, ...] = (
     Field("model", "honoured", "a local model, `provider/model` or a route"),
-    Field("messages", "honoured", "rendered with the model's chat template; parts other than text are a 400 "
-                                  "on a model that cannot read them"),
+    Field("messages", "honoured", "rendered with the model's chat template; image parts (`data:` URLs, never "
+                                  "fetched) on a model with a vision projector (`mmproj`), a 400 on one "
+                                  "without; other parts a 400"),
     Field("audio", "refused", "local models do not speak: they answer in text only"),
     Field("frequency_penalty", "honoured", "llama.cpp's frequency penalty"),
     Field("function_call", "refused", "the deprecated functions API is not supported: use `tool_choice`",

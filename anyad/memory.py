@@ -83,6 +83,8 @@ class Estimate:
     parallel: int = 1
     # The CPU repacks quantized weights into its own layout (AMX): a second copy in RAM.
     repack: bool = False
+    # A vision projector's weights: one copy, on the GPU when the model has layers there.
+    projector_bytes: int = 0
 
     @property
     def n_offload(self) -> int:
@@ -99,7 +101,7 @@ class Estimate:
             cpu_share = cpu_blocks / s.n_layer if s.n_layer else 1.0
             ram += int(REPACK_FACTOR * s.repackable_bytes * cpu_share)
         per_context = cpu_blocks * self.kv_layer_bytes + (self.compute_bytes if k == 0 else SCRATCH)
-        return ram + self.parallel * per_context + (GPU_HOST_OVERHEAD if k else 0)
+        return ram + self.parallel * per_context + (GPU_HOST_OVERHEAD if k else self.projector_bytes)
 
     def vram_bytes(self, gpu_layers: int) -> int:
         s = self.shape
@@ -108,7 +110,7 @@ class Estimate:
             return 0
         blocks = k - 1
         vram = sum(s.layer_bytes[s.n_layer - blocks:]) + blocks * self.kv_layer_bytes + s.output_bytes
-        return self.parallel * (vram + self.compute_bytes) + GPU_DEVICE_OVERHEAD
+        return self.parallel * (vram + self.compute_bytes) + GPU_DEVICE_OVERHEAD + self.projector_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -163,7 +165,7 @@ def read_shape(path: Path) -> ModelShape:
 
 
 def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, cache_type: str = "f16",
-             parallel: int = 1, repack: bool = False) -> Estimate:
+             parallel: int = 1, repack: bool = False, projector_bytes: int = 0) -> Estimate:
     per_elem = KV_BYTES[cache_type]
     kv = int(n_ctx * shape.n_head_kv * (shape.key_length + shape.value_length) * per_elem)
     ub = min(n_ubatch, n_ctx)
@@ -172,4 +174,4 @@ def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, cache_type: 
     attention = ub * n_ctx * (shape.n_head + 1) + ub * (3 * shape.n_embd + 2 * n_embd_kv)
     compute = 4 * max(logits, attention) + 4 * shape.n_vocab + COMPUTE_ALLOWANCE
     return Estimate(shape=shape, n_ctx=n_ctx, kv_layer_bytes=kv, compute_bytes=compute, parallel=parallel,
-                    repack=repack)
+                    repack=repack, projector_bytes=projector_bytes)

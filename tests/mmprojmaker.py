@@ -14,6 +14,10 @@ but different images give different embeddings, which is what the tests rely on.
 
 from __future__ import annotations
 
+import struct
+import zlib
+from collections.abc import Callable
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +123,24 @@ def make_mmproj(path: Path | str, n_embd: int = TINY.n_embd, shape: VisionShape 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# Test images, written by hand (no imaging library in the test environment).
+
+def png(width: int, height: int, pixel: Callable[[int, int], tuple[int, int, int]]) -> bytes:
+    """An 8-bit RGB PNG, written by hand (no imaging library in the test environment)."""
+    rows = b"".join(b"\x00" + b"".join(bytes(pixel(x, y)) for x in range(width)) for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+RED = png(16, 16, lambda x, y: (255, 0, 0))
+# Not square, to go through the projector's resize and padding.
+STRIPES = png(40, 24, lambda x, y: ((x * 37) % 256, (y * 53) % 256, ((x + y) * 11) % 256))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+import mmprojmaker
 from anyad.config import parse_settings
 from conftest import anyad_cmd, clean_env
 
@@ -53,7 +54,14 @@ def machine(tmp_path, tiny_model, monkeypatch):
     lms = home / ".lmstudio" / "models" / "lmstudio-community" / "Tiny-GGUF"
     lms.mkdir(parents=True)
     shutil.copy(tiny_model, lms / "tiny-lm-Q8_0.gguf")
-    clip_gguf(lms / "mmproj-tiny-f16.gguf")
+    mmprojmaker.make_mmproj(lms / "mmproj-tiny-f16.gguf")
+    # Ollama keeps a vision model's projector as a layer of its manifest.
+    mmprojmaker.make_mmproj(ollama / "blobs" / "sha256-pppp")
+    p = ollama / "manifests" / "registry.ollama.ai" / "library" / "seer" / "latest"
+    p.parent.mkdir(parents=True)
+    p.write_text(json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:aaaa"},
+        {"mediaType": "application/vnd.ollama.image.projector", "digest": "sha256:pppp"}]}))
     # The Hugging Face hub cache: snapshots of a repo; a split model; a file that only says .gguf.
     snap = home / ".cache" / "huggingface" / "hub" / "models--org--tiny-GGUF" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
@@ -80,7 +88,7 @@ def test_models_list_shows_what_each_tool_keeps(machine, tiny_model):
     rows = {r["id"]: r for r in json.loads(p.stdout)}
     assert {k: rows[k]["source"] for k in rows} == {
         "configured": "config", "dir-model": "directory", "llama3.2:3b": "ollama", "someone/coder:latest": "ollama",
-        "tiny-lm-Q8_0": "lmstudio", "tiny-hf": "huggingface"}
+        "seer:latest": "ollama", "tiny-lm-Q8_0": "lmstudio", "tiny-hf": "huggingface"}
     for r in rows.values():
         assert r["architecture"] == "llama" and r["context_length"] > 0 and r["quantization"] in ("F16", "Q8_0")
         assert r["size_bytes"] == tiny_model.stat().st_size
@@ -104,12 +112,13 @@ async def test_discovered_models_are_served_when_asked(machine, make_client, cap
                                    "sources": ["ollama", "directories"]}})
     c = await make_client(s)
     models = {m["id"]: m for m in (await (await c.get("/v1/models")).json())["data"]}
-    assert set(models) == {"llama3.2:3b", "someone/coder:latest", "dir-model"}
+    assert set(models) == {"llama3.2:3b", "someone/coder:latest", "seer:latest", "dir-model"}
+    assert models["seer:latest"]["vision"] is True and "vision" not in models["llama3.2:3b"]
     assert models["llama3.2:3b"]["source"] == "ollama" and models["dir-model"]["source"] == "directory"
     r = await c.post("/v1/chat/completions", json={"model": "llama3.2:3b", "max_tokens": 3,
                                                    "messages": [{"role": "user", "content": "hi"}]})
     assert r.status == 200 and r.headers["X-Anyad-Backend"] == "llama3.2:3b"
-    assert "discovered 3 model(s)" in caplog.text
+    assert "discovered 4 model(s)" in caplog.text
 
 
 async def test_without_discover_only_configured_models_are_served(machine, make_client, tiny_model):
@@ -123,3 +132,26 @@ def test_a_bad_discovery_key_names_the_models_table(tmp_path):
 
     with pytest.raises(ConfigError, match=r"models\.sources\.0"):
         parse_settings({"models": {"sources": ["nowhere"]}})
+
+
+def test_projectors_are_paired_with_their_models_not_served_alone(machine, monkeypatch):
+    from anyad.discovery import discover
+
+    found = {f.id: f for f in discover(parse_settings({"models": {"sources": ["ollama", "lmstudio"]}}).discovery)}
+    assert found["tiny-lm-Q8_0"].mmproj.name == "mmproj-tiny-f16.gguf"
+    assert found["seer:latest"].mmproj.name == "sha256-pppp"
+    assert found["llama3.2:3b"].mmproj is None
+    assert not any("mmproj" in i for i in found)
+
+
+async def test_a_discovered_projector_reads_images(machine, make_client):
+    import base64
+
+    from mmprojmaker import RED
+
+    c = await make_client(parse_settings({"data_dir": str(machine / "data"),
+                                          "models": {"discover": True, "sources": ["lmstudio"]}}))
+    r = await c.post("/v1/chat/completions", json={"model": "tiny-lm-Q8_0", "max_tokens": 1, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(RED).decode()}}]}]})
+    assert r.status == 200, await r.text()

@@ -11,8 +11,6 @@ import json
 import struct
 import subprocess
 import sys
-import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import mmprojmaker
@@ -28,20 +26,7 @@ BEFORE = "<|im_start|>user\nLook at this: "
 AFTER = " What is it?<|im_end|>\n<|im_start|>assistant\n"
 
 
-def png(width: int, height: int, pixel: Callable[[int, int], tuple[int, int, int]]) -> bytes:
-    """An 8-bit RGB PNG, written by hand (no imaging library in the test environment)."""
-    rows = b"".join(b"\x00" + b"".join(bytes(pixel(x, y)) for x in range(width)) for y in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
-
-
-RED = png(16, 16, lambda x, y: (255, 0, 0))
-# Not square, to go through the projector's resize and padding.
-STRIPES = png(40, 24, lambda x, y: ((x * 37) % 256, (y * 53) % 256, ((x + y) * 11) % 256))
+from mmprojmaker import RED, STRIPES
 # The classic 1x1 GIF.
 GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00"
        b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")

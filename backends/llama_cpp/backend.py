@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
+import re
 from contextlib import aclosing
 from typing import Any
 
@@ -12,7 +14,7 @@ import psutil
 
 from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.config import ModelDefaults, ModelSettings
-from anyad.errors import BackendError, ContextLengthExceeded, InvalidRequest
+from anyad.errors import BackendError, ConfigError, ContextLengthExceeded, InvalidRequest
 from anyad.fields import check_local
 from anyad.gguf_meta import GGUFInfo, read_gguf_info
 from anyad.integrity import verify
@@ -49,25 +51,57 @@ def context_size(model_id: str, info: GGUFInfo, settings: ModelSettings, default
     return min(trained or defaults.max_context, defaults.max_context)
 
 
-def flatten_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages with their content as one string, as chat templates expect.
+# Where an image goes in a rendered prompt: libmtmd's marker (the worker's Vision.media_marker).
+MEDIA_MARKER = "<__media__>"
+DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,(.*)$", re.S)
 
-    Text parts are joined; any other part (an image, audio) is refused, since a
-    text-only model would otherwise answer as if it had seen it.
+
+def _image(part: dict[str, Any], where: str) -> str:
+    """An image part's bytes, as base64 (the worker decodes them and checks what they are)."""
+    url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
+    m = DATA_URL.match(url) if isinstance(url, str) else None
+    if m is None:
+        raise InvalidRequest("image_url: only data: URLs (data:image/...;base64,...) are read; anyad does not "
+                             "fetch images from the network", param=f"{where}.image_url")
+    data = "".join(m.group(1).split())
+    try:
+        base64.b64decode(data, validate=True)
+    except ValueError:
+        raise InvalidRequest("image_url: the data is not base64", param=f"{where}.image_url") from None
+    return data
+
+
+def flatten_messages(messages: list[dict[str, Any]], vision: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """Messages with their content as one string, as chat templates expect, and the images
+    they carry (base64, in order).
+
+    Text parts are joined. On a model with a vision projector (``vision``) each image part
+    becomes the marker where libmtmd puts it (a marker a client wrote itself is taken out of
+    its text, so markers and images match); on any other model, and for parts of any other
+    kind, the part is refused: a text-only model would answer as if it had seen it.
     """
-    out = []
+    out, images = [], []
     for i, m in enumerate(messages):
         content = m.get("content")
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise InvalidRequest(f"content part type {part.get('type')!r} is not supported by this local "
-                                         "model; only 'text' parts are", param=f"messages[{i}].content[{j}].type")
-                texts.append(part["text"])
+                kind = part.get("type")
+                if kind == "image_url" and vision:
+                    images.append(_image(part, f"messages[{i}].content[{j}]"))
+                    texts.append(MEDIA_MARKER)
+                    continue
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    what = "this local model has no vision projector (`mmproj`)" if kind == "image_url" else \
+                        "only 'text' and 'image_url' parts are" if vision else "only 'text' parts are"
+                    raise InvalidRequest(f"content part type {kind!r} is not supported: {what}",
+                                         param=f"messages[{i}].content[{j}].type")
+                texts.append(part["text"].replace(MEDIA_MARKER, "") if vision else part["text"])
             content = "".join(texts)
+        elif vision and isinstance(content, str):
+            content = content.replace(MEDIA_MARKER, "")
         out.append({**m, "content": content or ""})
-    return out
+    return out, images
 
 
 def delta_chunk(frame: dict[str, Any]) -> Chunk:
@@ -100,6 +134,18 @@ class LlamaCppBackend(Backend):
         self._base_load = {"path": str(info.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads,
                            "n_batch": settings.n_batch, "tool_format": settings.tool_format,
                            "reasoning": settings.reasoning}
+        self.mmproj = settings.mmproj
+        self._projector_bytes = 0
+        if self.mmproj is not None:
+            from anyad.backends.llama_cpp.vision import projector_bytes
+
+            if not self.mmproj.is_file():
+                raise ConfigError(f"models.{model_id}.mmproj: no such file: {self.mmproj}")
+            try:
+                self._projector_bytes = projector_bytes(self.mmproj)
+            except Exception as exc:
+                raise ConfigError(f"models.{model_id}.mmproj: {self.mmproj} is not a GGUF projector: {exc}") from None
+            self._base_load["mmproj"] = str(self.mmproj)
         self.worker = WorkerProcess(model_id, WORKER_MODULE, dict(self._base_load),
                                     load_timeout_s=self.policy.load_timeout_s)
         self.scheduler = scheduler
@@ -115,7 +161,8 @@ class LlamaCppBackend(Backend):
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(id=self.model_id, owned_by="local", created=self._created,
-                          meta={"context_length": self.n_ctx, "architecture": self.info.architecture})]
+                          meta={"context_length": self.n_ctx, "architecture": self.info.architecture,
+                                **({"vision": True} if self.mmproj is not None else {})})]
 
     def identity(self, model: str) -> str:
         # A replaced or re-downloaded file is another model, even under the same id.
@@ -138,7 +185,8 @@ class LlamaCppBackend(Backend):
             # llama-cpp-python computes in micro-batches of at most 512 tokens.
             est = self._estimates[parallel] = estimate(self.shape, self.n_ctx,
                                                        n_ubatch=min(self.settings.n_batch, 512), parallel=parallel,
-                                                       repack=cpu_repacks_weights())
+                                                       repack=cpu_repacks_weights(),
+                                                       projector_bytes=self._projector_bytes)
         return est
 
     async def load(self, placement: Placement, *, parallel: int, warm_up: bool) -> None:
@@ -168,8 +216,10 @@ class LlamaCppBackend(Backend):
                 "n_threads": self.n_threads, **self.scheduler.status(self.model_id)}
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
-        op: dict[str, Any] = {"op": "chat", "messages": flatten_messages(request.messages),
-                              "params": request.params.as_dict()}
+        messages, images = flatten_messages(request.messages, vision=self.mmproj is not None)
+        op: dict[str, Any] = {"op": "chat", "messages": messages, "params": request.params.as_dict()}
+        if images:
+            op["images"] = images
         if request.raw:
             op["raw"] = True  # a completions request: its fields were checked by its schema
         else:
@@ -194,7 +244,8 @@ class LlamaCppBackend(Backend):
 
     async def count_tokens(self, request: ChatRequest, model: str) -> int:
         check_local(request.body)
-        op = {"op": "count", "messages": flatten_messages(request.messages), "params": request.params.as_dict()}
+        messages, images = flatten_messages(request.messages, vision=self.mmproj is not None)
+        op = {"op": "count", "messages": messages, "params": request.params.as_dict(), "images": images}
         async with self.scheduler.use(self.model_id):  # the template and the vocabulary are the worker's
             async for frame in self.worker.request(op):
                 if frame["t"] == "error":

@@ -168,6 +168,13 @@ class Engine:
             bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
             stop_token_ids=[eos_id] if eos_id != -1 else None,
         )
+        # One projector for every slot (it takes one image encoding at a time).
+        self.vision = None
+        if load.get("mmproj"):
+            from anyad.backends.llama_cpp.vision import Vision
+
+            self.vision = Vision(self.llm, load["mmproj"], n_threads=load["n_threads"],
+                                 use_gpu=bool(load.get("n_gpu_layers")))
         self.warm_up_s = 0.0
         if load.get("warm_up"):
             self._warm_up()
@@ -328,8 +335,24 @@ class Engine:
         fmt = self._render(messages, params, offered, forced)
         return len(llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True))
 
+    def _image_prompt(self, llm: Any, text: str, images: list[str], add_special: bool) -> list[int]:
+        """A rendered prompt with its images evaluated into ``llm``'s context (the returned
+        tokens match it there: create_completion reads nothing again)."""
+        import base64
+
+        from anyad.backends.llama_cpp.vision import ImageError
+
+        if self.vision is None:
+            raise RequestError("invalid_request", "this model has no vision projector (mmproj)", "messages")
+        try:
+            return self.vision.eval_prompt(llm, text, [base64.b64decode(i) for i in images], add_special).tokens
+        except ImageError as exc:
+            # The daemon knows two request errors: a prompt too long for the context, and the rest.
+            code = exc.code if exc.code == "context_length_exceeded" else "invalid_request"
+            raise RequestError(code, exc.message, exc.param) from None
+
     def chat(self, llm: Any, rid: int, messages: list[dict[str, Any]], params: dict[str, Any], cancelled: set[int],
-             out: Output, raw: bool = False) -> None:
+             out: Output, raw: bool = False, images: list[str] | None = None) -> None:
         """A reply for each prompt (one from a chat, or each of a completions request's), each
         of ``n`` choices, streamed as frames; choice i*n+j is prompt i's j-th."""
         stop = list(params.get("stop") or [])
@@ -348,7 +371,8 @@ class Engine:
             fmt = self._render(messages, params, offered, forced)
             # A template may open the thinking block itself (DeepSeek-R1's), even with thinking off.
             in_reasoning = opens_reasoning(self.family, fmt.prompt)
-            prompts = [llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)]
+            prompts = [self._image_prompt(llm, fmt.prompt, images, not fmt.added_special) if images else
+                       llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)]
             if fmt.stop:
                 stop += [fmt.stop] if isinstance(fmt.stop, str) else list(fmt.stop)
             criteria = fmt.stopping_criteria
@@ -511,7 +535,8 @@ def _serve(engine: Engine, llm: Any, ops: "queue.Queue[dict[str, Any]]", cancell
                 vectors, tokens = engine.embed(op["input"])
                 out.write({"t": "end", "id": rid, "embeddings": vectors, "usage": {"prompt_tokens": tokens}})
             elif rid not in cancelled:
-                engine.chat(llm, rid, op["messages"], op.get("params") or {}, cancelled, out, bool(op.get("raw")))
+                engine.chat(llm, rid, op["messages"], op.get("params") or {}, cancelled, out, bool(op.get("raw")),
+                            op.get("images"))
             else:
                 out.write({"t": "end", "id": rid, "finish_reason": "cancelled", "usage": None})
         except RequestError as exc:
