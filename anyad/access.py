@@ -160,7 +160,8 @@ class BrowserGuard:
             # or <link> still says where it came from.
             if request.headers.get("Sec-Fetch-Site") == "cross-site" \
                     and request.headers.get("Sec-Fetch-Mode") not in (None, "navigate"):
-                raise errors.Forbidden("cross-site requests are refused", code="origin_not_allowed", headers=dict(CLOSE))
+                raise errors.Forbidden("cross-site requests are refused", code="origin_not_allowed",
+                                       headers=dict(CLOSE))
             return
         if not self.origin_allowed(origin, request, server):
             raise errors.Forbidden(f"the origin {origin[:100]!r} is not in server.allowed_origins",

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-
 from anyad.config import AuditSettings
 from anyad.jsoncodec import dumps
 from anyad.store import AUDIT_COLUMNS, DB_NAME, AuditRow, Store, connect

@@ -21,16 +21,16 @@ from typing import Callable, Protocol
 
 from aiohttp import web
 
+from anyad.access import admit, identity
 from anyad.cache import Decision, Replayed, replay
 from anyad.config import ServerSettings
 from anyad.daemon import Daemon
 from anyad.encoders import Reply
-from anyad.access import admit, identity
 from anyad.errors import AnyadError, BackendError, Forbidden, InvalidRequest
+from anyad.modelops import check_keep_alive
 from anyad.plugin_manager import ExchangeRecord
 from anyad.router import Opened, Target, fallback_header
 from anyad.server import BACKEND, CONTENT, MODEL, REQUEST_ID, USAGE
-from anyad.modelops import check_keep_alive
 from anyad.store import CONVERSATION_ID, Exchange, Store
 from anyad.stream import ChatRequest, Chunk, ChunkStream, content_text
 

@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import math
 import os
-from datetime import datetime
 import re
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from anyad.errors import ConfigError
 
@@ -418,11 +426,16 @@ def parse_settings(data: dict[str, Any], source: Path | None = None) -> Settings
     settings.source = source
     base = source.parent if source else Path.cwd()
     for m in settings.models.values():
-        m.path = (base / m.path.expanduser()).resolve() if not m.path.expanduser().is_absolute() else m.path.expanduser()
+        m.path = _beside(base, m.path)
         if m.mmproj is not None:
-            m.mmproj = (base / m.mmproj.expanduser()).resolve() if not m.mmproj.expanduser().is_absolute() \
-                else m.mmproj.expanduser()
+            m.mmproj = _beside(base, m.mmproj)
     return settings
+
+
+def _beside(base: Path, path: Path) -> Path:
+    """A path from the config: relative ones are relative to the config file's folder."""
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
 
 
 def load_settings(explicit: str | os.PathLike[str] | None = None, *, host: str | None = None,

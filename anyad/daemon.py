@@ -10,16 +10,16 @@ from collections import Counter
 from typing import Any, Callable
 
 from anyad.access import check_bind
-from anyad.keys import KeyRing
-from anyad.quotas import Quotas
 from anyad.audit import AuditLog
 from anyad.backend import Backend, backend_class
 from anyad.cache import ResponseCache
 from anyad.config import ServerSettings, Settings
 from anyad.errors import ConfigError
+from anyad.keys import KeyRing
 from anyad.limits import RateLimiter
 from anyad.metrics import Metrics
 from anyad.plugin_manager import Plugins
+from anyad.quotas import Quotas
 from anyad.resources import DeviceProbe
 from anyad.router import Router
 from anyad.scheduler import Scheduler
@@ -32,8 +32,8 @@ RETENTION_INTERVAL_S = 3600.0
 # What a reload (SIGHUP) changes; any other difference in the new config needs a restart.
 RETIRE_AFTER_S = 600.0  # a reload closes replaced providers at the latest this long after
 RELOADABLE = ("providers", "routes", "router", "keys")
-RELOADABLE_SERVER = ("api_keys", "allowed_origins", "allowed_hosts", "rate_limit_per_minute", "max_messages", "max_prompt_chars",
-                     "log_level", "shutdown_grace_s", "allow_empty_reload")
+RELOADABLE_SERVER = ("api_keys", "allowed_origins", "allowed_hosts", "rate_limit_per_minute", "max_messages",
+                     "max_prompt_chars", "log_level", "shutdown_grace_s", "allow_empty_reload")
 
 
 def emptied(old: Settings, new: Settings) -> str | None:

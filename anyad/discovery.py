@@ -190,7 +190,8 @@ def from_ollama() -> Iterator[Found]:
             continue
         info = _inspect(blob, "ollama")
         if info is not None:
-            yield Found(name, blob, "ollama", info, projector if projector is not None and projector.is_file() else None)
+            paired = projector if projector is not None and projector.is_file() else None
+            yield Found(name, blob, "ollama", info, paired)
 
 
 def discover(settings: DiscoverySettings, taken: set[str] = frozenset()) -> list[Found]:

@@ -11,7 +11,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from anyad.jsoncodec import dumpb
-
 from anyad.stream import Chunk, Usage
 
 if TYPE_CHECKING:
@@ -157,7 +156,8 @@ class Reply:
             cur["function"]["name"] += fn.get("name") or ""
             cur["function"]["arguments"] += fn.get("arguments") or ""
         for k, v in (chunk.extra or {}).items():
-            self.extra[k] = self.extra.get(k, "") + v if isinstance(v, str) and isinstance(self.extra.get(k, ""), str) else v
+            before = self.extra.get(k, "")
+            self.extra[k] = before + v if isinstance(v, str) and isinstance(before, str) else v
         if chunk.logprobs:
             if self.logprobs is None:
                 self.logprobs = {"content": [], "refusal": None}

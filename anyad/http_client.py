@@ -13,12 +13,19 @@ from yarl import URL
 
 from anyad import __version__, secrets
 from anyad.backend import Backend, ModelInfo
+from anyad.config import ProviderSettings
+from anyad.errors import (
+    AnyadError,
+    BackendError,
+    ConfigError,
+    ConnectionRefused,
+    NetworkError,
+    Timeout,
+    Unavailable,
+    UpstreamError,
+)
 from anyad.jsoncodec import dumpb, loads
 from anyad.offline import refused
-
-from anyad.config import ProviderSettings
-from anyad.errors import (AnyadError, BackendError, ConfigError, ConnectionRefused, NetworkError, Timeout, Unavailable,
-                          UpstreamError)
 
 log = logging.getLogger("anyad.remote")
 JSON_HEADERS = {"Content-Type": "application/json"}

@@ -121,9 +121,10 @@ class GuardedConnection(asyncio.Protocol):
     """One client connection: aiohttp's protocol inside, deadlines around it.
 
     The head deadline runs from the connection's opening, and again from the first byte of
-    each later request's head, until aiohttp has parsed a complete head. The body deadline restarts with every piece of a body that arrives. It
-    reads a few of aiohttp's RequestHandler attributes (the count of parsed heads, its wait
-    for the next request, the request in progress), since aiohttp offers no hook for them.
+    each later request's head, until aiohttp has parsed a complete head. The body deadline
+    restarts with every piece of a body that arrives. It reads a few of aiohttp's
+    RequestHandler attributes (the count of parsed heads, its wait for the next request, the
+    request in progress), since aiohttp offers no hook for them.
     """
 
     def __init__(self, make: Callable[[], RequestHandler], limits: Limits) -> None:

@@ -9,6 +9,7 @@ this module only says what fits now, or why nothing does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from anyad.config import GpuSetting
 from anyad.errors import Unavailable
 from anyad.memory import Estimate

@@ -24,8 +24,18 @@ from typing import Awaitable, Callable, TypeVar
 from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.breaker import Breaker
 from anyad.config import RouterSettings, RouteSettings, RouteTarget
-from anyad.errors import (AnyadError, BackendError, ConfigError, ConnectionRefused, ModelNotFound, NetworkError,
-                          QueueFull, Timeout, Unavailable, UpstreamError)
+from anyad.errors import (
+    AnyadError,
+    BackendError,
+    ConfigError,
+    ConnectionRefused,
+    ModelNotFound,
+    NetworkError,
+    QueueFull,
+    Timeout,
+    Unavailable,
+    UpstreamError,
+)
 from anyad.offline import Connectivity
 from anyad.stream import ChatRequest, Chunk, ChunkStream
 

@@ -16,7 +16,6 @@ from anyad.config import KeepAlive
 from anyad.errors import InvalidRequest
 from anyad.stream import ChatRequest, SamplingParams
 
-
 M = TypeVar("M", bound=BaseModel)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from anyad.tables import size as _size
 from anyad.tables import table
 
+
 def _duration(s: float | None) -> str:
     if s is None:
         return "-"

@@ -47,7 +47,8 @@ def report(path: Path, *, key: str | None = None, model: str | None = None, star
     try:
         rows = conn.execute(
             f"SELECT {group} AS g, count(*), sum(prompt_tokens), sum(completion_tokens), "
-            "sum(CASE WHEN status >= 400 THEN 1 ELSE 0 END), sum(CASE WHEN cache IN ('hit', 'stale') THEN 1 ELSE 0 END), "
+            "sum(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
+            "sum(CASE WHEN cache IN ('hit', 'stale') THEN 1 ELSE 0 END), "
             f"sum(cost) FROM usage {where} GROUP BY g ORDER BY g", args).fetchall()
     except sqlite3.OperationalError:  # a database from before usage was recorded
         return []

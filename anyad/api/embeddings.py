@@ -8,10 +8,10 @@ from array import array
 
 from aiohttp import web
 
+from anyad import embedflow
 from anyad.jsoncodec import dumps
 from anyad.router import fallback_header
 from anyad.schemas import EmbeddingsRequest, validate
-from anyad import embedflow
 from anyad.server import REQUEST_ID, read_json
 
 

@@ -23,8 +23,8 @@ import traceback
 from typing import IO, Any
 
 from anyad import protocol
-from anyad.errors import InvalidRequest
 from anyad.backends.llama_cpp.logprobs import TokenLogprobs, piece_reader
+from anyad.errors import InvalidRequest
 from anyad.toolcalls import Event, Family, ReplyParser, family_of, forced_call_grammar, opens_reasoning
 
 # ChatML, for a model file that carries no chat template of its own.
