@@ -209,10 +209,9 @@ def gateway_app(daemon: Daemon, bind_host: Callable[[], str], render: ErrorBody 
 
 
 def build_app(daemon: Daemon) -> web.Application:
-    from anyad.api import register_routes
-    from anyad.messages_api import anthropic_error_body
+    from anyad.api import register_routes, v1_error_bodies
 
-    app = gateway_app(daemon, lambda: daemon.settings.server.host, by_path=(("/v1/messages", anthropic_error_body),))
+    app = gateway_app(daemon, lambda: daemon.settings.server.host, by_path=v1_error_bodies())
 
     async def on_startup(app: web.Application) -> None:
         await daemon.start()

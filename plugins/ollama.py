@@ -419,7 +419,10 @@ def ollama_error_body(exc: errors.AnyadError) -> dict[str, str]:
 def build_app(daemon: Any, host: str = "127.0.0.1") -> web.Application:
     """The Ollama door on the gateway layer every door shares (keys, Host and Origin,
     rate limits, accounting); ``host``: where it listens."""
-    app = gateway_app(daemon, lambda: host, ollama_error_body)
+    from anyad.api import register_v1_routes, v1_error_bodies
+
+    app = gateway_app(daemon, lambda: host, ollama_error_body, by_path=v1_error_bodies())
+    register_v1_routes(app)
     r = app.router
     r.add_get("/", root)
     r.add_get("/api/version", version)

@@ -28,6 +28,9 @@ DOORS = {
     "ollama generate": ("ollama", "/api/generate", lambda m: {"model": m, "prompt": "hi", "stream": False,
                                                               "options": {"num_predict": 2}}),
     "ollama embed": ("ollama", "/api/embed", lambda m: {"model": m, "input": "hi"}),
+    # Many tools are set up with the Ollama address and OpenAI's or Anthropic's paths.
+    "ollama's /v1 chat": ("ollama", "/v1/chat/completions", lambda m: {"model": m, "messages": HI, "max_tokens": 2}),
+    "ollama's /v1 messages": ("ollama", "/v1/messages", lambda m: {"model": m, "messages": HI, "max_tokens": 2}),
 }
 
 
@@ -95,3 +98,19 @@ async def test_every_door_counts_usage_and_keeps_to_the_quota(doors):
     assert await doors.call("chat", BOB) == 200
     refused = {door: await doors.call(door, BOB) for door in DOORS}
     assert set(refused.values()) == {429}, refused
+
+
+async def test_the_ollama_listener_answers_v1_in_the_v1_shapes(doors):
+    import openai
+
+    host, port = ollama_plugin.address(doors.daemon)
+    sdk = openai.AsyncOpenAI(base_url=f"http://{host}:{port}/v1", api_key=ALICE, max_retries=0)
+    r = await sdk.chat.completions.create(model=MODEL_ID, messages=HI, max_tokens=2)
+    assert r.usage.completion_tokens == 2
+    assert MODEL_ID in [m.id for m in (await sdk.models.list()).data]
+    await sdk.close()
+    root = openai.AsyncOpenAI(base_url=f"http://{host}:{port}/v1", api_key=ROOT, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        await root.chat.completions.create(model="nope", messages=HI, max_tokens=2)
+    assert e.value.code == "model_not_found"  # OpenAI's error shape, not Ollama's
+    await root.close()
