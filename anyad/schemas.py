@@ -123,11 +123,10 @@ def stop_limit(v: str | list[str] | None) -> str | list[str] | None:
     return v
 
 
-class ChatCompletionRequest(_Open):
+class _Sampling(_Open):
+    """The fields both OpenAI generation requests (chat and completions) share."""
+
     model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0)
@@ -140,8 +139,27 @@ class ChatCompletionRequest(_Open):
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
+    # Ollama's: how long a local model stays loaded after this request ("5m", 0, -1).
+    keep_alive: KeepAlive | None = None
+
+    _biases = field_validator("logit_bias")(lambda cls, v: token_biases(v))
+    _stops = field_validator("stop")(lambda cls, v: stop_limit(v))
+
+    def sampling(self, **more: Any) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=[s for s in stop if s],
+            logit_bias=self.logit_bias, n=self.n if self.n and self.n > 1 else None, **more)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
@@ -151,11 +169,6 @@ class ChatCompletionRequest(_Open):
     # llama.cpp server's field: "none" keeps the reasoning inline in the content,
     # "auto"/"deepseek" give it apart as reasoning_content (the default).
     reasoning_format: Literal["auto", "deepseek", "none"] | None = None
-    # Ollama's: how long a local model stays loaded after this request ("5m", 0, -1).
-    keep_alive: KeepAlive | None = None
-
-    _biases = field_validator("logit_bias")(lambda cls, v: token_biases(v))
-    _stops = field_validator("stop")(lambda cls, v: stop_limit(v))
 
     @model_validator(mode="after")
     def _tool_choice_names_a_tool(self) -> "ChatCompletionRequest":
@@ -182,15 +195,9 @@ class ChatCompletionRequest(_Open):
                 and not self.response_format.json_schema:
             raise InvalidRequest("response_format of type json_schema needs a json_schema object",
                                  param="response_format.json_schema")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         rf = self.response_format
-        params = SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=[s for s in stop if s],
-            logit_bias=self.logit_bias,
-            logprobs=self._logprobs(), n=self.n if self.n and self.n > 1 else None,
+        params = self.sampling(
+            max_tokens=self.max_completion_tokens or self.max_tokens, logprobs=self._logprobs(),
             response_format=None if rf is None or rf.type == "text" else rf.model_dump(exclude_none=True),
             tools=[t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None,
             tool_choice=self.tool_choice.model_dump(exclude_none=True)
@@ -304,34 +311,16 @@ def parse_chat_request(data: Any) -> ChatRequest:
 MAX_PROMPTS = 16
 
 
-class CompletionRequest(_Open):
+class CompletionRequest(_Sampling):
     """OpenAI's (legacy) completions: a raw prompt continued, no chat template."""
 
-    model: str = Field(min_length=1)
     prompt: str | list[str]
     suffix: str | None = None
     # OpenAI's default: a completion without max_tokens is 16 tokens, not the whole context.
     max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repeat_penalty: float | None = Field(None, ge=0)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    logit_bias: dict[str, float] | None = None
-    keep_alive: KeepAlive | None = None
-
-    _biases = field_validator("logit_bias")(lambda cls, v: token_biases(v))
-    _stops = field_validator("stop")(lambda cls, v: stop_limit(v))
 
     @field_validator("prompt")
     @classmethod
@@ -355,12 +344,7 @@ class CompletionRequest(_Open):
         prompts = self.prompts()
         if self.suffix is not None and len(prompts) > 1:
             raise InvalidRequest("suffix goes with one prompt", param="suffix")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        params = SamplingParams(
-            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=[s for s in stop if s],
-            logit_bias=self.logit_bias, logprobs=self.logprobs, n=n if n > 1 else None, suffix=self.suffix)
+        params = self.sampling(max_tokens=self.max_tokens, logprobs=self.logprobs, suffix=self.suffix)
         if "keep_alive" in body:
             body = {k: v for k, v in body.items() if k != "keep_alive"}
         return ChatRequest(model=self.model, keep_alive=self.keep_alive, raw=True,

@@ -132,6 +132,16 @@ async def client(make_client, settings):
     return c
 
 
+@pytest.fixture
+async def sdk(client):
+    """The official openai client on ``client``'s daemon."""
+    import openai
+
+    c = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="not-needed", max_retries=0)
+    yield c
+    await c.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,13 +11,6 @@ from anyad.config import parse_settings
 MSGS = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture
-async def sdk(client):
-    c = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="not-needed", max_retries=0)
-    yield c
-    await c.close()
-
-
 async def test_local_choices_non_stream(sdk):
     one = await sdk.chat.completions.create(model=MODEL_ID, messages=MSGS, max_tokens=6, temperature=1.5, seed=7)
     r = await sdk.chat.completions.create(model=MODEL_ID, messages=MSGS, max_tokens=6, temperature=1.5, seed=7,

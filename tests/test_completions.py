@@ -12,13 +12,6 @@ from anyad.config import parse_settings
 import ggufmaker
 
 
-@pytest.fixture
-async def sdk(client):
-    c = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="not-needed", max_retries=0)
-    yield c
-    await c.close()
-
-
 async def test_a_raw_prompt_is_continued_stream_and_not(sdk):
     r = await sdk.completions.create(model=MODEL_ID, prompt="Once upon", max_tokens=5, temperature=0)
     assert r.object == "text_completion"

@@ -12,13 +12,6 @@ from conftest import MODEL_ID
 MSGS = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture
-async def sdk(client):
-    c = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="not-needed", max_retries=0)
-    yield c
-    await c.close()
-
-
 def check_entries(entries, content: str, top: int) -> None:
     # The tokens' bytes are the reply, whole and in order.
     assert b"".join(bytes(e.bytes) for e in entries).decode() == content

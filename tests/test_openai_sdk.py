@@ -10,13 +10,6 @@ from conftest import MODEL_ID
 MSGS = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture
-async def sdk(client):
-    c = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="not-needed", max_retries=0)
-    yield c
-    await c.close()
-
-
 async def test_sdk_non_stream(sdk):
     r = await sdk.chat.completions.create(model=MODEL_ID, messages=MSGS, max_tokens=6, temperature=0, seed=1)
     assert r.object == "chat.completion"
