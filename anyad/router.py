@@ -18,6 +18,7 @@ import hashlib
 import logging
 import random
 import re
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
@@ -131,6 +132,8 @@ class Router:
         self.connectivity = Connectivity({name: b.probe_address() for name, b in providers.items()},
                                          self.settings.offline_probe_interval_s)
         self.breakers: dict[str, Breaker] = {}
+        # The breakers' clock (seconds, monotonic); tests set their own to pass cooldowns.
+        self.clock: Callable[[], float] = time.monotonic
         # Called as on_skip(target, reason) for each target passed over (the metrics listen);
         # reason is one word: offline, circuit_open, timeout, network, busy, unavailable, error.
         self.on_skip: Callable[[str, str], None] | None = None
@@ -179,7 +182,8 @@ class Router:
     def breaker(self, target: Target) -> Breaker:
         b = self.breakers.get(target.name)
         if b is None:
-            b = self.breakers[target.name] = Breaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s)
+            b = self.breakers[target.name] = Breaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s,
+                                                     clock=lambda: self.clock())
         return b
 
     def _backoff(self, attempt: int, exc: AnyadError) -> float | None:

@@ -194,6 +194,8 @@ async def test_circuit_breaker_opens_probes_and_closes(make_client, tiny_model, 
     c = await make_client(gateway_settings(tiny_model, {"up": {"base_url": url}},
                                            [{"name": "chat", "targets": ["up/big", MODEL_ID]}],
                                            breaker_failures=2, breaker_cooldown_s=0.5))
+    now = [1000.0]
+    c.daemon.router.clock = lambda: now[0]  # time passes only when the test says so
     for _ in range(2):
         r = await post(c, "chat", max_tokens=2)
         assert r.headers["X-Anyad-Backend"] == MODEL_ID
@@ -205,7 +207,7 @@ async def test_circuit_breaker_opens_probes_and_closes(make_client, tiny_model, 
     assert len(fake.requests) == 2
     # After the cooldown one probe goes through; the provider has recovered.
     fake.mode = "ok"
-    await asyncio.sleep(0.6)
+    now[0] += 0.6
     r = await post(c, "chat")
     assert r.headers["X-Anyad-Backend"] == "up/big"
     status = await (await c.get("/api/status")).json()
@@ -217,8 +219,10 @@ async def test_half_open_probe_failure_reopens(make_client, tiny_model, start_fa
     c = await make_client(gateway_settings(tiny_model, {"up": {"base_url": url}},
                                            [{"name": "chat", "targets": ["up/big", MODEL_ID]}],
                                            breaker_failures=1, breaker_cooldown_s=0.3))
+    now = [1000.0]
+    c.daemon.router.clock = lambda: now[0]
     await post(c, "chat", max_tokens=1)
-    await asyncio.sleep(0.35)
+    now[0] += 0.35
     r = await post(c, "chat", max_tokens=1)  # the probe, which fails
     assert r.headers["X-Anyad-Fallback"].startswith("up/big: 500")
     status = await (await c.get("/api/status")).json()
