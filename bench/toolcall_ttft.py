@@ -174,6 +174,13 @@ def cell(xs: list[float], scale: float = 1.0, digits: int = 0) -> str:
             f"{q(xs, 0.75) * scale:.{digits}f})")
 
 
+def paired(a: list[Sample], b: list[Sample], f) -> str:
+    """a/b per repetition (the two ran next to each other, under the same load), as a median
+    and p25-p75 in percent: steadier than a ratio of medians on a machine whose load drifts."""
+    r = [f(x) / f(y) * 100 for x, y in zip(a, b) if f(y)]
+    return cell(r, 1, 1) + " %" if r else "–"
+
+
 def find_llama_server() -> Path | None:
     hits = sorted(glob.glob("/tmp/llama-server/llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-server"))
     return Path(hits[-1]) if hits else None
@@ -276,6 +283,9 @@ async def main() -> None:
                 await c.session.close()
             c.close()
     load1 = os.getloadavg()
+    if args.json:
+        args.json.write_text(json.dumps({k: {n: [dataclasses.asdict(s) for s in v] for n, v in d.items()}
+                                         for k, d in samples.items()}, indent=1))
 
     def col(kind: str, name: str, f) -> list[float]:
         return [f(s) for s in samples[kind][name]]
@@ -298,11 +308,14 @@ async def main() -> None:
                   f"{cell(col('auto', name, lambda s: s.first_token), 1000)} | {cell(eng, 1000) if eng else '–'} |")
         med = {n: statistics.median(col("auto", n, lambda s: s.first_token)) for n in samples["auto"]}
         a = med.get("anyad | tools auto")
+        print()
         for c in contenders[1:]:
             b = med.get(f"{c.name} | tools auto")
             if a and b:
-                print(f"\nanyad vs {c.name}, first token with tools: {(a / b - 1) * 100:+.1f} % "
-                      f"({(a - b) * 1000:+.0f} ms)")
+                pr = paired(samples["auto"]["anyad | tools auto"], samples["auto"][f"{c.name} | tools auto"],
+                            lambda s: s.first_token)
+                print(f"anyad vs {c.name}, first token with tools: {(a / b - 1) * 100:+.1f} % "
+                      f"({(a - b) * 1000:+.0f} ms); anyad's as a share of {c.name}'s, paired by repetition: {pr}")
         for c in contenders:
             t, n = med.get(f"{c.name} | tools auto"), med.get(f"{c.name} | no tools")
             if t and n:
@@ -324,20 +337,18 @@ async def main() -> None:
     if "decode" in samples:
         print(f"\n(c) decode, max_tokens {args.decode_tokens}\n")
         print("| server | request | prompt tokens | reply tokens | decode tok/s | vs same prompt without tools "
-              "| engine tok/s |")
+              "(ratio of medians; paired by repetition) | engine tok/s |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for name in sorted(samples["decode"]):
             tps = statistics.median(col("decode", name, lambda s: s.decode_tps))
             ref = samples["decode"].get(name.split(" | ")[0] + " | no tools, same prompt")
             ratio = tps / statistics.median(s.decode_tps for s in ref) * 100 if ref else float("nan")
+            pr = paired(samples["decode"][name], ref, lambda s: s.decode_tps) if ref else "–"
             eng = [s.engine["predicted_per_second"] for s in samples["decode"][name] if s.engine]
             print(f"| {name} | {samples['decode'][name][0].prompt_tokens} | "
                   f"{cell(col('decode', name, lambda s: s.tokens))} | "
-                  f"{cell(col('decode', name, lambda s: s.decode_tps), 1, 2)} | {ratio:.1f} % | "
+                  f"{cell(col('decode', name, lambda s: s.decode_tps), 1, 2)} | {ratio:.1f} %; {pr} | "
                   f"{cell(eng, 1, 2) if eng else '–'} |")
-    if args.json:
-        args.json.write_text(json.dumps({k: {n: [dataclasses.asdict(s) for s in v] for n, v in d.items()}
-                                         for k, d in samples.items()}, indent=1))
 
 
 if __name__ == "__main__":
