@@ -15,20 +15,18 @@ import ipaddress
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from anyad import errors
 from anyad.config import ServerSettings
 from anyad.keys import ANONYMOUS, Identity, KeyRing
+from anyad.request_context import IDENT, OPEN_PATHS, WHO, identity
 
 if TYPE_CHECKING:
     from anyad.quotas import Quotas
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = frozenset({"/health", "/ready"})
 # The dashboard's page and files: no data in them, and a browser cannot send a key for them.
 DASHBOARD_PATHS = frozenset({"/", "/ui/app.js", "/ui/style.css"})
-WHO = web.RequestKey("who", str) if hasattr(web, "RequestKey") else "who"
-IDENT = web.RequestKey("identity", Identity) if hasattr(web, "RequestKey") else "identity"
 EXPOSED = "X-Request-Id, X-Anyad-Backend, X-Anyad-Cache, X-Anyad-Conversation-Id, X-Anyad-Fallback, Retry-After"
 
 
@@ -50,12 +48,13 @@ def check_bind(server: ServerSettings, named_keys: bool = False) -> None:
             "`anyad secrets set anyad-client`) or listen on 127.0.0.1")
 
 
-# What only admin keys may use: the machine's details and the daemon's controls.
-ADMIN_PATHS = ("/api/status", "/metrics", "/api/models/", "/api/reload", "/api/audit")
+# What only admin keys may use: the machine's details and the daemon's controls (the
+# Ollama door's model store among them: pull, delete, copy, create and blob uploads).
+ADMIN_PATHS = ("/api/status", "/metrics", "/api/models/", "/api/reload", "/api/audit",
+               "/api/pull", "/api/delete", "/api/copy", "/api/create", "/api/blobs/")
 
 
-def auth_middleware(current: Callable[[], KeyRing | None]) -> Callable[[web.Request, Handler],
-                                                                       Awaitable[web.StreamResponse]]:
+def auth_middleware(current: Callable[[], KeyRing | None]) -> Middleware:
     """``current()``: the keys in force now (a reload may change them)."""
 
     @web.middleware
@@ -89,11 +88,6 @@ def auth_middleware(current: Callable[[], KeyRing | None]) -> Callable[[web.Requ
     return middleware
 
 
-def identity(request: web.Request) -> Identity:
-    """The request's key (``ANONYMOUS`` where no keys are in force)."""
-    return request.get(IDENT) or ANONYMOUS
-
-
 def admit(request: web.Request, model: str, quotas: "Quotas | None" = None) -> Identity:
     """The request's key, if it may use ``model`` (else 403 ``model_not_allowed``) and,
     when ``quotas`` is given (work is about to be done), is within them (else 429)."""
@@ -103,11 +97,6 @@ def admit(request: web.Request, model: str, quotas: "Quotas | None" = None) -> I
     if quotas is not None:
         quotas.check(ident)
     return ident
-
-
-def actor(request: web.Request) -> str:
-    """Who made a request, for the audit log: its key's reference, else its address."""
-    return request.get(WHO) or "addr:" + (request.remote or "?")
 
 
 def host_name(host_header: str) -> str:
@@ -179,7 +168,7 @@ class BrowserGuard:
         return host is not None and origin.lower() in (f"http://{host.lower()}", f"https://{host.lower()}")
 
 
-def guard_middleware(guard: BrowserGuard) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def guard_middleware(guard: BrowserGuard) -> Middleware:
     """Refuses what ``guard`` refuses, then answers CORS preflights from allowed origins."""
 
     @web.middleware

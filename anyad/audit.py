@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import getpass
 import logging
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from anyad.config import AuditSettings
 from anyad.jsoncodec import dumps
-from anyad.store import AUDIT_COLUMNS, DB_NAME, AuditRow, Store, connect
+from anyad.store import AUDIT_COLUMNS, DB_NAME, AuditRow, Store, connect, read_only
 
 log = logging.getLogger("anyad.audit")
 
@@ -76,8 +75,7 @@ def record_offline(data_dir: Path, actor: str, action: str, target: str | None =
 
 def read(path: Path, *, limit: int = 50, action: str | None = None) -> Iterator[dict[str, Any]]:
     """The newest rows first."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    conn.row_factory = sqlite3.Row
+    conn = read_only(path, timeout=10, rows=True)
     try:
         where, args = ("WHERE action = ?", [action]) if action else ("", [])
         for row in conn.execute(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?", [*args, limit]):

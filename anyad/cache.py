@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -28,7 +28,7 @@ from anyad.config import CacheSettings
 from anyad.jsoncodec import dumpb, dumps, loads
 from anyad.router import Target
 from anyad.store import Store
-from anyad.stream import ChatRequest, Chunk, Usage
+from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
 
 # Fields that change how a reply is delivered, not what it says.
 DELIVERY_FIELDS = frozenset({"stream", "stream_options", "keep_alive", "user"})
@@ -69,14 +69,14 @@ class Replayed:
 
     name: str
     first: Chunk
-    rest: AsyncIterator[Chunk]
+    rest: ChunkStream
     skipped: list[str] = field(default_factory=list)
 
     def failed(self, exc: Exception) -> None:  # a replay has no breaker to tell
         pass
 
 
-async def _chunks(chunks: list[Chunk]) -> AsyncIterator[Chunk]:
+async def _chunks(chunks: list[Chunk]) -> ChunkStream:
     for c in chunks:
         yield c
 

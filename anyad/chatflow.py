@@ -21,16 +21,16 @@ from typing import Callable, Protocol
 
 from aiohttp import web
 
-from anyad.access import admit, identity
+from anyad.access import admit
 from anyad.cache import Decision, Replayed, replay
 from anyad.config import ServerSettings
 from anyad.daemon import Daemon
 from anyad.encoders import Reply
 from anyad.errors import AnyadError, BackendError, Forbidden, InvalidRequest
+from anyad.hookspecs import ExchangeRecord
 from anyad.modelops import check_keep_alive
-from anyad.plugin_manager import ExchangeRecord
+from anyad.request_context import BACKEND, CONTENT, MODEL, REQUEST_ID, USAGE, identity
 from anyad.router import Opened, Target, fallback_header
-from anyad.server import BACKEND, CONTENT, MODEL, REQUEST_ID, USAGE
 from anyad.store import CONVERSATION_ID, Exchange, Store
 from anyad.stream import ChatRequest, Chunk, ChunkStream, content_text
 
@@ -318,13 +318,14 @@ class ChatFlow:
                 daemon.quotas.add(identity(self.request), usage.total_tokens)
         if daemon.audit is not None and daemon.audit.settings.include_content:
             self.request[CONTENT] = {"messages": chat.messages, "reply": reply.message()}
-        decision = self.decision
-        if decision is not None and decision.store and cached in ("miss", "bypass") \
+        decision, cache = self.decision, daemon.cache  # a decision is made only with a cache
+        if decision is not None and cache is not None and decision.store and cached in ("miss", "bypass") \
                 and outcome not in ("cancelled", "error"):
-            daemon.cache.put(decision.key, chat.model, opened.name, reply.message(), outcome, usage)
+            cache.put(decision.key, chat.model, opened.name, reply.message(), outcome, usage)
         latency_ms = (time.monotonic() - self.t0) * 1000
         history = daemon.history
-        if history is not None:
+        # The conversation was chosen in open() when the history was on (a reload may turn it on since).
+        if history is not None and self.conversation_id is not None:
             history.record(Exchange(
                 conversation_id=self.conversation_id, request_id=self.request[REQUEST_ID], model=chat.model,
                 backend=opened.name, stream=chat.stream, cache=cached, messages=chat.messages,

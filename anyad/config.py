@@ -168,6 +168,9 @@ class ModelSettings(_Strict):
     n_ctx: int | None = Field(None, ge=16)
     n_threads: int | None = Field(None, ge=1)
     n_batch: int = Field(512, ge=1)
+    # llama.cpp's weight repacking for the CPU's matrix units (its --no-repack is "off");
+    # "auto": on, except on CPUs with AMX, whose repacked kernels crash this llama.cpp.
+    repack: Literal["auto", "on", "off"] = "auto"
     # How the model writes tool calls; "auto": recognised from its chat template.
     tool_format: Literal["auto", "hermes", "llama3", "mistral", "generic", "none"] = "auto"
     # Thinking split out of the content as reasoning_content: "auto" where the template has
@@ -214,6 +217,9 @@ class ProviderSettings(_Strict):
 
     backend: str = "openai"
     base_url: str
+    # Which of an OpenAI-style provider's APIs its models are reached through: chat
+    # completions, or the Responses API (for models that answer only there).
+    api: Literal["chat", "responses"] = "chat"
     # A reference, never the key itself: "env:VAR", "keyring:NAME" or "cred:NAME".
     api_key: SecretRef | None = None
     headers: dict[str, str] = {}
@@ -224,6 +230,12 @@ class ProviderSettings(_Strict):
     max_retries: int = Field(1, ge=0, le=10)
     # Prices per million tokens by model name ("*" for any other), for the usage report's cost.
     prices: dict[str, ModelPrice] = {}
+
+    @model_validator(mode="after")
+    def _api_is_openai(self) -> "ProviderSettings":
+        if self.api != "chat" and self.backend != "openai":
+            raise ValueError(f'api = "{self.api}" is for backend "openai" (the provider\'s own API is used)')
+        return self
 
     @field_validator("base_url")
     @classmethod

@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
+from aiohttp import web
+
 from anyad.access import check_bind
 from anyad.audit import AuditLog
 from anyad.backend import Backend, backend_class
@@ -111,15 +113,38 @@ class Daemon:
         found = discover(settings.discovery, taken=set(self.local))
         for f in found:
             try:
-                ms = ModelSettings(path=f.path, mmproj=f.mmproj)
-                self.local[f.id] = self._backend_class(ms.backend).from_model(f.id, ms, settings.defaults,
-                                                                              self.scheduler)
+                self.add_local(f.id, ModelSettings(path=f.path, mmproj=f.mmproj), f.source)
             except ConfigError as exc:  # one odd file must not stop the daemon
                 log.warning("discovery: skipping %s (%s): %s", f.id, f.path, exc)
                 continue
-            self.sources[f.id] = f.source
         if found:
             log.info("discovered %d model(s): %s", len(found), ", ".join(f"{f.id} ({f.source})" for f in found))
+
+    def add_local(self, model_id: str, ms: Any, source: str) -> Backend:
+        """Serve one more local model, at once (discovery at start; a door's pull, copy or
+        create while running): the one way a local model joins. ``ms``: its ModelSettings;
+        ``source``: where it came from (``config``, a discovery source, ``ollama``). Raises
+        ConfigError for a file that cannot be served, and for an id already taken."""
+        if model_id in self.local:
+            raise ConfigError(f"{model_id!r} is already a model id")
+        backend = self._backend_class(ms.backend).from_model(model_id, ms, self.settings.defaults, self.scheduler)
+        self.local[model_id] = backend
+        self.sources[model_id] = source
+        if hasattr(self, "backends"):  # after start-up: closed with the others
+            self.backends.insert(len(self.local) - 1, backend)
+        return backend
+
+    async def remove_local(self, model_id: str, why: str = "removed") -> None:
+        """Stop serving a local model: no new request reaches it; it unloads now, or once the
+        requests it is serving are done."""
+        backend = self.local.pop(model_id)
+        self.sources.pop(model_id, None)
+        if backend in self.backends:
+            self.backends.remove(backend)
+        state, _ = await self.scheduler.unload_when_idle(model_id, why=why)
+        if state != "unloading":  # else the scheduler unloads it when idle; a new model of this id replaces it
+            self.scheduler.forget(model_id)
+            await backend.close()
 
     def _register_backend(self, kind: str, cls: type) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Backend)):
@@ -198,15 +223,15 @@ class Daemon:
     async def _retention(self) -> None:
         h = self.settings.history
         history = self.settings.history.enabled and (h.max_age_days or h.max_conversations)
-        audit = self.audit is not None and self.settings.audit.max_age_days
-        while self.store is not None and (history or audit):
+        audit = self.audit if self.settings.audit.max_age_days else None
+        while self.store is not None and (history or audit is not None):
             try:
                 if history:
                     gone = await asyncio.wrap_future(self.store.apply_retention(h.max_age_days, h.max_conversations))
                     if gone:
                         log.info("history retention: deleted %d conversation(s)", gone)
-                if audit:
-                    await asyncio.wrap_future(self.audit.apply_retention())
+                if audit is not None:
+                    await asyncio.wrap_future(audit.apply_retention())
             except Exception as exc:
                 log.error("retention failed: %s", exc)
             await asyncio.sleep(RETENTION_INTERVAL_S)
@@ -298,8 +323,6 @@ class Daemon:
         self.router, self.keys, self.settings = router, keys, merged
         old_keys.close()
         self.backends = [*self.local.values(), *providers.values()]
-        if self.cache is not None:
-            self.cache.router = router
         if merged.server.log_level != old.server.log_level:
             logging.getLogger().setLevel(merged.server.log_level.upper())
         gen, self.generation = self.generation, self.generation + 1
@@ -359,7 +382,7 @@ class Daemon:
         devices = self.probe.snapshot().as_dict() if self.probe is not None else None
         return {"devices": devices, "models": {model_id: b.status() for model_id, b in self.local.items()},
                 "scheduler": {"max_loaded_models": self.settings.scheduler.max_loaded_models,
-                              "loaded": sum(1 for e in self.scheduler.models.values() if e.state == "loaded")},
+                              "loaded": sum(1 for v in self.scheduler.snapshot().values() if v.loaded)},
                 **self.router.status()}
 
     async def close(self) -> None:
@@ -375,3 +398,8 @@ class Daemon:
             self.probe.close()
         self.keys.close()
         await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
+
+
+# The daemon an application serves, for its handlers and middlewares: ``request.app[DAEMON]``
+# (``anyad.server.gateway_app`` sets it on every listener's application).
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon", Daemon)

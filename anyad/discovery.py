@@ -29,6 +29,14 @@ SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})$")
 NOT_LANGUAGE_MODELS = {"clip"}  # multimodal projectors ship as GGUF too
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 OLLAMA_PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
+OLLAMA_DIGEST = re.compile(r"^sha256:[0-9A-Za-z]+$")
+
+
+def blob_name(digest: str) -> str:
+    """A manifest's digest as its blob's file name, if it is a digest (never a path out of the store)."""
+    if not isinstance(digest, str) or not OLLAMA_DIGEST.match(digest):
+        raise ValueError(f"not a digest: {str(digest)[:80]!r}")
+    return digest.replace(":", "-")
 
 
 @dataclass(slots=True)
@@ -158,9 +166,9 @@ def from_huggingface() -> Iterator[Found]:
             yield from _from_paths(list(_ggufs(snap)), "huggingface", seen)
 
 
-def _ollama_name(manifest: Path, manifests: Path) -> str:
-    """Ollama's name for a manifest: ``name:tag`` in the default library, else with its
-    namespace (and host, when not the default registry)."""
+def ollama_name(manifest: Path, manifests: Path) -> str:
+    """The id discovery gives a manifest, Ollama's name for it: ``name:tag`` in the default
+    library, else with its namespace (and host, when not the default registry)."""
     host, namespace, *rest = manifest.relative_to(manifests).parts
     name, tag = "/".join(rest[:-1]), rest[-1]
     prefix = "" if namespace == "library" else namespace + "/"
@@ -178,14 +186,15 @@ def from_ollama() -> Iterator[Found]:
         return
     for manifest in sorted(p for p in manifests.rglob("*") if p.is_file()):
         try:
-            name = _ollama_name(manifest, manifests)
+            name = ollama_name(manifest, manifests)
             data = json.loads(manifest.read_text())
             layers = data.get("layers", [])
             layer = next(layer for layer in layers if layer.get("mediaType") == OLLAMA_MODEL_LAYER)
-            blob = root / "blobs" / layer["digest"].replace(":", "-")
-            projector = next((root / "blobs" / p["digest"].replace(":", "-") for p in layers
+            # A digest is a file name only once it is one (never a path out of the store).
+            blob = root / "blobs" / blob_name(layer["digest"])
+            projector = next((root / "blobs" / blob_name(p["digest"]) for p in layers
                               if p.get("mediaType") == OLLAMA_PROJECTOR_LAYER), None)
-        except (ValueError, OSError, StopIteration, KeyError, AttributeError) as exc:
+        except (ValueError, OSError, StopIteration, KeyError, AttributeError, TypeError) as exc:
             log.info("discovery (ollama): skipping %s: not a model manifest (%s)", manifest, type(exc).__name__)
             continue
         info = _inspect(blob, "ollama")

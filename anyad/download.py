@@ -5,6 +5,9 @@ interrupted download resumes from there with an HTTP range request; the file is 
 into place only when it is complete and its SHA-256 matches (``--sha256``, else the hash
 the Hugging Face hub publishes for the file, when it does). ``hf:ORG/REPO/FILE.gguf``
 means the hub's download URL for that file (``$HF_ENDPOINT`` as huggingface_hub reads it).
+
+``fetch`` is that machinery for any one file (the Ollama door's registry blobs use it too);
+``pull`` is ``fetch`` for a GGUF file named by its URL.
 """
 
 from __future__ import annotations
@@ -140,37 +143,67 @@ def progress_bar(stream=sys.stderr) -> Callable[[Progress], None]:
 
 
 async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revision: str = "main",
-               progress: Callable[[Progress], None] | None = None, timeout_s: float = 60.0,
-               _restarted: bool = False) -> Path:
-    """Download ``source`` into ``dest_dir``; returns the final path."""
+               progress: Callable[[Progress], None] | None = None, timeout_s: float = 60.0) -> Path:
+    """Download the GGUF file ``source`` into ``dest_dir``; returns the final path."""
     url = resolve_source(source, revision)
     name = file_name(url)
     if sha256 is not None and not SHA256.match(sha256.lower()):
         raise DownloadError("--sha256 must be 64 hex digits")
-    expected = sha256.lower() if sha256 else None
     dest_dir.mkdir(parents=True, exist_ok=True)
-    final = dest_dir / name
-    part = dest_dir / f".{name}.part"
+    return await fetch(url, dest_dir / name, sha256=sha256, progress=progress, timeout_s=timeout_s,
+                       magic=GGUF_MAGIC)
+
+
+def part_path(final: Path) -> Path:
+    """Where the bytes of ``final`` gather until they are complete and verified."""
+    return final.parent / f".{final.name}.part"
+
+
+async def fetch(url: str, final: Path, *, sha256: str | None = None,
+                progress: Callable[[Progress], None] | None = None, timeout_s: float = 60.0,
+                magic: bytes | None = None, max_bytes: int | None = None, headers: dict[str, str] | None = None,
+                _restarted: bool = False) -> Path:
+    """Download ``url`` to ``final`` (whose directory exists), safely: into its ``.part``
+    beside it, hashed as it arrives, resumed with a range request, renamed into place only
+    when complete and, with ``sha256`` (else a hash the server publishes), verified.
+
+    ``magic``: what the file must start with (a web page instead of the file is refused at
+    its first bytes); ``max_bytes``: the most it may be (a server sending more is cut off,
+    and nothing is kept); ``headers``: more request headers. What is given by another
+    party's word (a manifest's size and digest) is held to it here.
+    """
+    name = final.name
+    expected = sha256.lower() if sha256 else None
+    if expected is not None and not SHA256.match(expected):
+        raise DownloadError(f"{name}: the expected SHA-256 must be 64 hex digits")
+    dest_dir = final.parent
+    part = part_path(final)
+    again = dict(sha256=sha256, progress=progress, timeout_s=timeout_s, magic=magic, max_bytes=max_bytes,
+                 headers=headers, _restarted=True)
 
     have = part.stat().st_size if part.exists() else 0
+    if max_bytes is not None and have > max_bytes:  # not the part of this file
+        part.unlink()
+        have = 0
     digest = hashlib.sha256()
-    head = b""  # the file's first bytes, up to the length of GGUF's magic
+    head = b""  # the file's first bytes, up to the length of ``magic``
+    want = len(magic) if magic else 0
     if have:
         with part.open("rb") as f:  # the hash continues from the bytes already here
             for block in iter(lambda: f.read(CHUNK), b""):
-                head = head or block[:len(GGUF_MAGIC)]
+                head = head or block[:want]
                 digest.update(block)
-        if not GGUF_MAGIC.startswith(head):  # left by an older anyad that did not check: start again
+        if magic and not magic.startswith(head):  # left by an older anyad that did not check: start again
             part.unlink()
             have, digest, head = 0, hashlib.sha256(), b""
-    content_type: str | None = None  # what the server said it sent, for the error when it is not GGUF
-    headers = {"User-Agent": f"anyad/{__version__}"}
+    content_type: str | None = None  # what the server said it sent, for the error when it is not the file
+    request_headers = {"User-Agent": f"anyad/{__version__}", **(headers or {})}
     if have:
-        headers["Range"] = f"bytes={have}-"
+        request_headers["Range"] = f"bytes={have}-"
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         try:
-            resp = await session.get(url, headers=headers)
+            resp = await session.get(url, headers=request_headers)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise DownloadError(f"cannot reach {url}: {exc or type(exc).__name__}") from None
         async with resp:
@@ -181,8 +214,7 @@ async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revisi
                     part.unlink(missing_ok=True)
                     if _restarted:
                         raise DownloadError(f"the server refuses every range of {url}; nothing was kept")
-                    return await pull(source, dest_dir, sha256=sha256, revision=revision, progress=progress,
-                                      timeout_s=timeout_s, _restarted=True)
+                    return await fetch(url, final, **again)  # type: ignore[arg-type]
                 total = have
                 expected = expected or _published_sha256(resp)
             elif resp.status == 404:
@@ -197,10 +229,13 @@ async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revisi
                     part.unlink(missing_ok=True)  # not the rest of what we have: appending it would corrupt
                     if _restarted:
                         raise DownloadError(f"the server answers ranges of {url} wrongly; nothing was kept")
-                    return await pull(source, dest_dir, sha256=sha256, revision=revision, progress=progress,
-                                      timeout_s=timeout_s, _restarted=True)
+                    return await fetch(url, final, **again)  # type: ignore[arg-type]
                 length = resp.content_length
                 total = have + length if length is not None else None
+                if max_bytes is not None and total is not None and total > max_bytes:
+                    part.unlink(missing_ok=True)
+                    raise DownloadError(f"{name}: the server sends {total} bytes, more than the {max_bytes} "
+                                        "expected; nothing was kept")
                 expected = expected or _published_sha256(resp)
                 free = shutil.disk_usage(dest_dir).free
                 if length is not None and length > free:
@@ -210,11 +245,17 @@ async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revisi
                 try:
                     with part.open("ab" if have else "wb") as f:
                         async for block in resp.content.iter_chunked(CHUNK):
-                            if len(head) < len(GGUF_MAGIC):
-                                head += block[:len(GGUF_MAGIC) - len(head)]
-                                if not GGUF_MAGIC.startswith(head):
-                                    resp.close()  # a web page, not a model: fetch no more of it
+                            if len(head) < want:
+                                head += block[:want - len(head)]
+                                if not magic.startswith(head):  # type: ignore[union-attr]
+                                    resp.close()  # a web page, not the file: fetch no more of it
                                     break
+                            if max_bytes is not None and p.done + len(block) > max_bytes:
+                                resp.close()
+                                f.close()
+                                part.unlink(missing_ok=True)
+                                raise DownloadError(f"{name}: the server sends more than the {max_bytes} bytes "
+                                                    "expected; nothing was kept")
                             f.write(block)
                             digest.update(block)
                             p.done += len(block)
@@ -230,10 +271,10 @@ async def pull(source: str, dest_dir: Path, *, sha256: str | None = None, revisi
                     raise DownloadError(f"the download was interrupted after {_size(p.done)}"
                                         f"{' of ' + _size(total) if total else ''} ({type(exc).__name__}); "
                                         "run the same command again to resume") from None
-                if total is not None and p.done < total and GGUF_MAGIC.startswith(head):
+                if total is not None and p.done < total and (not magic or magic.startswith(head)):
                     raise DownloadError(f"the download was interrupted after {_size(p.done)} of {_size(total)}; "
                                         "run the same command again to resume")
-    if head != GGUF_MAGIC:
+    if magic and head != magic:
         part.unlink(missing_ok=True)
         sent = f", Content-Type {content_type}" if content_type else ""
         raise DownloadError(f"{url} is not a GGUF file (it starts with {head!r}{sent}); nothing was kept. "

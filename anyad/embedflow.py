@@ -13,8 +13,9 @@ from aiohttp import web
 
 from anyad.access import admit
 from anyad.backend import Embeddings
+from anyad.daemon import DAEMON
+from anyad.request_context import BACKEND, MODEL, USAGE
 from anyad.router import Target
-from anyad.server import BACKEND, DAEMON, MODEL, USAGE
 
 
 async def embed(request: web.Request, model: str, inputs: list[str] | list[list[int]],

@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from anyad.jsoncodec import dumpb
 from anyad.stream import Chunk, Usage
 
 if TYPE_CHECKING:
-    from anyad.chatflow import ChatFlow
     from anyad.errors import AnyadError
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
+
+
+class Gathered(Protocol):
+    """What a door's writer reads of the flow at a reply's end (``anyad.chatflow.ChatFlow``):
+    the reply gathered from the chunks, and one per choice (the first is ``reply``)."""
+
+    reply: Reply
+    choices: list[Reply]
 
 
 class OpenAIEncoder:
@@ -91,7 +98,7 @@ class OpenAIEncoder:
             return self.chunk(chunk)
         return b""
 
-    def tail(self, flow: "ChatFlow") -> bytes:
+    def tail(self, flow: "Gathered") -> bytes:
         out = [self._finishes[i] for i in sorted(self._finishes)]
         if self.include_usage:
             out.append(self.usage(flow.reply.usage or Usage()))
@@ -102,7 +109,7 @@ class OpenAIEncoder:
         # As OpenAI does: an error event, and no [DONE].
         return sse_error(exc.body())
 
-    def whole(self, flow: "ChatFlow") -> bytes:
+    def whole(self, flow: "Gathered") -> bytes:
         return dumpb(self.completion(flow.choices))
 
     def completion(self, replies: "list[Reply]") -> dict[str, Any]:
@@ -128,6 +135,7 @@ class Reply:
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.note: str | None = None  # the backend's, for a response header (Chunk.note)
+        self.tokens: list[int] | None = None  # the prompt's and reply's token ids, when asked (Chunk.tokens)
 
     @property
     def text(self) -> str:
@@ -166,6 +174,8 @@ class Reply:
             self.finish_reason = chunk.finish_reason
         if chunk.note:
             self.note = chunk.note
+        if chunk.tokens is not None:
+            self.tokens = chunk.tokens
         if chunk.usage is not None:
             self.usage = chunk.usage
 
@@ -236,7 +246,7 @@ class CompletionEncoder:
         return self._event([{"text": prefix + chunk.text, "index": i, "logprobs": self._legacy(i, chunk.logprobs),
                              "finish_reason": None}])
 
-    def tail(self, flow: "ChatFlow") -> bytes:
+    def tail(self, flow: "Gathered") -> bytes:
         out = [self._event([{"text": self._prefix(i), "index": i, "logprobs": None, "finish_reason": reason}])
                for i, reason in sorted(self._finishes.items())]
         if self.include_usage:
@@ -247,7 +257,7 @@ class CompletionEncoder:
     def error(self, exc: "AnyadError") -> bytes:
         return sse_error(exc.body())
 
-    def whole(self, flow: "ChatFlow") -> bytes:
+    def whole(self, flow: "Gathered") -> bytes:
         choices = []
         for i, r in enumerate(flow.choices):
             prefix = self._prefix(i)

@@ -7,7 +7,7 @@ turns one into the wire shape ``{"error": {message, type, param, code}}``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 
 class AnyadError(Exception):
@@ -33,6 +33,15 @@ class AnyadError(Exception):
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# How a door writes an error's body: OpenAI's shape here, Anthropic's beside its Messages
+# door (``anyad.messages_api``), Ollama's in its plugin.
+ErrorBody = Callable[[AnyadError], object]
+
+
+def openai_error_body(exc: AnyadError) -> object:
+    return exc.body()
 
 
 class InvalidRequest(AnyadError):

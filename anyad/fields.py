@@ -141,12 +141,15 @@ OLLAMA: tuple[Field, ...] = (
           endpoints=BOTH),
     Field("tools", "honoured", "as OpenAI's `tools`", endpoints=CHAT),
     Field("think", "honoured", "as OpenAI's `reasoning_effort`", endpoints=BOTH),
-    Field("suffix", "refused", "fill-in-the-middle is not supported", endpoints=GENERATE),
-    Field("template", "refused", "anyad renders the model's own chat template and cannot run a Go template",
+    Field("suffix", "honoured", "fill-in-the-middle, the prompt before the gap (no template), on a model whose "
+                                "vocabulary has FIM tokens (a code model's; a 400 on others)", endpoints=GENERATE),
+    Field("template", "refused", "anyad renders the model's own chat template (or the TEMPLATE it was created "
+                                 "with) and takes no per-request one", endpoints=GENERATE),
+    Field("context", "honoured", "the token ids a local model's reply returned as `context` (prompt and reply): "
+                                 "this prompt continues from them; ignored with `raw`, as Ollama does",
           endpoints=GENERATE),
-    Field("context", "refused", "anyad returns no token context to continue from: send the conversation to "
-                                "/api/chat as messages", endpoints=GENERATE),
-    Field("raw", "refused", "prompts always go through the model's chat template", endpoints=GENERATE),
+    Field("raw", "honoured", "the prompt goes to the model as it is, with no template (`system` ignored and no "
+                             "`context` returned, as Ollama does)", endpoints=GENERATE),
     Field("truncate", "ignored", "a prompt longer than the context is always a 400, never cut", endpoints=BOTH),
     Field("shift", "ignored", "the context is never shifted: a reply stops at its end (`done_reason: "
                               "\"length\"`)", endpoints=BOTH),

@@ -10,34 +10,111 @@ guard a request (``anyad_before_request``, ``anyad_remote_request``): there a cr
 fails the request with a 500 in OpenAI's error shape (a guard that breaks must not let
 the request through), and an ``anyad.errors.AnyadError`` raised on purpose is the
 refusal the client gets (e.g. ``anyad.errors.Forbidden("not on Sundays")``).
+
+What a plugin may rely on of the ``daemon`` the hooks receive is ``DaemonSurface``
+below: its settings, its models and routes, and the local models' state as
+``daemon.scheduler.snapshot()`` gives it (frozen ``anyad.scheduler.ModelView`` copies:
+state, placement, memory estimated and measured, slots, queue, keep-alive, last use).
+Anything else on the daemon (``scheduler.models`` included) is its own working state
+and may change between versions.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import pluggy
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from anyad.daemon import Daemon
-    from anyad.plugin_manager import ExchangeRecord
-    from anyad.router import Target
-    from anyad.stream import ChatRequest, Chunk
+    from anyad.backend import Backend
+    from anyad.config import Settings
+    from anyad.router import Router, Target
+    from anyad.scheduler import ModelView
+    from anyad.stream import ChatRequest, Chunk, Usage
 
 PROJECT = "anyad"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+class SchedulerSurface(Protocol):
+    def snapshot(self, *, measure: bool = False) -> Mapping[str, ModelView]:
+        """Every local model now, by name. ``measure``: also ask the device what each worker
+        process holds (blocking, milliseconds: call it from a thread)."""
+        ...
+
+    def view(self, name: str, *, measure: bool = False) -> ModelView | None:
+        """One local model now (None: no such local model)."""
+        ...
+
+
+class PluginsSurface(Protocol):
+    def options(self, name: str) -> dict[str, Any]:
+        """The table ``[plugins.<name>]`` of the config."""
+        ...
+
+
+class DaemonSurface(Protocol):
+    """The stable part of the ``daemon`` a hook receives. To serve a listener of its own,
+    a plugin hands the daemon as it is to ``anyad.server.gateway_app`` (keys, limits,
+    errors and accounting as on the main listener)."""
+
+    @property
+    def settings(self) -> Settings:
+        """The configuration in force (a reload may replace it: read it when needed)."""
+        ...
+
+    @property
+    def scheduler(self) -> SchedulerSurface:
+        """The local models' state: ``snapshot()`` and ``view(name)``."""
+        ...
+
+    @property
+    def router(self) -> Router:
+        """``models()`` (what ``/v1/models`` lists) and ``resolve(name)`` (a name's targets)."""
+        ...
+
+    @property
+    def local(self) -> Mapping[str, Backend]:
+        """The local models' backends, by name."""
+        ...
+
+    @property
+    def plugins(self) -> PluginsSurface:
+        ...
+
+    @property
+    def started_at(self) -> float:
+        """When the daemon started (``time.time()``)."""
+        ...
+
+
+@dataclass(slots=True)
+class ExchangeRecord:
+    """What ``anyad_after_reply`` sees: one whole exchange."""
+
+    request: ChatRequest
+    endpoint: str
+    request_id: str
+    backend: str | None  # the target that answered; None when none did
+    reply: dict[str, Any] | None  # the assistant message
+    finish_reason: str | None  # stop, length, tool_calls…, or cancelled / error
+    usage: Usage | None
+    cache: str | None
+    conversation_id: str | None
+    latency_s: float
+
+
 @hookspec
-def anyad_startup(daemon: "Daemon", config: dict[str, Any]) -> None:
+def anyad_startup(daemon: "DaemonSurface", config: dict[str, Any]) -> None:
     """The daemon has started. ``config``: this plugin's own table, ``[plugins.<name>]``."""
 
 
 @hookspec
-def anyad_shutdown(daemon: "Daemon") -> None:
+def anyad_shutdown(daemon: "DaemonSurface") -> None:
     """The daemon is stopping (after the drain, before the database closes)."""
 
 
@@ -54,13 +131,13 @@ def anyad_register_backends(register: Callable[[str, type], None]) -> None:
 
 
 @hookspec
-def anyad_before_request(request: "ChatRequest", endpoint: str, daemon: "Daemon") -> "ChatRequest | None":
+def anyad_before_request(request: "ChatRequest", endpoint: str, daemon: "DaemonSurface") -> "ChatRequest | None":
     """Before a chat request is routed. Return a changed request (or None to keep it);
     raise an ``AnyadError`` to refuse it. ``endpoint``: the path it came in on."""
 
 
 @hookspec
-def anyad_remote_request(request: "ChatRequest", target: "Target", daemon: "Daemon") -> "ChatRequest | None":
+def anyad_remote_request(request: "ChatRequest", target: "Target", daemon: "DaemonSurface") -> "ChatRequest | None":
     """Just before a request leaves the machine for a remote provider (each remote target
     of a route, fallbacks included); local models never pass here. Return a changed
     request (or None to keep it: never change the one given, a later local target must

@@ -22,6 +22,7 @@ from typing import Any
 
 from anyad.config import KeySettings
 from anyad.secrets import resolve
+from anyad.store import read_only
 
 log = logging.getLogger("anyad.keys")
 
@@ -97,7 +98,7 @@ class KeyRing:
                 self._next_try = now + 1.0
                 return
             try:
-                self._conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False)
+                self._conn = read_only(self.db_path, timeout=5.0, check_same_thread=False)
             except sqlite3.Error:
                 self._next_try = now + 1.0
                 return

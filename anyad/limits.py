@@ -11,14 +11,14 @@ import hashlib
 import math
 import time
 from collections import OrderedDict
-from typing import Awaitable, Callable
+from typing import Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from anyad import errors
-from anyad.access import OPEN_PATHS
+from anyad.request_context import OPEN_PATHS
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RATE = web.RequestKey("rate_limit", tuple) if hasattr(web, "RequestKey") else "rate_limit"
 MAX_CLIENTS = 10000  # buckets kept; the least recently seen go first
 
@@ -54,8 +54,7 @@ def client_of(request: web.Request) -> str:
     return "addr:" + (request.remote or "?")
 
 
-def rate_limit_middleware(current: Callable[[], RateLimiter | None]) -> Callable[[web.Request, Handler],
-                                                                                 Awaitable[web.StreamResponse]]:
+def rate_limit_middleware(current: Callable[[], RateLimiter | None]) -> Middleware:
     """``current()``: the limiter in force now (a reload may change it), None for no limit."""
 
     @web.middleware

@@ -29,7 +29,7 @@ from anyad.config import ServerSettings
 try:
     import resource
 except ImportError:  # pragma: no cover - Windows has no rlimits
-    resource = None  # type: ignore[assignment]
+    resource = None  # type: ignore[assignment]  # the module or None: callers test it first
 
 log = logging.getLogger("anyad.listen")
 
@@ -175,8 +175,10 @@ class GuardedConnection(asyncio.Protocol):
         elif data and self._head_timer is None and (self._body is None or self._body.is_eof()):
             self._arm_head(inner)  # no body is arriving: these are the first bytes of the next head
 
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._inner is not None else None
+    def eof_received(self) -> None:
+        # aiohttp's handler returns None (not True): the transport closes once the client's half does.
+        if self._inner is not None:
+            self._inner.eof_received()
 
     def pause_writing(self) -> None:
         if self._inner is not None:
@@ -311,5 +313,5 @@ async def listen(app: web.Application, host: str, port: int, server: ServerSetti
 def _bound(site: web.BaseSite, host: str, port: int) -> tuple[str, int]:
     server = getattr(site, "_server", None)  # aiohttp keeps the bound sockets here
     socks = server.sockets if server is not None else ()
-    return tuple(socks[0].getsockname()[:2]) if socks else (host, port)  # type: ignore[return-value]
+    return tuple(socks[0].getsockname()[:2]) if socks else (host, port)
 

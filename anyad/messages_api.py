@@ -13,13 +13,15 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
 from anyad.errors import AnyadError, InvalidRequest
 from anyad.jsoncodec import dumpb, dumps, loads
-from anyad.schemas import parse_chat_request
+from anyad.schemas import Open, function_tools, named_tool, parse_chat_request, validate
 from anyad.stream import ChatRequest, Chunk, Usage
 
 if TYPE_CHECKING:
-    from anyad.chatflow import ChatFlow
+    from anyad.encoders import Gathered
 
 # Claude Code puts a line that changes on every request at the top of its system prompt;
 # left in, no two prompts share a prefix, and the engine reads each one from the start.
@@ -35,6 +37,30 @@ REFUSED = {"mcp_servers": "anyad runs no MCP servers for a request: give the cli
 # Top-level fields that change nothing here, on purpose.
 IGNORED = ("metadata", "service_tier", "context_management", "cache_control", "diagnostics", "inference_geo",
            "speed", "user_profile_id", "workspace_id")
+
+
+class MessagesRequest(Open):
+    """The top level of a Messages request, typed as Anthropic documents it (the blocks
+    inside are checked where they are translated, with the path of the one at fault)."""
+
+    model: str
+    max_tokens: int = Field(ge=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    stream: bool | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class CountTokensRequest(MessagesRequest):
+    max_tokens: int = Field(1, ge=1)  # a count writes nothing
 
 
 def anthropic_error_body(exc: AnyadError) -> dict[str, Any]:
@@ -135,20 +161,12 @@ def _assistant(m: dict[str, Any], i: int) -> dict[str, Any]:
     return out
 
 
-def _tools(tools: Any) -> list[dict[str, Any]]:
-    if not isinstance(tools, list):
-        raise InvalidRequest("tools must be a list", param="tools")
-    out = []
-    for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type") not in (None, "custom") or "input_schema" not in t:
-            kind = t.get("type") if isinstance(t, dict) else None
-            raise InvalidRequest(f"tools[{i}]: {kind!r} is one of Anthropic's own tools, run by Anthropic; give a "
-                                 "custom tool (name, description, input_schema) instead", param=f"tools[{i}]")
-        fn = {"name": t.get("name"), "parameters": t["input_schema"]}
-        if t.get("description") is not None:
-            fn["description"] = t["description"]
-        out.append({"type": "function", "function": fn})
-    return out
+def _tool(i: int, t: Any) -> dict[str, Any]:
+    if not isinstance(t, dict) or t.get("type") not in (None, "custom") or "input_schema" not in t:
+        kind = t.get("type") if isinstance(t, dict) else None
+        raise InvalidRequest(f"tools[{i}]: {kind!r} is one of Anthropic's own tools, run by Anthropic; give a "
+                             "custom tool (name, description, input_schema) instead", param=f"tools[{i}]")
+    return {"name": t.get("name"), "description": t.get("description"), "parameters": t["input_schema"]}
 
 
 def _tool_choice(choice: Any) -> tuple[Any, bool | None]:
@@ -164,7 +182,7 @@ def _tool_choice(choice: Any) -> tuple[Any, bool | None]:
     if kind == "none":
         return "none", parallel
     if kind == "tool" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}, parallel
+        return named_tool(choice["name"]), parallel
     raise InvalidRequest("tool_choice.type must be auto, any, tool (with a name) or none", param="tool_choice.type")
 
 
@@ -198,7 +216,7 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
         if body.get(ours) is not None:
             out[theirs] = body[ours]
     if body.get("tools"):
-        out["tools"] = _tools(body["tools"])
+        out["tools"] = function_tools(body["tools"], _tool)
     if body.get("tool_choice") is not None:
         choice, parallel = _tool_choice(body["tool_choice"])
         if out.get("tools") or choice == "none":
@@ -228,10 +246,10 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_messages_request(body: Any) -> ChatRequest:
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return parse_chat_request(to_openai(body))
+def parse_messages_request(body: Any, count: bool = False) -> ChatRequest:
+    """A Messages request (``count``: a count_tokens one, which has no max_tokens) as a chat."""
+    typed = validate(CountTokensRequest if count else MessagesRequest, body)
+    return parse_chat_request(to_openai({**body, "max_tokens": typed.max_tokens}))
 
 
 def _input(arguments: str) -> Any:
@@ -311,7 +329,7 @@ class MessagesWriter:
             self._finish = chunk.finish_reason
         return b"".join(out)
 
-    def tail(self, flow: "ChatFlow") -> bytes:
+    def tail(self, flow: "Gathered") -> bytes:
         usage = flow.reply.usage or Usage()
         return b"".join([*self._stop(), _event("message_delta", {
             "delta": {"stop_reason": STOP_REASONS.get(self._finish or "stop", "end_turn"), "stop_sequence": None},
@@ -321,7 +339,7 @@ class MessagesWriter:
     def error(self, exc: AnyadError) -> bytes:
         return b"event: error\ndata: " + dumpb(anthropic_error_body(exc)) + b"\n\n"
 
-    def whole(self, flow: "ChatFlow") -> bytes:
+    def whole(self, flow: "Gathered") -> bytes:
         reply = flow.reply
         message = reply.message()
         content: list[dict[str, Any]] = []

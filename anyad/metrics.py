@@ -1,8 +1,9 @@
 """``GET /metrics``: the daemon's numbers in Prometheus text, through prometheus-client.
 
 Counters and histograms are updated as things happen (a few microseconds per request);
-gauges (loaded models, queues, breakers, devices) are read from the daemon's own state
-when Prometheus scrapes, so nothing polls in between. Each daemon has its own registry,
+gauges (loaded models, queues, breakers, devices) are set when Prometheus scrapes, from
+what the scrape hands in (the scheduler's snapshot, the devices, the breakers), so
+nothing polls in between. Each daemon has its own registry,
 so two in one process (the tests) never mix their numbers.
 
 Label values that come from clients (model names) are capped: after ``MAX_LABEL_VALUES``
@@ -12,12 +13,13 @@ daemon's memory for weeks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from anyad.daemon import Daemon
+    from anyad.resources import Snapshot
+    from anyad.scheduler import ModelView
 
 MAX_LABEL_VALUES = 200
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -115,28 +117,27 @@ class Metrics:
 
     # -- at scrape time -----------------------------------------------------------------------
 
-    def render(self, daemon: "Daemon", in_flight: int) -> bytes:
-        """The text exposition, with the gauges read from the daemon's state and the devices
-        now. Runs in a worker thread: it copies what it iterates over."""
-        probe = daemon.probe
-        snap = probe.snapshot() if probe is not None else None
+    def render(self, models: Mapping[str, "ModelView"], devices: "Snapshot | None", breakers: Mapping[str, bool],
+               offline: bool, in_flight: int) -> bytes:
+        """The text exposition, with the gauges set from what is handed in: the local models
+        (``Scheduler.snapshot(measure=True)``), the devices now, each remote target's breaker
+        (True: open), whether the machine is offline, and the requests in flight."""
+        snap = devices
         self.in_flight.set(in_flight)
-        entries = dict(daemon.scheduler.models)
-        self.loaded.set(sum(1 for e in entries.values() if e.state == "loaded"))
+        self.loaded.set(sum(1 for v in models.values() if v.loaded))
         for gauge in (self.queue, self.active, self.model_memory, self.breaker, self.gpu_total, self.gpu_used,
                       self.gpu_util):
             gauge.clear()  # labels of models or targets that are gone must go too
-        for name, e in entries.items():
-            self.queue.labels(name).set(e.waiting)
-            self.active.labels(name).set(e.active)
-            if e.placement is not None and e.state == "loaded":
-                measured = probe.process_memory(e.unit.pid) if (probe is not None and e.unit.pid) else {}
-                self.model_memory.labels(name, "ram").set(measured.get("rss_bytes") or e.placement.ram_bytes)
-                self.model_memory.labels(name, "vram").set(measured.get("vram_bytes") or e.placement.vram_bytes)
-        router = daemon.router
-        for target, b in list(router.breakers.items()):
-            self.breaker.labels(target).set(1 if b.state == "open" else 0)
-        self.offline.set(1 if router.connectivity.offline else 0)
+        for name, v in models.items():
+            self.queue.labels(name).set(v.waiting)
+            self.active.labels(name).set(v.active)
+            if v.placement is not None and v.loaded:
+                m = v.measured
+                self.model_memory.labels(name, "ram").set((m and m.rss_bytes) or v.placement.ram_bytes)
+                self.model_memory.labels(name, "vram").set((m and m.vram_bytes) or v.placement.vram_bytes)
+        for target, is_open in breakers.items():
+            self.breaker.labels(target).set(1 if is_open else 0)
+        self.offline.set(1 if offline else 0)
         if snap is not None:
             self.ram_total.set(snap.ram_total_bytes)
             self.ram_available.set(snap.ram_available_bytes)

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    """A loaded local model, as a door lists it."""
+    """A loaded local model, as a door lists it (from ``Scheduler.snapshot``, whose
+    ``ModelView`` has the rest: memory, queues, last use)."""
 
     name: str
     placement: "Placement"
@@ -90,11 +91,9 @@ async def unload(daemon: "Daemon", request: web.Request, name: str, *, route: bo
 def loaded(daemon: "Daemon", request: web.Request) -> list[LoadedModel]:
     """The loaded local models the request's key may see."""
     ident = identity(request)
-    out = []
-    for name, e in list(daemon.scheduler.models.items()):
-        if e.state == "loaded" and e.placement is not None and ident.may_use(name):
-            out.append(LoadedModel(name, e.placement, e.keep_alive, e.expires_at))
-    return out
+    return [LoadedModel(name, v.placement, v.keep_alive, v.expires_at)
+            for name, v in daemon.scheduler.snapshot().items()
+            if v.loaded and v.placement is not None and ident.may_use(name)]
 
 
 def check_keep_alive(daemon: "Daemon", request: web.Request, model: str, keep_alive: float | None) -> None:
@@ -109,9 +108,9 @@ def check_keep_alive(daemon: "Daemon", request: web.Request, model: str, keep_al
     except NotFound:
         return  # the request fails on its model name anyway
     for t in targets:
-        e = daemon.scheduler.models.get(t.name)
-        if e is not None and keep_alive > e.policy.keep_alive:
-            configured = "for ever" if math.isinf(e.policy.keep_alive) else f"{e.policy.keep_alive:g} s"
+        v = daemon.scheduler.view(t.name)
+        if v is not None and keep_alive > v.configured_keep_alive:
+            configured = "for ever" if math.isinf(v.configured_keep_alive) else f"{v.configured_keep_alive:g} s"
             raise Forbidden(f"keep_alive: the key {identity(request).name!r} may not keep {t.name!r} loaded longer "
                             f"than it is configured to stay ({configured}); that takes an admin key",
                             param="keep_alive", code="keep_alive_not_allowed")

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
 import anyad
+from anyad.messages_api import CountTokensRequest, MessagesRequest
+from anyad.responses_api import ResponsesRequest
 from anyad.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 from anyad.store import CONVERSATION_ID, MAX_QUERY_CHARS
 
@@ -92,10 +94,48 @@ class Conversation(_Reply):
     id: str
 
 
-_MODELS: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, TextCompletion, EmbeddingsRequest,
-                                  ErrorResponse, ChatCompletion,
-                                  EmbeddingsResponse, Model, ModelList, Health, Readiness, ConversationPage,
-                                  Conversation]
+class AnthropicErrorDetail(_Reply):
+    type: str
+    message: str
+
+
+class AnthropicError(_Reply):
+    """Every error of the Messages door (Anthropic's shape), whatever its status."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+class Message(_Reply):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    content: list[dict[str, Any]]
+    stop_reason: str | None
+    usage: dict[str, Any]
+
+
+class TokenCount(_Reply):
+    input_tokens: int
+
+
+class Response(_Reply):
+    id: str
+    object: Literal["response"]
+    status: str
+    output: list[dict[str, Any]]
+
+
+class ResponseDeleted(_Reply):
+    id: str
+    object: Literal["response"]
+    deleted: bool
+
+
+_MODELS: list[type[BaseModel]] = [
+    ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, MessagesRequest, CountTokensRequest, ResponsesRequest,
+    ChatCompletion, TextCompletion, EmbeddingsResponse, Message, TokenCount, Response, ResponseDeleted,
+    ErrorResponse, AnthropicError, Model, ModelList, Health, Readiness, ConversationPage, Conversation]
 # One server-sent event, as OpenAPI 3.2 describes a text/event-stream item: its data is a
 # chunk's JSON, or [DONE].
 SSE_EVENT = {"type": "object", "required": ["data"],
@@ -114,10 +154,11 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
     return {"application/json": {"schema": _ref(model)}}
 
 
-def _responses(ok: dict[str, Any], errors: tuple[int, ...]) -> dict[str, Any]:
+def _responses(ok: dict[str, Any], errors: tuple[int, ...],
+               error: type[BaseModel] = ErrorResponse) -> dict[str, Any]:
     out: dict[str, Any] = {"200": ok}
     for status in errors:
-        out[str(status)] = {"description": "an error", "content": _json(ErrorResponse)}
+        out[str(status)] = {"description": "an error", "content": _json(error)}
     return out
 
 
@@ -166,6 +207,27 @@ def document() -> dict[str, Any]:
                     {"description": "the completion; with stream: true, server-sent events ending in data: [DONE]",
                      "content": {**_json(TextCompletion), "text/event-stream": {"schema": SSE_EVENT}}},
                     MODEL_ERRORS)}},
+            "/v1/messages": {"post": {
+                "summary": "Anthropic's Messages API, for every model",
+                "requestBody": _body(MessagesRequest), "responses": _responses(
+                    {"description": "the message; with stream: true, Anthropic's server-sent events",
+                     "content": {**_json(Message), "text/event-stream": {"schema": SSE_EVENT}}},
+                    MODEL_ERRORS, AnthropicError)}},
+            "/v1/messages/count_tokens": {"post": {
+                "summary": "The input tokens a Messages request would cost",
+                "requestBody": _body(CountTokensRequest), "responses": _responses(
+                    {"description": "OK", "content": _json(TokenCount)}, MODEL_ERRORS, AnthropicError)}},
+            "/v1/responses": {"post": {
+                "summary": "OpenAI's Responses API, for every model (store: true keeps it)",
+                "requestBody": _body(ResponsesRequest), "responses": _responses(
+                    {"description": "the response; with stream: true, the Responses API's server-sent events",
+                     "content": {**_json(Response), "text/event-stream": {"schema": SSE_EVENT}}},
+                    MODEL_ERRORS)}},
+            "/v1/responses/{id}": {
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                **_get("A stored response (404 if it is not this key's)", Response),
+                "delete": {"summary": "Delete a stored response", "responses": _responses(
+                    {"description": "deleted", "content": _json(ResponseDeleted)}, READ_ERRORS)}},
             "/v1/embeddings": {"post": {"summary": "Embeddings", "requestBody": _body(EmbeddingsRequest),
                                         "responses": _responses({"description": "OK",
                                                                  "content": _json(EmbeddingsResponse)},

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Callable
 
@@ -21,27 +20,12 @@ import pluggy
 from anyad import hookspecs
 from anyad.config import PluginsSettings
 from anyad.errors import AnyadError, ConfigError, PluginError
-from anyad.stream import ChatRequest, Chunk, Usage
+from anyad.hookspecs import ExchangeRecord as ExchangeRecord  # it moved to the hooks' module; importable here too
+from anyad.stream import ChatRequest, Chunk
 
 log = logging.getLogger("anyad.plugins")
 
 ENTRY_POINT_GROUP = "anyad.plugins"
-
-
-@dataclass(slots=True)
-class ExchangeRecord:
-    """What ``anyad_after_reply`` sees: one whole exchange."""
-
-    request: ChatRequest
-    endpoint: str
-    request_id: str
-    backend: str | None  # the target that answered; None when none did
-    reply: dict[str, Any] | None  # the assistant message
-    finish_reason: str | None  # stop, length, tool_calls…, or cancelled / error
-    usage: Usage | None
-    cache: str | None
-    conversation_id: str | None
-    latency_s: float
 
 
 def installed() -> list[EntryPoint]:

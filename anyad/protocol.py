@@ -7,7 +7,7 @@ library prints can corrupt the stream. The protocol is internal and versioned
 with the package: the worker's ``hello`` frame carries ``PROTOCOL_VERSION``.
 
 daemon → worker: ``{"op": "load", "version", "path", "n_ctx", "n_threads", "n_batch", "n_gpu_layers",
-"main_gpu", "parallel", "warm_up", "tool_format", "reasoning"}`` (first),
+"main_gpu", "parallel", "warm_up", "tool_format", "reasoning", "repack"}`` (first),
 ``{"op": "chat", "id", "messages", "params"}`` (params: ``SamplingParams.as_dict()``, tools included),
 ``{"op": "embed", "id", "input"}``, ``{"op": "count", "id", "messages", "params"}`` (answered by
 ``{"t": "end", "id", "tokens"}``), ``{"op": "stats", "id"}``,
@@ -17,9 +17,10 @@ worker → daemon: ``{"t": "hello", "version", "pid"}``, ``{"t": "ready", ...mod
 logprobs: OpenAI's ``logprobs.content`` entries of the tokens since the last frame),
 ``{"t": "finish", "id", "index"?, "finish_reason", "note"?}`` (the end of one of ``n`` choices but
 the last; delta frames carry the ``index`` of their choice, absent for the first),
-``{"t": "end", "id", "index"?, "finish_reason", "usage", "note"?}`` (the last choice's end, the usage
-of all; finish_reason "tool_calls" after parsed calls; note: why the model's tool call was returned
-as text), ``{"t": "error", "id", "code", "message"}``,
+``{"t": "end", "id", "index"?, "finish_reason", "usage", "note"?, "tokens"?}`` (the last choice's end,
+the usage of all; finish_reason "tool_calls" after parsed calls; note: why the model's tool call was
+returned as text; tokens: the prompt's and reply's token ids, when params asked ``return_tokens``;
+params' ``context``: token ids the prompt goes on from), ``{"t": "error", "id", "code", "message"}``,
 ``{"t": "fatal", "message"}``.
 """
 

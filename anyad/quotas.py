@@ -20,6 +20,7 @@ from typing import Callable
 from anyad.errors import QuotaExceeded
 from anyad.keys import Identity
 from anyad.limits import RateLimiter
+from anyad.store import read_only
 
 DAY = 86400
 
@@ -58,7 +59,7 @@ class Quotas:
         if self.db_path is None or not self.db_path.exists():
             return 0
         try:
-            conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
+            conn = read_only(self.db_path, timeout=5.0)  # sqlite3's default wait: a key's first request waits
             try:
                 (n,) = conn.execute("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage "
                                     "WHERE key = ? AND at >= ? AND coalesce(cache, '') NOT IN ('hit', 'stale')",

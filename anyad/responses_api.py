@@ -13,13 +13,15 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
 from anyad.errors import AnyadError, InvalidRequest
 from anyad.jsoncodec import dumpb
-from anyad.schemas import parse_chat_request
+from anyad.schemas import Open, function_tools, named_tool, parse_chat_request, validate
 from anyad.stream import ChatRequest, Chunk, Usage
 
 if TYPE_CHECKING:
-    from anyad.chatflow import ChatFlow
+    from anyad.encoders import Gathered
 
 REFUSED = {"background": "anyad answers while the client waits; there are no background runs",
            "conversation": "continue a response with previous_response_id instead",
@@ -28,6 +30,28 @@ REFUSED = {"background": "anyad answers while the client waits; there are no bac
 ECHOED = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls", "previous_response_id",
           "temperature", "tool_choice", "tools", "top_p", "reasoning", "text", "truncation", "user",
           "top_logprobs")
+
+
+class ResponsesRequest(Open):
+    """The top level of a Responses request, typed as OpenAI documents it (input items,
+    tools and formats are checked where they are translated)."""
+
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stream: bool | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    metadata: dict[str, Any] | None = None
 
 
 def new_id(prefix: str) -> str:
@@ -94,25 +118,19 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(tools: Any) -> list[dict[str, Any]]:
-    if not isinstance(tools, list):
-        raise InvalidRequest("tools must be a list", param="tools")
-    out = []
-    for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type") != "function":
-            kind = t.get("type") if isinstance(t, dict) else None
-            raise InvalidRequest(f"tools[{i}]: {kind!r} is one of OpenAI's hosted tools; only function tools "
-                                 "run here", param=f"tools[{i}]")
-        fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
-        out.append({"type": "function", "function": fn})
-    return out
+def _tool(i: int, t: Any) -> dict[str, Any]:
+    if not isinstance(t, dict) or t.get("type") != "function":
+        kind = t.get("type") if isinstance(t, dict) else None
+        raise InvalidRequest(f"tools[{i}]: {kind!r} is one of OpenAI's hosted tools; only function tools "
+                             "run here", param=f"tools[{i}]")
+    return {k: t.get(k) for k in ("name", "description", "parameters", "strict")}
 
 
 def _tool_choice(choice: Any) -> Any:
     if choice in ("auto", "none", "required"):
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
+        return named_tool(choice["name"])
     raise InvalidRequest("tool_choice must be auto, none, required or a function by name", param="tool_choice")
 
 
@@ -148,7 +166,7 @@ def to_openai(body: dict[str, Any], prior: list[dict[str, Any]]) -> dict[str, An
         if body.get(ours) is not None:
             out[theirs] = body[ours]
     if body.get("tools"):
-        out["tools"] = _tools(body["tools"])
+        out["tools"] = function_tools(body["tools"], _tool)
     if body.get("tool_choice") is not None:
         choice = _tool_choice(body["tool_choice"])
         if out.get("tools") or choice == "none":
@@ -166,6 +184,7 @@ def to_openai(body: dict[str, Any], prior: list[dict[str, Any]]) -> dict[str, An
 
 
 def parse_responses_request(body: dict[str, Any], prior: list[dict[str, Any]]) -> ChatRequest:
+    validate(ResponsesRequest, body)
     return parse_chat_request(to_openai(body, prior))
 
 
@@ -302,13 +321,13 @@ class ResponsesWriter:
             self._finish = chunk.finish_reason
         return b"".join(out)
 
-    def _done(self, flow: "ChatFlow", output: list[dict[str, Any]]) -> dict[str, Any]:
+    def _done(self, flow: "Gathered", output: list[dict[str, Any]]) -> dict[str, Any]:
         finish = flow.reply.finish_reason
         self.final = self.response("incomplete" if finish == "length" else "completed", flow.reply.usage or Usage(),
                                    output, finish)
         return self.final
 
-    def tail(self, flow: "ChatFlow") -> bytes:
+    def tail(self, flow: "Gathered") -> bytes:
         closing = self._close()
         final = self._done(flow, self._items)
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
@@ -317,7 +336,7 @@ class ResponsesWriter:
     def error(self, exc: AnyadError) -> bytes:
         return self._event("error", {"code": exc.code or exc.type, "message": exc.message, "param": exc.param})
 
-    def whole(self, flow: "ChatFlow") -> bytes:
+    def whole(self, flow: "Gathered") -> bytes:
         reply = flow.reply
         message = reply.message()
         output: list[dict[str, Any]] = []

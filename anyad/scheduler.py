@@ -18,6 +18,11 @@ Loads and unloads happen one at a time under one lock, so two decisions never
 plan with the same free memory; requests for a model that is already loaded
 never touch that lock. A model that is generating or has requests waiting is
 never unloaded.
+
+What anything else reads of the models (``/api/status``, ``/metrics``, the doors'
+lists of loaded models, plugins) is ``Scheduler.snapshot()``: frozen ``ModelView``
+copies, the stable surface; the ``ModelEntry`` objects in ``Scheduler.models`` are the
+scheduler's own working state and may change between versions.
 """
 
 from __future__ import annotations
@@ -97,6 +102,52 @@ class ModelEntry:
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self.avg_hold_s * (self.waiting + 1) / self.policy.parallel))
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """What a model's worker process holds, as the device reports it now (None: not told)."""
+
+    rss_bytes: int | None
+    vram_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    """One local model as the scheduler sees it at one moment: a copy, so reading it never
+    races the scheduler, and the same for status, metrics, the doors and plugins."""
+
+    name: str
+    state: str  # unloaded | loading | loaded | unloading
+    placement: Placement | None  # where it is loaded (GPU, layers, estimated memory); None when it is not
+    n_layers: int  # layers the engine could offload to a GPU
+    estimated_ram_bytes: int  # the placement's estimate, else what the CPU alone would take
+    estimated_vram_bytes: int
+    measured: Measured | None  # only from snapshot(measure=True), for a model with a worker process
+    pid: int | None  # its worker process, while there is one
+    keep_alive: float  # seconds it stays loaded after its last request (the latest request's, else configured)
+    configured_keep_alive: float  # the model's own keep_alive setting
+    expires_at: float | None  # when keep-alive unloads it (time.time()); None while busy, or for ever
+    last_used: float  # when its last request let go of its slot (time.monotonic()); 0.0: never
+    load_s: float | None  # how long its last load took
+    active: int  # requests holding one of its slots
+    waiting: int  # requests queued for one
+    parallel: int  # its slots
+    max_queue: int
+    notes: tuple[str, ...]
+
+    @property
+    def loaded(self) -> bool:
+        return self.state == "loaded"
+
+    @property
+    def device(self) -> str | None:
+        """``gpu``, ``partial`` or ``cpu`` while placed, else None."""
+        return None if self.placement is None else self.placement.kind
+
+    @property
+    def busy(self) -> bool:
+        return self.active > 0 or self.waiting > 0
 
 
 class Scheduler:
@@ -387,28 +438,62 @@ class Scheduler:
 
     # -- visibility and shutdown -----------------------------------------------------------------
 
-    def status(self, name: str) -> dict[str, Any]:
-        e = self.models[name]
-        p = e.placement
+    def forget(self, name: str) -> None:
+        """Drop an unloaded model that is no longer served (its backend was removed)."""
+        self.models.pop(name, None)
+
+    def view(self, name: str, *, measure: bool = False) -> ModelView | None:
+        """The model ``name`` now (None: no such local model). ``measure``: ask the device
+        what its worker holds (psutil, NVML: blocking, up to milliseconds)."""
+        e = self.models.get(name)
+        if e is None:
+            return None
+        p, pid = e.placement, e.unit.pid
         est = e.unit.estimate(e.policy.parallel)
-        measured = self.probe.process_memory(e.unit.pid) if (self.probe and e.unit.pid) else None
+        measured = None
+        if measure and self.probe is not None and pid:
+            m = self.probe.process_memory(pid)
+            measured = Measured(m["rss_bytes"], m["vram_bytes"])
+        return ModelView(
+            name=name, state=e.state, placement=p, n_layers=est.n_offload,
+            estimated_ram_bytes=p.ram_bytes if p else est.ram_bytes(0), estimated_vram_bytes=p.vram_bytes if p else 0,
+            measured=measured, pid=pid, keep_alive=e.keep_alive, configured_keep_alive=e.policy.keep_alive,
+            expires_at=e.expires_at, last_used=e.last_used, load_s=e.load_s, active=e.active, waiting=e.waiting,
+            parallel=e.policy.parallel, max_queue=e.policy.max_queue, notes=tuple(e.notes))
+
+    def snapshot(self, *, measure: bool = False) -> dict[str, ModelView]:
+        """Every local model now, by name, in the order they were registered: what status,
+        metrics, the doors and plugins read (a fresh dict of frozen views each call, safe to
+        take from another thread). ``measure`` as in ``view``."""
+        out: dict[str, ModelView] = {}
+        for name in list(self.models):
+            v = self.view(name, measure=measure)
+            if v is not None:
+                out[name] = v
+        return out
+
+    def status(self, name: str) -> dict[str, Any]:
+        """One model's part of ``GET /api/status``."""
+        v = self.view(name, measure=True)
+        if v is None:
+            raise KeyError(name)
+        p, measured = v.placement, v.measured
         now = time.time()
         return {
-            "state": e.state,
+            "state": v.state,
             "placement": None if p is None else {
-                "kind": p.kind, "gpu_layers": p.gpu_layers, "n_layers": est.n_offload, "gpu": p.gpu_index,
+                "kind": p.kind, "gpu_layers": p.gpu_layers, "n_layers": v.n_layers, "gpu": p.gpu_index,
                 "reason": p.reason},
             "memory": {
-                "estimated_ram_bytes": p.ram_bytes if p else est.ram_bytes(0),
-                "estimated_vram_bytes": p.vram_bytes if p else 0,
-                **({"rss_bytes": measured["rss_bytes"], "vram_bytes": measured["vram_bytes"]} if measured else {}),
+                "estimated_ram_bytes": v.estimated_ram_bytes,
+                "estimated_vram_bytes": v.estimated_vram_bytes,
+                **({"rss_bytes": measured.rss_bytes, "vram_bytes": measured.vram_bytes} if measured else {}),
             },
-            "keep_alive_s": e.keep_alive if math.isfinite(e.keep_alive) else None,
-            "expires_in_s": None if e.expires_at is None else round(max(0.0, e.expires_at - now), 1),
-            "load_s": None if e.load_s is None else round(e.load_s, 3),
-            "queue": {"active": e.active, "waiting": e.waiting, "parallel": e.policy.parallel,
-                      "max_queue": e.policy.max_queue},
-            "notes": list(e.notes),
+            "keep_alive_s": v.keep_alive if math.isfinite(v.keep_alive) else None,
+            "expires_in_s": None if v.expires_at is None else round(max(0.0, v.expires_at - now), 1),
+            "load_s": None if v.load_s is None else round(v.load_s, 3),
+            "queue": {"active": v.active, "waiting": v.waiting, "parallel": v.parallel, "max_queue": v.max_queue},
+            "notes": list(v.notes),
         }
 
     async def close(self) -> None:

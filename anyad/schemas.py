@@ -8,7 +8,7 @@ naming the field, not a guess at what the client meant.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -19,27 +19,29 @@ from anyad.stream import ChatRequest, SamplingParams
 M = TypeVar("M", bound=BaseModel)
 
 
-class _Open(BaseModel):
+class Open(BaseModel):
+    """A request body: strict about the fields it names, keeping those it does not."""
+
     model_config = ConfigDict(extra="allow", strict=True)
 
 
-class ContentPart(_Open):
+class ContentPart(Open):
     type: str
     text: str | None = None
 
 
-class FunctionCall(_Open):
+class FunctionCall(Open):
     name: str
     arguments: str
 
 
-class ToolCall(_Open):
+class ToolCall(Open):
     id: str
     type: Literal["function"]
     function: FunctionCall
 
 
-class ChatMessage(_Open):
+class ChatMessage(Open):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     # Before content: its check reads them.
     tool_calls: list[ToolCall] | None = None
@@ -63,7 +65,7 @@ class ChatMessage(_Open):
 
 
 
-class FunctionDefinition(_Open):
+class FunctionDefinition(Open):
     # OpenAI's rule for a function name; it also keeps names safe inside a template and a grammar.
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
@@ -72,25 +74,25 @@ class FunctionDefinition(_Open):
     strict: bool | None = None
 
 
-class Tool(_Open):
+class Tool(Open):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(_Open):
+class FunctionName(Open):
     name: str
 
 
-class NamedToolChoice(_Open):
+class NamedToolChoice(Open):
     type: Literal["function"]
     function: FunctionName
 
 
-class StreamOptions(_Open):
+class StreamOptions(Open):
     include_usage: bool = False
 
 
-class ResponseFormat(_Open):
+class ResponseFormat(Open):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
 
@@ -123,7 +125,7 @@ def stop_limit(v: str | list[str] | None) -> str | list[str] | None:
     return v
 
 
-class _Sampling(_Open):
+class _Sampling(Open):
     """The fields both OpenAI generation requests (chat and completions) share."""
 
     model: str = Field(min_length=1)
@@ -253,7 +255,7 @@ def check_inputs(inputs: list[Any], param: str = "input") -> None:
         raise InvalidRequest(problem, param=param)
 
 
-class EmbeddingsRequest(_Open):
+class EmbeddingsRequest(Open):
     model: str = Field(min_length=1)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -302,6 +304,21 @@ def validate(model: type[M], data: Any) -> M:
         param = param_path(loc)
         msg = err["msg"].removeprefix("Value error, ")
         raise InvalidRequest(f"{param}: {msg}", param=param or None) from None
+
+
+def function_tools(tools: Any, convert: Callable[[int, Any], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Another door's tool list as chat's function tools. ``convert`` turns entry ``i`` into
+    a function object (name, parameters, description, ...) or refuses it with a 400; unset
+    keys are left out, so a door need not know which ones chat treats as optional."""
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools must be a list", param="tools")
+    return [{"type": "function", "function": {k: v for k, v in convert(i, t).items() if v is not None}}
+            for i, t in enumerate(tools)]
+
+
+def named_tool(name: str) -> dict[str, Any]:
+    """chat's ``tool_choice`` forcing one function."""
+    return {"type": "function", "function": {"name": name}}
 
 
 def parse_chat_request(data: Any) -> ChatRequest:

@@ -14,36 +14,22 @@ import time
 from typing import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from anyad import errors
-from anyad.access import IDENT, BrowserGuard, actor, auth_middleware, cors_headers, guard_middleware, identity
+from anyad.access import BrowserGuard, auth_middleware, cors_headers, guard_middleware
+from anyad.api import register_routes, v1_error_bodies
 from anyad.config import ServerSettings
-from anyad.daemon import Daemon
-from anyad.jsoncodec import dumps, loads
+from anyad.daemon import DAEMON, Daemon
+from anyad.errors import ErrorBody, openai_error_body
+from anyad.jsoncodec import dumps
+from anyad.limits import rate_limit_headers, rate_limit_middleware
+from anyad.request_context import BACKEND, CONTENT, IDENT, MODEL, REQUEST_ID, USAGE, actor, identity
 from anyad.store import UsageRow
 
 log = logging.getLogger("anyad.server")
 
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon", Daemon)
-# Typed request keys arrived in aiohttp 3.14; older versions take a plain string.
-REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
-# What a handler learned, for the metrics and the audit log: the model asked for, the
-# target that answered, and (when the audit keeps content) the exchange.
-MODEL = web.RequestKey("model", str) if hasattr(web, "RequestKey") else "model"
-BACKEND = web.RequestKey("backend", str) if hasattr(web, "RequestKey") else "backend"
-CONTENT = web.RequestKey("content", dict) if hasattr(web, "RequestKey") else "content"
-# (prompt tokens, completion tokens, cache outcome) of a request that used a model.
-USAGE = web.RequestKey("usage", tuple) if hasattr(web, "RequestKey") else "usage"
 UNACCOUNTED = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes: counted, not audited
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-# How a door writes an error's body: OpenAI's shape here, Ollama's in its plugin.
-ErrorBody = Callable[[errors.AnyadError], object]
-
-
-def openai_error_body(exc: errors.AnyadError) -> object:
-    return exc.body()
 
 
 def error_response(exc: errors.AnyadError, request_id: str | None = None,
@@ -73,8 +59,7 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> errors.AnyadErro
     return err
 
 
-def error_middleware_for(render: ErrorBody, by_path: tuple[tuple[str, ErrorBody], ...] = ()
-                         ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def error_middleware_for(render: ErrorBody, by_path: tuple[tuple[str, ErrorBody], ...] = ()) -> Middleware:
     """The one place where any failure becomes a response, in the door's error shape:
     ``render``'s, or for a path under one of ``by_path``'s prefixes, that door's (one
     listener may hold several doors: Anthropic's Messages beside OpenAI's)."""
@@ -111,7 +96,7 @@ def error_middleware_for(render: ErrorBody, by_path: tuple[tuple[str, ErrorBody]
 error_middleware = error_middleware_for(openai_error_body)
 
 
-def accounting_middleware(daemon: Daemon) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def accounting_middleware(daemon: Daemon) -> Middleware:
     """Inside ``error_middleware``: refuses new work while draining, keeps the count of
     requests in flight (drain and reload wait on it), and after each reply, streams
     included, updates the metrics and the audit log."""
@@ -177,23 +162,12 @@ def quota_header(daemon: Daemon) -> Callable[[web.Request, web.StreamResponse], 
     return hook
 
 
-async def read_json(request: web.Request) -> object:
-    """The request body as JSON; malformed JSON is a 400, an oversized body a 413."""
-    raw = await request.read()
-    try:
-        return loads(raw)
-    except ValueError as exc:
-        raise errors.InvalidRequest(f"the request body is not valid JSON: {exc}") from None
-
-
 def gateway_app(daemon: Daemon, bind_host: Callable[[], str], render: ErrorBody = openai_error_body,
                 by_path: tuple[tuple[str, ErrorBody], ...] = ()) -> web.Application:
     """An application with the layer every door (listener) shares: errors in the door's
     shape, drain and accounting, the browser guard (Host and Origin) and CORS, API keys,
     rate limits and their headers. Its rules are read from the daemon on each request, so
     a reload (SIGHUP) changes them without rebuilding anything."""
-    from anyad.limits import rate_limit_headers, rate_limit_middleware
-
     def server() -> "ServerSettings":
         return daemon.settings.server
 
@@ -209,8 +183,6 @@ def gateway_app(daemon: Daemon, bind_host: Callable[[], str], render: ErrorBody 
 
 
 def build_app(daemon: Daemon) -> web.Application:
-    from anyad.api import register_routes, v1_error_bodies
-
     app = gateway_app(daemon, lambda: daemon.settings.server.host, by_path=v1_error_bodies())
 
     async def on_startup(app: web.Application) -> None:

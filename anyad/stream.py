@@ -8,7 +8,7 @@ backend sees HTTP and no handler sees an engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 
 @dataclass(slots=True)
@@ -58,6 +58,11 @@ class SamplingParams:
     reasoning_format: str | None = None
     # Fill-in-the-middle: the text after the gap (a completions request's ``suffix``).
     suffix: str | None = None
+    # Ollama's generate: the token ids of an earlier prompt and reply that this prompt goes
+    # on from (``context``), and whether the reply's last chunk brings the tokens of this
+    # prompt and reply back (``Chunk.tokens``); local models only.
+    context: list[int] | None = None
+    return_tokens: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) not in (None, [])}
@@ -114,6 +119,10 @@ class Chunk:
     # Why the backend answered otherwise than the model wrote (e.g. a malformed tool call
     # returned as text); for a log line and a response header, never for the client's body.
     note: str | None = None
+    # With the last chunk, when ``SamplingParams.return_tokens`` asked: the token ids of the
+    # prompt and the reply (what Ollama's generate returns as ``context``).
+    tokens: list[int] | None = None
 
 
-ChunkStream = AsyncIterator[Chunk]
+# What a backend's ``chat`` returns (an async generator: callers ``aclose`` what they abandon).
+ChunkStream = AsyncGenerator[Chunk, None]

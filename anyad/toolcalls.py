@@ -143,7 +143,8 @@ _DECODER = json.JSONDecoder()
 
 def _json_values(text: str, sep: str = ";") -> list[Any]:
     """Every JSON value in ``text``, separated by whitespace or ``sep`` (Llama's ``;``)."""
-    values, i, n = [], 0, len(text)
+    values: list[Any] = []
+    i, n = 0, len(text)
     while True:
         while i < n and (text[i].isspace() or text[i] in sep):
             i += 1
@@ -385,18 +386,18 @@ class ReplyParser:
 
     def _step_text(self) -> bool:
         buf = self._pending
-        opens_think = self._think is not None and not self._thought
-        if self._fresh and (self._tools or opens_think):
+        think = self._think if not self._thought else None  # the markers, while thinking may still open
+        if self._fresh and (self._tools or think is not None):
             # At the start of the reply: thinking, a call marker or a bare JSON call.
             head = buf.lstrip()
             if not head:
                 return False
-            if opens_think and head.startswith(self._think[0]):
-                self._pending, self._mode = head[len(self._think[0]):], _REASONING
+            if think is not None and head.startswith(think[0]):
+                self._pending, self._mode = head[len(think[0]):], _REASONING
                 if self._inline:
-                    self._raw_text(self._think[0])
+                    self._raw_text(think[0])
                 return True
-            starts = self._openers + ((self._think[0],) if opens_think else ())
+            starts = self._openers + ((think[0],) if think is not None else ())
             if any(len(head) < len(m) and m.startswith(head) for m in starts):
                 return False
             if self._tools and head[0] in "{[" and not any(head.startswith(m) for m in self._openers):
@@ -418,6 +419,7 @@ class ReplyParser:
         return True
 
     def _step_reasoning(self) -> bool:
+        assert self._think is not None  # the reasoning mode is entered only with thinking markers
         close = self._think[1]
         buf = self._pending
         i = buf.find(close)

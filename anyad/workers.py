@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from anyad import protocol
 from anyad.errors import AnyadError, BackendError, LoadFailed, Unavailable
@@ -136,7 +136,7 @@ class WorkerProcess:
             raise WorkerFailed(f"model {self.name!r}: worker is not running")
         self.proc.stdin.write(protocol.encode(obj))
 
-    async def request(self, op: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def request(self, op: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Send one operation and yield its frames until ``end``; cancels it in the worker if abandoned."""
         if not self.alive:
             raise WorkerFailed(f"model {self.name!r}: worker is not running")

@@ -1,14 +1,18 @@
 """Ollama's own API on its own listener (127.0.0.1:11434 by default), over anyad's models.
 
 For the many tools that speak only Ollama: ``/api/chat`` and ``/api/generate``
-(NDJSON streaming by default, ``stream: false``, ``options``, ``format``, ``keep_alive``),
-``/api/tags``, ``/api/ps``, ``/api/show``, ``/api/embed`` (and the older
-``/api/embeddings``), ``/api/version``, and ``GET /``. Requests go through the same
+(NDJSON streaming by default, ``stream: false``, ``options``, ``format``, ``keep_alive``;
+on generate also ``raw``, ``suffix`` and ``context``), ``/api/tags``, ``/api/ps``,
+``/api/show``, ``/api/embed`` (and the older ``/api/embeddings``), ``/api/version``, and
+``GET /``; and Ollama's model store (``/api/pull``, ``/api/delete``, ``/api/copy``,
+``/api/create``, ``/api/blobs/…``: ``ollama_models``). Requests go through the same
 router, scheduler, history, cache, API keys, limits and metrics as the OpenAI API;
-errors come in Ollama's shape, ``{"error": "..."}``.
+errors come in Ollama's shape, ``{"error": "..."}``. Model names resolve as Ollama's do
+(``llama3`` is ``llama3:latest``).
 
-Enable with ``[plugins] enabled = ["ollama"]``; ``[plugins.ollama]`` takes ``host`` and
-``port``. A host beyond loopback needs ``server.api_keys``, as the main listener does.
+Enable with ``[plugins] enabled = ["ollama"]``; ``[plugins.ollama]`` takes ``host``,
+``port`` and ``registry`` (the Ollama-style registry ``/api/pull`` pulls from; none by
+default). A host beyond loopback needs ``server.api_keys``, as the main listener does.
 """
 
 from __future__ import annotations
@@ -21,17 +25,21 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 import anyad
 from anyad import embedflow, errors, modelops
-from anyad.access import admit, check_bind, identity
+from anyad.access import admit, check_bind
 from anyad.chatflow import ChatFlow
 from anyad.config import parse_keep_alive
+from anyad.daemon import DAEMON
 from anyad.fields import check_ollama
 from anyad.jsoncodec import dumpb, loads
-from anyad.schemas import check_inputs, parse_chat_request
-from anyad.server import DAEMON, gateway_app, read_json
+from anyad.plugins import ollama_modelfile, ollama_models
+from anyad.plugins.ollama_registry import check_registry
+from anyad.request_context import identity, read_json
+from anyad.schemas import check_inputs, parse_chat_request, parse_completion_request
+from anyad.server import gateway_app
 from anyad.stream import Chunk
 
 log = logging.getLogger("anyad.ollama")
@@ -46,6 +54,10 @@ class OllamaSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
     port: int = Field(11434, ge=0, le=65535)
+    # The Ollama-style registry /api/pull pulls from ("http://HOST:PORT"); unset: pulling is off.
+    registry: str | None = None
+
+    _registry = field_validator("registry")(lambda cls, v: None if v is None else check_registry(v))
 
 
 def _now() -> str:
@@ -69,11 +81,12 @@ OPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k
                  "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop"}
 
 
-def _openai_body(body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
+def _openai_body(body: dict[str, Any], messages: list[dict[str, Any]], model: str | None = None) -> dict[str, Any]:
+    """``model``: the id the request's name stands for (``_resolve``)."""
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise errors.InvalidRequest("options must be an object", param="options")
-    out: dict[str, Any] = {"model": body.get("model"), "messages": messages,
+    out: dict[str, Any] = {"model": model or body.get("model"), "messages": messages,
                            "stream": body.get("stream", True) is not False}
     for src, dst in OPTION_FIELDS.items():
         if options.get(src) is not None:
@@ -162,7 +175,7 @@ async def _load_or_unload(request: web.Request, body: dict[str, Any], kind: str)
     """Ollama's convention: a request with nothing to answer loads the model (or, with
     ``keep_alive: 0``, unloads it), under the same rules as the admin API's."""
     daemon = request.app[DAEMON]
-    model = body.get("model") or ""
+    model = _resolve(request, body)
     ka = body.get("keep_alive")
     try:
         keep_alive = None if ka is None else parse_keep_alive(ka)
@@ -173,7 +186,8 @@ async def _load_or_unload(request: web.Request, body: dict[str, Any], kind: str)
     else:
         modelops.check_keep_alive(daemon, request, model, keep_alive)
         await modelops.load(daemon, request, model, route=True)
-    done = {"model": model, "created_at": _now(), "done": True, "done_reason": "unload" if keep_alive == 0 else "load"}
+    done = {"model": body["model"], "created_at": _now(), "done": True,
+            "done_reason": "unload" if keep_alive == 0 else "load"}
     done["message" if kind == "chat" else "response"] = {"role": "assistant", "content": ""} if kind == "chat" else ""
     return web.json_response(done, dumps=lambda o: dumpb(o).decode())
 
@@ -222,6 +236,8 @@ class OllamaWriter:
                    prompt_eval_count=usage.prompt_tokens if usage else 0, prompt_eval_duration=int(ttft * 1e9),
                    eval_count=usage.completion_tokens if usage else 0,
                    eval_duration=int(max(0.0, total - ttft) * 1e9))
+        if self.kind == "generate" and flow.reply.tokens is not None:
+            obj["context"] = flow.reply.tokens  # the prompt's and the reply's tokens, to continue from
         return obj
 
     def head(self) -> bytes:
@@ -244,13 +260,66 @@ class OllamaWriter:
         return dumpb(self._final(flow, reply.text, self._thinking(reply), reply.logprobs))
 
 
+def _resolve(request: web.Request, body: dict[str, Any]) -> str:
+    """The model id the request's name stands for, as Ollama resolves names."""
+    return ollama_models.door_of(request).resolve(body.get("model") or "")
+
+
+def _context(body: dict[str, Any]) -> list[int] | None:
+    ctx = body.get("context")
+    if ctx is None or ctx == []:
+        return None
+    if not isinstance(ctx, list) or not all(type(t) is int and t >= 0 for t in ctx):
+        raise errors.InvalidRequest("context must be a list of token ids, as a reply returned it", param="context")
+    return ctx
+
+
 async def _answer(request: web.Request, body: dict[str, Any], messages: list[dict[str, Any]],
                   kind: str) -> web.StreamResponse:
     check_ollama(body, kind)
-    chat = parse_chat_request(_openai_body(body, messages))
+    daemon = request.app[DAEMON]
+    model = _resolve(request, body)
+    chat = parse_chat_request(_openai_body(body, messages, model))
+    if kind == "generate":
+        context = _context(body)
+        local = model in daemon.local
+        if context is not None:
+            if not local:
+                raise errors.InvalidRequest("context: only a local model continues from token ids (its own)",
+                                            param="context")
+            chat.params.context = context
+            chat.body = {**chat.body, "context": context}  # another context is another answer (the cache's key)
+        if local:
+            chat.params.return_tokens = True  # for the reply's context
+    return await _flow(request, chat, kind, body)
+
+
+async def _flow(request: web.Request, chat: Any, kind: str, body: dict[str, Any]) -> web.StreamResponse:
     flow = ChatFlow(request.app[DAEMON], request, chat)
     opened = await flow.open()
     return await flow.respond(opened, OllamaWriter(kind, body.get("model")))
+
+
+COMPLETION_FIELDS = ("model", "stream", "max_tokens", "keep_alive", *OPTION_FIELDS.values())
+
+
+async def _complete(request: web.Request, body: dict[str, Any], prompt: str, suffix: str | None) -> web.StreamResponse:
+    """``raw`` and ``suffix``: the prompt continued as it is, with no template (between it
+    and the suffix, as fill-in-the-middle), the completions door's way."""
+    check_ollama(body, "generate")
+    for key, why in (("images", "images go where the chat template puts them"),
+                     ("format", "a format is held by the chat template's reply")):
+        if body.get(key):
+            raise errors.InvalidRequest(f"{key} cannot go with raw or suffix: {why}", param=key)
+    base = _openai_body(body, [], _resolve(request, body))
+    comp: dict[str, Any] = {k: base[k] for k in COMPLETION_FIELDS if k in base}
+    comp["prompt"] = prompt
+    comp["max_tokens"] = base.get("max_tokens")  # Ollama's default: up to the end of the context
+    if suffix is not None:
+        comp["suffix"] = suffix
+    if base.get("logprobs"):
+        comp["logprobs"] = base.get("top_logprobs") or 0
+    return await _flow(request, parse_completion_request(comp), "generate", body)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -268,8 +337,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
     prompt = body.get("prompt") or ""
     if not isinstance(prompt, str):
         raise errors.InvalidRequest("prompt must be a string", param="prompt")
-    if not prompt and not body.get("images"):
+    raw, suffix = body.get("raw"), body.get("suffix")
+    if raw not in (None, True, False):
+        raise errors.InvalidRequest("raw must be true or false", param="raw")
+    if suffix is not None and not isinstance(suffix, str):
+        raise errors.InvalidRequest("suffix must be a string", param="suffix")
+    suffix = suffix or None
+    if not prompt and not body.get("images") and suffix is None:
         return await _load_or_unload(request, body, "generate")
+    if raw or suffix is not None:
+        return await _complete(request, body, prompt, suffix)
     messages: list[dict[str, Any]] = []
     if body.get("system"):
         messages.append({"role": "system", "content": str(body["system"])})
@@ -296,7 +373,14 @@ def _details(backend: Any) -> dict[str, Any]:
             "parameter_size": info.size_label or "", "quantization_level": info.quantization or ""}
 
 
-def _digest(name: str, backend: Any) -> str:
+def _stored(request: web.Request, name: str) -> Any:
+    """The store model ``name`` is (its manifest, its Modelfile's defaults), or None."""
+    return ollama_models.door_of(request).models.get(name)
+
+
+def _digest(name: str, backend: Any, stored: Any = None) -> str:
+    if stored is not None:
+        return stored.manifest.digest  # Ollama's: the manifest's own
     info = getattr(backend, "info", None)
     sha = getattr(getattr(backend, "settings", None), "sha256", None)
     if sha:
@@ -314,6 +398,13 @@ def _entries(daemon: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def _mtime(path: Any) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
+
+
 async def tags(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     models = []
@@ -322,10 +413,12 @@ async def tags(request: web.Request) -> web.Response:
         if not ident.may_use(name):
             continue
         info = getattr(backend, "info", None)
-        modified = info.path.stat().st_mtime if info is not None else daemon.started_at
-        models.append({"name": name, "model": name, "modified_at": _iso(modified),
-                       "size": info.size_bytes if info is not None else 0, "digest": _digest(name, backend),
-                       "details": _details(backend)})
+        stored = _stored(request, name)
+        modified = _mtime(stored.path) if stored is not None else \
+            info.path.stat().st_mtime if info is not None else daemon.started_at
+        size = stored.manifest.size if stored is not None else info.size_bytes if info is not None else 0
+        models.append({"name": name, "model": name, "modified_at": _iso(modified), "size": size,
+                       "digest": _digest(name, backend, stored), "details": _details(backend)})
     return web.json_response({"models": models})
 
 
@@ -338,7 +431,8 @@ async def ps(request: web.Request) -> web.Response:
         expires = _iso(m.expires_at) if m.expires_at else \
             (FOREVER_ISO if m.keep_alive == float("inf") else _now())
         models.append({"name": m.name, "model": m.name, "size": p.ram_bytes + p.vram_bytes, "size_vram": p.vram_bytes,
-                       "digest": _digest(m.name, backend), "details": _details(backend), "expires_at": expires,
+                       "digest": _digest(m.name, backend, _stored(request, m.name)), "details": _details(backend),
+                       "expires_at": expires,
                        "context_length": getattr(backend, "n_ctx", None)})
     return web.json_response({"models": models})
 
@@ -346,7 +440,7 @@ async def ps(request: web.Request) -> web.Response:
 async def show(request: web.Request) -> web.Response:
     body = await _body(request)
     daemon = request.app[DAEMON]
-    name = body["model"]
+    name = _resolve(request, body)
     admit(request, name)
     known = {n: b for n, b in _entries(daemon)}
     if name not in known:
@@ -361,14 +455,31 @@ async def show(request: web.Request) -> web.Response:
                       f"{arch}.context_length": info.context_length, f"{arch}.block_count": info.block_count,
                       f"{arch}.embedding_length": info.embedding_length}
     n_ctx = getattr(backend, "n_ctx", None)
-    return web.json_response({
+    out: dict[str, Any] = {
         "modelfile": f"# served by anyad {anyad.__version__}\nFROM {info.path if info else name}\n",
         "parameters": f"num_ctx {n_ctx}" if n_ctx else "",
         "template": (info.chat_template or "") if info else "",
         "details": _details(backend), "model_info": model_info,
         "capabilities": ["completion", "embedding"] if info is not None else ["completion"],
         "modified_at": _iso(info.path.stat().st_mtime if info else daemon.started_at),
-    })
+    }
+    stored = _stored(request, name)
+    if stored is not None:  # what its Modelfile set, as Ollama shows it
+        d = stored.defaults
+        params = d.params if "num_ctx" in d.params or not n_ctx else {**d.params, "num_ctx": n_ctx}
+        out.update(modelfile=f"# served by anyad {anyad.__version__}\n" + ollama_modelfile.render(
+                       str(info.path) if info else name, d.params, d.system, d.template, list(d.messages),
+                       list(d.license)),
+                   parameters=ollama_modelfile.parameters_text(params), modified_at=_iso(_mtime(stored.path)))
+        if d.template is not None and d.own_template:
+            out["template"] = d.template
+        if d.system is not None:
+            out["system"] = d.system
+        if d.license:
+            out["license"] = "\n".join(d.license)
+        if d.messages:
+            out["messages"] = list(d.messages)
+    return web.json_response(out)
 
 
 # -- embeddings, version, root ----------------------------------------------------------------
@@ -383,7 +494,7 @@ async def embed(request: web.Request) -> web.Response:
     check_inputs(inputs)
     t0 = time.monotonic()
     options = {"dimensions": body["dimensions"]} if body.get("dimensions") else None
-    target, result, _ = await embedflow.embed(request, body["model"], inputs, options)
+    target, result, _ = await embedflow.embed(request, _resolve(request, body), inputs, options)
     return web.json_response({"model": body["model"], "embeddings": result.vectors,
                               "total_duration": int((time.monotonic() - t0) * 1e9), "load_duration": 0,
                               "prompt_eval_count": result.prompt_tokens},
@@ -397,7 +508,7 @@ async def embeddings(request: web.Request) -> web.Response:
     if not isinstance(prompt, str):
         raise errors.InvalidRequest("prompt must be a string", param="prompt")
     check_inputs([prompt], "prompt")
-    target, result, _ = await embedflow.embed(request, body["model"], [prompt])
+    target, result, _ = await embedflow.embed(request, _resolve(request, body), [prompt])
     return web.json_response({"embedding": result.vectors[0]}, headers={"X-Anyad-Backend": target.name})
 
 
@@ -433,6 +544,7 @@ def build_app(daemon: Any, host: str = "127.0.0.1") -> web.Application:
     r.add_post("/api/generate", generate)
     r.add_post("/api/embed", embed)
     r.add_post("/api/embeddings", embeddings)
+    ollama_models.register(app)
     return app
 
 
@@ -451,9 +563,11 @@ async def anyad_startup(daemon: Any, config: dict[str, Any]) -> None:
     try:
         settings = OllamaSettings.model_validate(config)
     except ValidationError as exc:
-        raise errors.ConfigError(f"plugins.ollama: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") \
+        err = exc.errors()[0]
+        raise errors.ConfigError(f"plugins.ollama: {err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}") \
             from None
     check_bind(daemon.settings.server.model_copy(update={"host": settings.host}), bool(daemon.settings.keys))
+    await ollama_models.start(daemon, settings.registry)  # the store's models served before the door opens
     from anyad.listen import listen
 
     runner, bound = await listen(build_app(daemon, settings.host), settings.host, settings.port,
@@ -463,7 +577,14 @@ async def anyad_startup(daemon: Any, config: dict[str, Any]) -> None:
 
 
 @anyad.hookimpl
+def anyad_before_request(request: Any, daemon: Any) -> Any:
+    """Ollama's names and a store model's Modelfile defaults, on every door."""
+    return ollama_models.before_request(request, daemon)
+
+
+@anyad.hookimpl
 async def anyad_shutdown(daemon: Any) -> None:
     entry = LISTENERS.pop(daemon, None)
     if entry is not None:
         await entry[0].cleanup()
+    ollama_models.DOORS.pop(daemon, None)

@@ -69,6 +69,37 @@ def settings_for(tmp_path: Path, models: dict[str, Path], **extra: Any) -> Setti
                            "models": {name: {"path": str(path)} for name, path in models.items()}, **extra})
 
 
+@pytest.fixture
+async def sdk_on(make_client, tmp_path):
+    """A client library on a fresh daemon: ``await sdk_on(models, sdk, **settings)`` serves
+    ``models`` (name → GGUF) and returns ``sdk(test client)`` carrying ``.anyad`` (the test
+    client); every one is closed at the end."""
+    opened = []
+
+    async def make(models: dict[str, Path], sdk: Any, **extra: Any) -> Any:
+        c = await make_client(settings_for(tmp_path, models, **extra))
+        client = sdk(c)
+        client.anyad = c
+        opened.append(client)
+        return client
+
+    yield make
+    for client in opened:
+        await client.close()
+
+
+def openai_sdk(c: Any) -> Any:
+    import openai
+
+    return openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key="not-needed", max_retries=0)
+
+
+def anthropic_sdk(c: Any) -> Any:
+    import anthropic
+
+    return anthropic.AsyncAnthropic(base_url=str(c.make_url("")), api_key="sk-none", max_retries=0)
+
+
 def make_settings(model: Path, tmp_path: Path, **model_opts):
     return parse_settings({"data_dir": str(tmp_path / "data"),
                            "models": {MODEL_ID: {"path": str(model), **model_opts}}})

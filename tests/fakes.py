@@ -29,7 +29,54 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/responses", self.responses)
         return app
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API: REPLY as output text, or (tools offered) one get_weather call;
+        mode ``500`` fails before the reply, ``failed`` streams a response.failed after text."""
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        if self.mode == "500":
+            return web.json_response({"error": {"message": "upstream exploded", "type": "server_error"}}, status=500)
+        tools = bool(body.get("tools")) and body.get("tool_choice") != "none"
+        usage = {"input_tokens": 13, "output_tokens": 5, "total_tokens": 18}
+        call = {"type": "function_call", "id": "fc_1", "call_id": "call_r1", "name": "get_weather",
+                "arguments": '{"city": "Oslo"}', "status": "completed"}
+        message = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": REPLY, "annotations": []}]}
+        reasoning = {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Thinking."}]}
+        output = [reasoning, call] if tools else [reasoning, message]
+        whole = {"id": "resp_up", "object": "response", "status": "completed", "model": body["model"],
+                 "output": output, "usage": usage}
+        if not body.get("stream"):
+            return web.json_response(whole)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def ev(kind: str, **data: object) -> None:
+            await resp.write(f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **data}).encode()
+                             + b"\n\n")
+
+        await ev("response.created", response={**whole, "status": "in_progress", "output": []})
+        await ev("response.output_item.added", output_index=0, item={**reasoning, "summary": []})
+        await ev("response.reasoning_summary_text.delta", output_index=0, delta="Thinking.")
+        if tools:
+            await ev("response.output_item.added", output_index=1, item={**call, "arguments": ""})
+            for piece in ('{"city": ', '"Oslo"}'):
+                await ev("response.function_call_arguments.delta", output_index=1, item_id="fc_1", delta=piece)
+        else:
+            await ev("response.output_item.added", output_index=1, item={**message, "content": []})
+            for i, w in enumerate(REPLY.split(" ")):
+                await ev("response.output_text.delta", output_index=1, content_index=0,
+                         delta=w if i == 0 else " " + w)
+                if self.mode == "failed" and i == 1:
+                    await ev("response.failed", response={**whole, "status": "failed",
+                                                          "error": {"code": "server_error", "message": "it broke"}})
+                    return resp
+        await ev("response.completed", response=whole)
+        return resp
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """Legacy completions: every choice says REPLY, choice i of a prompt list is prompt i // n's."""
@@ -271,3 +318,84 @@ class RecordedNVML:
 
     def nvmlDeviceGetUtilizationRates(self, h):
         return SimpleNamespace(gpu=h["util"])
+
+
+class FakeOllamaRegistry:
+    """An Ollama-style registry (the protocol ``ollama pull`` speaks): manifests at
+    ``/v2/{namespace}/{model}/manifests/{tag}``, blobs by digest at ``.../blobs/{digest}``
+    (with ranges). ``publish`` puts a model up from its GGUF bytes; ``corrupt`` makes a
+    blob's bytes differ from its digest; ``cut`` drops the connection halfway through a
+    blob, once; ``requests`` records each path asked for, ``ranges`` each blob's Range header."""
+
+    MODEL = "application/vnd.ollama.image.model"
+
+    def __init__(self) -> None:
+        self.manifests: dict[tuple[str, str, str], bytes] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.corrupt: set[str] = set()
+        self.cut: set[str] = set()
+        self.requests: list[str] = []
+        self.ranges: list[tuple[str, str | None]] = []
+
+    def blob(self, data: bytes, media_type: str) -> dict:
+        import hashlib
+
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.blobs[digest] = data
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    def publish(self, model: str, gguf: bytes, tag: str = "latest", namespace: str = "library",
+                **texts: str) -> dict:
+        """A model of ``gguf`` with text layers (``template=``, ``system=``, ``license=``,
+        ``params=`` as JSON text); returns its manifest."""
+        layers = [self.blob(gguf, self.MODEL)]
+        for kind, text in texts.items():
+            layers.append(self.blob(text.encode(), f"application/vnd.ollama.image.{kind}"))
+        config = self.blob(json.dumps({"model_format": "gguf", "model_family": "llama"}).encode(),
+                           "application/vnd.docker.container.image.v1+json")
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                    "config": config, "layers": layers}
+        self.manifests[(namespace, model, tag)] = json.dumps(manifest).encode()
+        return manifest
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v2/{namespace}/{model}/manifests/{tag}", self.manifest)
+        app.router.add_get("/v2/{namespace}/{model}/blobs/{digest}", self.get_blob)
+        return app
+
+    async def manifest(self, request: web.Request) -> web.Response:
+        self.requests.append(request.path)
+        m = request.match_info
+        raw = self.manifests.get((m["namespace"], m["model"], m["tag"]))
+        if raw is None:
+            return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]},
+                                     status=404)
+        return web.Response(body=raw, content_type="application/vnd.docker.distribution.manifest.v2+json")
+
+    async def get_blob(self, request: web.Request) -> web.Response:
+        self.requests.append(request.path)
+        digest = request.match_info["digest"]
+        data = self.blobs.get(digest)
+        if data is None:
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+        if digest in self.corrupt:  # the same length, other bytes
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        rng = request.headers.get("Range", "")
+        self.ranges.append((digest, rng or None))
+        if digest in self.cut:
+            self.cut.discard(digest)
+            resp = web.StreamResponse(headers={"Content-Length": str(len(data)),
+                                               "Content-Type": "application/octet-stream"})
+            await resp.prepare(request)
+            await resp.write(data[: len(data) // 2])
+            request.transport.close()
+            return resp
+        start = 0
+        if rng.startswith("bytes=") and rng.endswith("-"):
+            start = int(rng[6:-1])
+            if start >= len(data):
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+            return web.Response(body=data[start:], status=206, content_type="application/octet-stream",
+                                headers={"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+        return web.Response(body=data, content_type="application/octet-stream")

@@ -11,6 +11,7 @@ call would set it); left on, the grammar lets it write call after call until ``m
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Annotated
 
 import openai
@@ -42,6 +43,7 @@ def _no_calls_home(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2", "LANGCHAIN_TRACING"):
         monkeypatch.setenv(var, "false")
     monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm reads its price list from here
 
 
 @pytest.fixture
@@ -104,8 +106,11 @@ async def test_pydantic_ai_tool_output_validates_on_the_first_call(base_url):
     assert response.finish_reason == "tool_call"
 
 
-async def test_openai_agents_function_tool_round_trip(base_url):
-    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+@pytest.fixture
+async def agents_kit(base_url):
+    """For openai-agents: tracing off, an openai client on the daemon, the weather tool (the
+    cities it ran for in ``ran``) and the model settings that force one call of it."""
+    from agents import ModelSettings, function_tool, set_tracing_disabled
 
     set_tracing_disabled(True)
     ran: list[str] = []
@@ -116,48 +121,65 @@ async def test_openai_agents_function_tool_round_trip(base_url):
         ran.append(city)
         return json.dumps({"city": city, "sky": "clear"})
 
+    settings = ModelSettings(tool_choice="weather", parallel_tool_calls=False, max_tokens=MAX, temperature=0)
     async with openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=0) as sdk:
-        agent = Agent(name="forecaster", instructions="Answer with the weather.", tools=[weather],
-                      model=OpenAIChatCompletionsModel(model=MODEL, openai_client=sdk),
-                      model_settings=ModelSettings(tool_choice="weather", parallel_tool_calls=False,
-                                                   max_tokens=MAX, temperature=0))
-        # The SDK drops the forced tool_choice once a tool has run (reset_tool_choice): the
-        # second turn answers instead of calling again, so two turns end the run.
-        assert agent.reset_tool_choice
-        result = await Runner.run(agent, ASK, max_turns=2)
+        yield SimpleNamespace(sdk=sdk, weather=weather, ran=ran, settings=settings)
+
+
+async def test_openai_agents_function_tool_round_trip(agents_kit):
+    from agents import Agent, OpenAIChatCompletionsModel, Runner
+
+    kit = agents_kit
+    agent = Agent(name="forecaster", instructions="Answer with the weather.", tools=[kit.weather],
+                  model=OpenAIChatCompletionsModel(model=MODEL, openai_client=kit.sdk), model_settings=kit.settings)
+    # The SDK drops the forced tool_choice once a tool has run (reset_tool_choice): the
+    # second turn answers instead of calling again, so two turns end the run.
+    assert agent.reset_tool_choice
+    result = await Runner.run(agent, ASK, max_turns=2)
     # The SDK validates the arguments before it calls the function: that it ran means they held.
-    [city] = ran
+    [city] = kit.ran
     assert len(city) <= 8
     assert isinstance(result.final_output, str) and result.final_output
     assert len(result.raw_responses) == 2
 
 
-async def test_openai_agents_default_responses_model_round_trip(base_url):
+async def test_openai_agents_default_responses_model_round_trip(agents_kit):
     """The SDK's default model speaks the Responses API (POST /v1/responses)."""
-    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
-    from pydantic import BaseModel
-
-    set_tracing_disabled(True)
-    ran: list[str] = []
+    from agents import Agent, OpenAIResponsesModel, Runner
 
     class Forecast(BaseModel):
         sky: Annotated[str, Field(max_length=8)]
 
-    @function_tool
-    def weather(city: Annotated[str, Field(max_length=8)]) -> str:
-        """The weather in a city."""
-        ran.append(city)
-        return json.dumps({"city": city, "sky": "clear"})
-
-    async with openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=0) as sdk:
-        # A structured final output: its grammar ends the random model's last turn (the SDK
-        # takes a reply cut off by max_output_tokens for a failure, as it should).
-        agent = Agent(name="forecaster", instructions="Answer with the weather.", tools=[weather],
-                      output_type=Forecast, model=OpenAIResponsesModel(model=MODEL, openai_client=sdk),
-                      model_settings=ModelSettings(tool_choice="weather", parallel_tool_calls=False,
-                                                   max_tokens=MAX, temperature=0))
-        result = await Runner.run(agent, ASK, max_turns=2)
-    [city] = ran
+    kit = agents_kit
+    # A structured final output: its grammar ends the random model's last turn (the SDK
+    # takes a reply cut off by max_output_tokens for a failure, as it should).
+    agent = Agent(name="forecaster", instructions="Answer with the weather.", tools=[kit.weather],
+                  output_type=Forecast, model=OpenAIResponsesModel(model=MODEL, openai_client=kit.sdk),
+                  model_settings=kit.settings)
+    result = await Runner.run(agent, ASK, max_turns=2)
+    [city] = kit.ran
     assert len(city) <= 8
     assert isinstance(result.final_output, Forecast)
     assert len(result.raw_responses) == 2
+
+
+async def test_litellm_tool_call_and_text_completion(base_url):
+    """litellm's own client (what its SDK users and its proxy send): a forced tool call with
+    chat completions, and ``text_completion`` on the completions door."""
+    import litellm
+
+    r = await litellm.acompletion(model=f"openai/{MODEL}", api_base=base_url, api_key="not-needed",
+                                  messages=[{"role": "user", "content": ASK}], max_tokens=MAX, temperature=0,
+                                  tools=[{"type": "function", "function": {
+                                      "name": "weather", "description": City.__doc__,
+                                      "parameters": City.model_json_schema()}}],
+                                  tool_choice={"type": "function", "function": {"name": "weather"}},
+                                  parallel_tool_calls=False)
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "weather" and City.model_validate_json(call.function.arguments)
+    assert r.choices[0].finish_reason == "tool_calls"
+    t = await litellm.atext_completion(model=f"text-completion-openai/{MODEL}", api_base=base_url,
+                                       api_key="not-needed", prompt=["def add(a, b):", "x ="], max_tokens=3,
+                                       temperature=0)
+    assert [c.index for c in t.choices] == [0, 1] and all(isinstance(c.text, str) for c in t.choices)
+    assert t.usage.completion_tokens <= 6 and t.usage.prompt_tokens > 0

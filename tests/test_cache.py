@@ -13,8 +13,8 @@ import time
 import pytest
 
 from anyad.config import parse_settings
-from anyad.migrations import MIGRATIONS
 from anyad.store import Store
+from anyad.store.migrations import MIGRATIONS
 from conftest import MODEL_ID
 from fakes import FakeOpenAI
 

@@ -16,6 +16,7 @@ from anyad.cli import main as anyad_main
 from anyad.config import parse_settings
 from anyad.plugins import ollama as ollama_plugin
 from conftest import MODEL_ID
+from eventually import until
 
 KEYS = {"ROOT_KEY": "root-key-Pz45Wv", "ALICE_KEY": "alice-key-Xq81Lm", "BOB_KEY": "bob-key-Kd02Ns",
         "CAROL_KEY": "carol-key-Wn37Ue"}
@@ -261,11 +262,8 @@ async def test_unloading_a_busy_model_says_what_will_happen(daemon):
     assert state(c) == "loaded"
     release.set()
     assert await task > 2  # the reply ran to its end
-    for _ in range(200):  # the unload follows the reply's end, on the daemon's own schedule
-        if state(c) == "unloaded":
-            break
-        await asyncio.sleep(0.05)
-    assert state(c) == "unloaded"
+    # the unload follows the reply's end, on the daemon's own schedule
+    await until(lambda: state(c) == "unloaded", what="the unload")
     status, answer = await openai.call("POST", f"/api/models/{MODEL_ID}/unload", ROOT)
     assert status == 200 and answer["state"] == "not_loaded"
 

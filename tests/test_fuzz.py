@@ -80,20 +80,27 @@ def test_the_daemon_serves_the_document(daemon):
     assert served == json.loads(json.dumps(document()))
     ops = {(m, p) for p, item in served["paths"].items() for m in item if m in ("get", "post", "delete")}
     assert {("post", "/v1/chat/completions"), ("post", "/api/chat"), ("post", "/v1/completions"),
-            ("post", "/v1/embeddings"), ("get", "/v1/models/{id}"),
+            ("post", "/v1/embeddings"), ("get", "/v1/models/{id}"), ("post", "/v1/messages"),
+            ("post", "/v1/messages/count_tokens"), ("post", "/v1/responses"), ("get", "/v1/responses/{id}"),
+            ("delete", "/v1/responses/{id}"),
             ("get", "/v1/models"), ("get", "/health"), ("get", "/ready"), ("get", "/api/conversations"),
             ("get", "/api/conversations/{id}"), ("delete", "/api/conversations/{id}")} <= ops
 
 
 @schemathesis.check
 def openai_error_shape(ctx, response, case) -> None:
-    """Every error is {"error": {message, type, param, code}}, with no traceback in it."""
+    """Every error is {"error": {message, type, param, code}} (on the Messages door
+    Anthropic's {"type": "error", "error": {type, message}}), with no traceback in it."""
     if response.status_code < 400:
         return
     body = json.loads(response.content)
-    assert set(body) == {"error"}, body
+    if case.path.startswith("/v1/messages"):
+        assert set(body) == {"type", "error"} and body["type"] == "error", body
+        assert set(body["error"]) == {"type", "message"}, body
+    else:
+        assert set(body) == {"error"}, body
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
     err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, body
     assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
 
 

@@ -15,9 +15,10 @@ import urllib.request
 import pytest
 
 from anyad.config import parse_settings
-from anyad.migrations import MIGRATIONS
 from anyad.store import Exchange, Store
+from anyad.store.migrations import MIGRATIONS
 from conftest import MODEL_ID, anyad_cmd, clean_env, free_port, make_settings, wait_http
+from eventually import until
 
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fruit."}]
 
@@ -86,12 +87,11 @@ async def test_an_abandoned_stream_is_recorded_up_to_where_it_stopped(client):
         if line.startswith(b"data: {"):
             got += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
     r.close()  # the client hangs up
-    for _ in range(200):
+    async def listed() -> bool:
         await flushed(client)
-        page = await (await client.get("/api/conversations")).json()
-        if page["total"]:
-            break
-        await asyncio.sleep(0.05)
+        return (await (await client.get("/api/conversations")).json())["total"] > 0
+
+    await until(listed, what="the cancelled exchange in the history")
     conv = await conversation(client, cid)
     (ex,) = conv["exchanges"]
     assert ex["finish_reason"] == "cancelled" and ex["stream"] == 1
@@ -316,3 +316,14 @@ def test_history_command(tmp_path):
     p = run_cli(tmp_path, "purge", "--yes")
     assert p.returncode == 0 and "deleted 2" in p.stdout
     assert run_cli(tmp_path, "list").stdout.strip() == "no conversations"
+
+
+async def test_a_data_directory_with_uri_characters_in_its_name(make_client, tiny_model, tmp_path):
+    """SQLite reads its read-only connections by URI: "?", "#" and "%" in the path are the
+    directory's own characters, not a query, a fragment or an escape."""
+    data = tmp_path / "odd?mode=rw#x%41"
+    c = await make_client(make_settings(tiny_model, tmp_path).model_copy(update={"data_dir": data}))
+    r, _ = await chat(c)
+    conv = await conversation(c, r.headers["X-Anyad-Conversation-Id"])
+    assert [m["role"] for m in conv["messages"]] == ["system", "user", "assistant"]
+    assert (data / "anyad.db").exists() and not (tmp_path / "odd").exists()

@@ -88,3 +88,19 @@ async def test_the_ollama_client_sends_images(seeing):
     assert r.prompt_eval_count == plain.prompt_eval_count + mmprojmaker.TINY_VISION.n_patches
     g = await client.generate(model="eye", prompt="What is this?", images=[STRIPES], options={"num_predict": 2})
     assert g.eval_count == 2
+
+
+async def test_count_tokens_counts_an_image_as_the_reply_does(seeing):
+    import anthropic
+
+    claude = anthropic.AsyncAnthropic(base_url=str(seeing.anyad.make_url("")), api_key="x", max_retries=0)
+    ask = dict(model="eye", messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": base64.b64encode(RED).decode()}},
+        {"type": "text", "text": "What is this?"}]}])
+    counted = await claude.messages.count_tokens(**ask)
+    m = await claude.messages.create(**ask, max_tokens=1)
+    assert counted.input_tokens == m.usage.input_tokens
+    text_only = await claude.messages.count_tokens(model="eye", messages=[{"role": "user", "content": "What is this?"}])
+    assert counted.input_tokens == text_only.input_tokens + mmprojmaker.TINY_VISION.n_patches
+    await claude.close()

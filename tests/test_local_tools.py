@@ -9,26 +9,15 @@ import json
 import openai
 import pytest
 
-from conftest import ASK, FAMILIES, TOOLS, WEATHER, settings_for
+from conftest import ASK, FAMILIES, TOOLS, WEATHER, openai_sdk, settings_for
 
 MAX = 200
 
 
 @pytest.fixture
-async def sdk_for(make_client, tmp_path, family_models):
+def sdk_for(sdk_on, family_models):
     """An openai client on a daemon serving the named family models."""
-    opened = []
-
-    async def make(*names: str, **extra):
-        c = await make_client(settings_for(tmp_path, {n: family_models[n] for n in names}, **extra))
-        sdk = openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key="not-needed", max_retries=0)
-        sdk.anyad = c
-        opened.append(sdk)
-        return sdk
-
-    yield make
-    for sdk in opened:
-        await sdk.close()
+    return lambda *names, **extra: sdk_on({n: family_models[n] for n in names}, openai_sdk, **extra)
 
 
 def check_call(name: str, arguments: str) -> dict:

@@ -5,29 +5,16 @@ from __future__ import annotations
 import anthropic
 import pytest
 
-from conftest import ASK, MODEL_ID, WEATHER, settings_for
+from conftest import ASK, MODEL_ID, WEATHER, anthropic_sdk, settings_for
 
 TOOL = {"name": "weather", "description": WEATHER["function"]["description"],
         "input_schema": WEATHER["function"]["parameters"]}
 
 
 @pytest.fixture
-async def claude_for(make_client, tmp_path, tiny_model, family_models):
+def claude_for(sdk_on, tiny_model, family_models):
     """An anthropic client on a daemon serving the tiny model and the hermes family model."""
-    opened = []
-
-    async def make(**extra):
-        c = await make_client(settings_for(tmp_path, {MODEL_ID: tiny_model, "hermes": family_models["hermes"]},
-                                           **extra))
-        sdk = anthropic.AsyncAnthropic(base_url=str(c.make_url("")), api_key=extra.pop("_key", "sk-none"),
-                                       max_retries=0)
-        sdk.anyad = c
-        opened.append(sdk)
-        return sdk
-
-    yield make
-    for sdk in opened:
-        await sdk.close()
+    return lambda **extra: sdk_on({MODEL_ID: tiny_model, "hermes": family_models["hermes"]}, anthropic_sdk, **extra)
 
 
 async def test_text_whole_and_streamed(claude_for):

@@ -12,6 +12,7 @@ import pytest
 from anyad.config import parse_settings
 from anyad.plugins import ollama as ollama_plugin
 from conftest import MODEL_ID
+from eventually import until
 
 
 @pytest.fixture
@@ -82,11 +83,7 @@ async def test_keep_alive_reaches_the_scheduler(api):
     entry = api.anyad.daemon.scheduler.models[MODEL_ID]
     assert entry.keep_alive == 90 and entry.state == "loaded"
     await api.generate(model=MODEL_ID, prompt="hi", options={"num_predict": 2}, keep_alive=0)
-    for _ in range(100):
-        if entry.state == "unloaded":
-            break
-        await asyncio.sleep(0.05)
-    assert entry.state == "unloaded"
+    await until(lambda: entry.state == "unloaded", what="the unload")
 
 
 async def test_embed(api):

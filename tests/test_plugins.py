@@ -3,7 +3,6 @@ hooks, and what happens when they fail."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 from anyad.config import parse_settings
 from anyad.errors import ConfigError
 from conftest import MODEL_ID, anyad_cmd, clean_env
+from eventually import until
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BODY = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 12,
@@ -126,7 +126,8 @@ async def test_guards_rewrite_refuse_and_fail_closed(make_client, tiny_model, tm
     assert anyad_guard.seen == [("startup", {"level": 3})]
     status, text, _ = await reply_text(c)
     assert status == 200
-    await asyncio.sleep(0.1)  # after_reply runs after the reply is sent
+    # after_reply runs after the reply is sent
+    await until(lambda: anyad_guard.seen[-1][0] == "after", what="after_reply")
     assert anyad_guard.seen[-1] == ("after", MODEL_ID, "length", text, 2)  # the system message went in
     status, _, data = await reply_text(c, messages=[{"role": "user", "content": "something forbidden"}])
     assert status == 403 and data["error"]["message"] == "the guard says no"
@@ -161,7 +162,7 @@ async def test_a_failing_plugin_is_logged_and_the_request_goes_on(make_client, t
     r = await c.post("/v1/chat/completions", json={**BODY, "stream": True})
     raw = await r.text()
     assert r.status == 200 and raw.rstrip().endswith("data: [DONE]")
-    await asyncio.sleep(0.1)
+    await until(lambda: "after hook broke" in caplog.text, what="after_reply")
     assert "chunk hook broke" in caplog.text and "after hook broke" in caplog.text
     assert (await c.get("/health")).status == 200
 

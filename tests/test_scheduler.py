@@ -13,6 +13,7 @@ import pytest
 
 from anyad.config import parse_settings
 from anyad.resources import DeviceProbe, engine_gpu_offload
+from eventually import until
 from fakes import RecordedNVML
 
 GIB = 2 ** 30
@@ -30,15 +31,6 @@ def settings(tiny_model, tmp_path, models, scheduler=None, defaults=None):
 async def chat(c, model, **fields):
     r = await c.post("/v1/chat/completions", json={"model": model, "messages": MSGS, "max_tokens": 2, **fields})
     return r.status, await r.json()
-
-
-async def until(cond, timeout=15.0, what="condition"):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def entry(c, name):

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from conftest import MODEL_ID, anyad_cmd, clean_env, free_port, wait_http
+from eventually import until as eventually
 from fakes import FakeOpenAI
 
 LONG = 1000  # tokens: seconds of work for the tiny model
@@ -66,14 +67,6 @@ class Serve:
             self.proc.wait(10)
 
 
-async def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = await predicate()
-        if got:
-            return got
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def stream_tokens(http: aiohttp.ClientSession, base: str, started: asyncio.Event,
@@ -127,7 +120,7 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path, user):
 
 
 def test_install_service_adapts_the_sandbox_and_keeps_an_edited_unit(tmp_path):
-    from anyad.install_service import render
+    from anyad.cli.install_service import render
 
     text, notes = render(user=False, exe="/home/ann/venv/bin/anyad")
     assert "\nProtectHome=read-only\n" in text and "ExecStart=/home/ann/venv/bin/anyad serve" in text and notes
@@ -169,7 +162,7 @@ async def test_notify_socket_hears_ready_watchdog_reloading_and_stopping(tmp_pat
                 except BlockingIOError:
                     break
             return message in heard
-        await wait_for(got, 60, message)
+        await eventually(got, what=message)
 
     try:
         await until("READY=1")
@@ -218,7 +211,7 @@ async def test_sigterm_mid_stream_drains_then_exits_0(tmp_path, tiny_model, how)
                 async with http.get(base + "/health") as r:
                     return (await r.json())["status"] == "draining"
 
-            await wait_for(draining, 20, "the drain to begin")  # /health still answers, and says so
+            await eventually(draining, what="the drain to begin")  # /health still answers, and says so
             async with http.post(base + "/v1/chat/completions",
                                  json={"model": MODEL_ID, "messages": MSGS, "max_tokens": 2}) as r:
                 assert r.status == 503 and r.headers["Retry-After"]
@@ -299,7 +292,7 @@ targets = ["two/m", "{MODEL_ID}"]
             async def reloaded() -> bool:
                 return "config reloaded" in serve.log
 
-            await wait_for(reloaded, 20, "the reload")
+            await eventually(reloaded, what="the reload")
             r = await post("best")
             assert r.status == 200 and r.headers["X-Anyad-Backend"] == "two/m" and two.requests
             assert r.headers["X-RateLimit-Limit"] == "1000"
@@ -312,7 +305,7 @@ targets = ["two/m", "{MODEL_ID}"]
             async def refused() -> bool:
                 return "reload refused; the running configuration stays" in serve.log
 
-            await wait_for(refused, 20, "the refusal")
+            await eventually(refused, what="the refusal")
             assert (await post("best")).status == 200
             n, tail = await asyncio.wait_for(stream, GRACE_S)
             assert n == LONG and "[DONE]" in tail

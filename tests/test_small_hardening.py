@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
+from anyad.cli.status import render
 from anyad.config import parse_settings
-from anyad.status_table import render
 from anyad.store import Store
 from conftest import MODEL_ID, anyad_cmd, clean_env, free_port
 from fakes import Blackhole

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from anyad.server import ErrorBody
+from anyad import openapi
+from anyad.api import admin, chat, completions, dashboard, embeddings, history, messages, responses, system
+from anyad.errors import ErrorBody, openai_error_body
+from anyad.messages_api import anthropic_error_body
 
 
 def register_v1_routes(app: web.Application) -> None:
     """The ``/v1`` doors (OpenAI's chat, completions, Responses, embeddings and models, and
     Anthropic's Messages): on the main listener, and on the Ollama listener too, where many
     tools are pointed at ``:11434/v1``."""
-    from anyad.api import chat, completions, embeddings, messages, responses, system
-
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
     app.router.add_post("/v1/messages", messages.messages)
@@ -30,16 +28,10 @@ def register_v1_routes(app: web.Application) -> None:
 
 def v1_error_bodies() -> tuple[tuple[str, ErrorBody], ...]:
     """The ``/v1`` doors' error shapes by path: OpenAI's, Anthropic's for Messages."""
-    from anyad.messages_api import anthropic_error_body
-    from anyad.server import openai_error_body
-
     return (("/v1/", openai_error_body), ("/v1/messages", anthropic_error_body))
 
 
 def register_routes(app: web.Application) -> None:
-    from anyad import openapi
-    from anyad.api import admin, chat, dashboard, history, system
-
     register_v1_routes(app)
     app.router.add_post("/api/chat", chat.chat_completions)
     app.router.add_get("/openapi.json", openapi.openapi_json)

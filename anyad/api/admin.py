@@ -8,15 +8,15 @@ import asyncio
 from aiohttp import web
 
 from anyad import modelops
-from anyad.access import identity
+from anyad.daemon import DAEMON
 from anyad.errors import Forbidden, InvalidRequest, Unavailable
-from anyad.server import DAEMON
+from anyad.request_context import identity
 from anyad.store import DB_NAME
 
 
 async def usage(request: web.Request) -> web.Response:
     """A user key sees its own usage; an admin key anyone's (``?key=``)."""
-    from anyad.usage import parse_time, report
+    from anyad.store.usage import is_group_by, parse_time, report
 
     daemon = request.app[DAEMON]
     ident = identity(request)
@@ -32,12 +32,12 @@ async def usage(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise InvalidRequest(f"from/to: {exc}", param="from") from None
     group_by = q.get("group_by", "day")
-    if group_by not in ("day", "model", "key"):
+    if not is_group_by(group_by):
         raise InvalidRequest("group_by must be day, model or key", param="group_by")
     if daemon.store is not None:
         await asyncio.to_thread(daemon.store.flush)  # the report includes the requests just answered
     rows = await asyncio.to_thread(report, daemon.settings.resolved_data_dir / DB_NAME, key=key, model=q.get("model"),
-                                   start=start, end=end, group_by=group_by)  # type: ignore[arg-type]
+                                   start=start, end=end, group_by=group_by)
     return web.json_response({"object": "list", "group_by": group_by, "data": rows})
 
 

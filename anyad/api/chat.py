@@ -5,9 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from anyad.chatflow import ChatFlow
+from anyad.daemon import DAEMON
 from anyad.encoders import OpenAIEncoder
+from anyad.request_context import read_json
 from anyad.schemas import parse_chat_request
-from anyad.server import DAEMON, read_json
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

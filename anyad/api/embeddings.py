@@ -10,9 +10,9 @@ from aiohttp import web
 
 from anyad import embedflow
 from anyad.jsoncodec import dumps
+from anyad.request_context import REQUEST_ID, read_json
 from anyad.router import fallback_header
 from anyad.schemas import EmbeddingsRequest, validate
-from anyad.server import REQUEST_ID, read_json
 
 
 def _b64(vector: list[float]) -> str:

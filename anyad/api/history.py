@@ -7,9 +7,9 @@ import asyncio
 
 from aiohttp import web
 
-from anyad.access import identity
+from anyad.daemon import DAEMON
 from anyad.errors import InvalidRequest, NotFound
-from anyad.server import DAEMON
+from anyad.request_context import identity
 from anyad.store import CONVERSATION_ID, MAX_QUERY_CHARS, Store
 
 MAX_PAGE = 200

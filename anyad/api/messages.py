@@ -6,8 +6,9 @@ from aiohttp import web
 
 from anyad.access import admit
 from anyad.chatflow import ChatFlow
+from anyad.daemon import DAEMON
 from anyad.messages_api import MessagesWriter, parse_messages_request
-from anyad.server import DAEMON, read_json
+from anyad.request_context import read_json
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -19,10 +20,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def count_tokens(request: web.Request) -> web.Response:
     """``POST /v1/messages/count_tokens``: what a Messages request's prompt would cost."""
-    body = await read_json(request)
-    if isinstance(body, dict) and "max_tokens" not in body:
-        body = {**body, "max_tokens": 1}  # a count has none; the translation wants one
-    chat = parse_messages_request(body)
+    chat = parse_messages_request(await read_json(request), count=True)
     daemon = request.app[DAEMON]
     admit(request, chat.model)  # who may use the model may count for it; no tokens are spent
     _, tokens = await daemon.router.count_tokens(chat)

@@ -6,12 +6,12 @@ import asyncio
 
 from aiohttp import web
 
-from anyad import response_store
-from anyad.access import identity
 from anyad.chatflow import ChatFlow
+from anyad.daemon import DAEMON
 from anyad.errors import InvalidRequest, NotFound
+from anyad.request_context import identity, read_json
 from anyad.responses_api import ResponsesWriter, output_messages, parse_responses_request
-from anyad.server import DAEMON, read_json
+from anyad.store import responses as response_store
 
 
 def _owner(request: web.Request) -> str | None:
@@ -42,7 +42,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     store = body.get("store") is not False and history is not None
     writer = ResponsesWriter(chat.model, body, store)
     flow = ChatFlow(daemon, request, chat, continues=continues)
-    if store:
+    if store and history is not None:
         conversation = chat.messages[1:] if body.get("instructions") is not None else chat.messages
 
         def keep(flow: ChatFlow) -> None:

@@ -8,9 +8,10 @@ from typing import Any
 from aiohttp import web
 
 from anyad import __version__
-from anyad.access import identity
+from anyad.daemon import DAEMON, Daemon
 from anyad.errors import ModelNotFound
-from anyad.server import DAEMON
+from anyad.metrics import CONTENT_TYPE
+from anyad.request_context import identity
 
 
 async def health(request: web.Request) -> web.Response:
@@ -44,12 +45,20 @@ async def get_model(request: web.Request) -> web.Response:
     raise ModelNotFound(f"The model {model_id[:200]!r} does not exist", param="model")
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text, made off the event loop: NVML and psutil can take milliseconds."""
-    from anyad.metrics import CONTENT_TYPE
+def scrape(daemon: Daemon, in_flight: int) -> bytes:
+    """The metrics text, from the scheduler's snapshot, the devices and the breakers now.
+    Blocking (NVML and psutil can take milliseconds): run it in a worker thread."""
+    probe, router = daemon.probe, daemon.router
+    devices = probe.snapshot() if probe is not None else None
+    breakers = {target: b.state == "open" for target, b in list(router.breakers.items())}
+    return daemon.metrics.render(daemon.scheduler.snapshot(measure=True), devices, breakers,
+                                 router.connectivity.offline, in_flight)
 
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text, made off the event loop."""
     daemon = request.app[DAEMON]
-    body = await asyncio.to_thread(daemon.metrics.render, daemon, daemon.in_flight)
+    body = await asyncio.to_thread(scrape, daemon, daemon.in_flight)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

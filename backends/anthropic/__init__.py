@@ -109,7 +109,8 @@ def chunk_from_message(data: Any) -> Chunk:
     """A whole Messages reply → one final chunk (ValueError: not one)."""
     if not isinstance(data, dict) or not isinstance(data.get("content"), list):
         raise ValueError("the reply has no content")
-    texts, tools = [], []
+    texts: list[str] = []
+    tools: list[dict[str, Any]] = []
     for block in data["content"]:
         if block.get("type") == "text":
             texts.append(block.get("text", ""))
@@ -146,7 +147,7 @@ class AnthropicBackend(RemoteBackend):
             raise BackendError(f"{self.name}: the token count is not a number")
         return tokens
 
-    async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
+    async def chat(self, request: ChatRequest, model: str) -> ChunkStream:
         if request.raw:
             raise InvalidRequest(f"{self.name} (Anthropic's Messages API) has no text completions: send messages "
                                  "to /v1/chat/completions", param="prompt")

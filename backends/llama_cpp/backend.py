@@ -133,7 +133,7 @@ class LlamaCppBackend(Backend):
         self.n_threads = settings.n_threads or default_threads()
         self._base_load = {"path": str(info.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads,
                            "n_batch": settings.n_batch, "tool_format": settings.tool_format,
-                           "reasoning": settings.reasoning}
+                           "reasoning": settings.reasoning, "repack": settings.repack}
         self.mmproj = settings.mmproj
         self._projector_bytes = 0
         if self.mmproj is not None:
@@ -212,10 +212,13 @@ class LlamaCppBackend(Backend):
 
     def status(self) -> dict[str, Any]:
         facts = self.worker.facts if self.worker.loaded else {}
-        return {"loaded": self.worker.loaded, "pid": self.worker.pid, "n_ctx": facts.get("n_ctx", self.n_ctx),
-                "n_threads": self.n_threads, **self.scheduler.status(self.model_id)}
+        out = {"loaded": self.worker.loaded, "pid": self.worker.pid, "n_ctx": facts.get("n_ctx", self.n_ctx),
+               "n_threads": self.n_threads, **self.scheduler.status(self.model_id)}
+        if "repacked" in facts:
+            out["repacked"] = facts["repacked"]  # the weights laid out for the CPU's matrix units
+        return out
 
-    async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
+    async def chat(self, request: ChatRequest, model: str) -> ChunkStream:
         messages, images = flatten_messages(request.messages, vision=self.mmproj is not None)
         op: dict[str, Any] = {"op": "chat", "messages": messages, "params": request.params.as_dict()}
         if images:
@@ -238,7 +241,8 @@ class LlamaCppBackend(Backend):
                             log.info("model %s: a tool call was returned as text: %s", self.model_id, note)
                         yield Chunk(index=frame.get("index", 0), finish_reason=frame["finish_reason"], note=note,
                                     usage=None if u is None else Usage(u.get("prompt_tokens", 0),
-                                                                       u.get("completion_tokens", 0)))
+                                                                       u.get("completion_tokens", 0)),
+                                    tokens=frame.get("tokens"))
                     elif t == "error":
                         self._raise(frame)
 

@@ -26,12 +26,13 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, TypeVar
 
 # 8K UHD. stb_image allocates the whole decoded bitmap (3 bytes a pixel, more while a
 # PNG inflates) before the projector shrinks it to a few hundred pixels a side, so a
 # small file declaring a huge canvas could otherwise take the worker's memory.
 MAX_PIXELS = 7680 * 4320
+T = TypeVar("T")
 
 _ERROR_LEVEL = 4  # GGML_LOG_LEVEL_ERROR (ggml.h; llama_cpp._logger's table predates its renumbering)
 _NO_FFMPEG = os.path.join(os.devnull, "").encode()  # "/dev/null/": no file can live under it
@@ -230,6 +231,21 @@ class Vision:
         ``add_special`` lets the tokenizer add the model's BOS, as ``Llama.tokenize``'s
         ``add_bos`` does. ImageError (the request's fault) is raised before the context is touched.
         """
+        return self._tokenized(prompt_text, images, add_special, lambda chunks: self._eval_chunks(llm, chunks))
+
+    def count(self, prompt_text: str, images: list[bytes], add_special: bool = True) -> int:
+        """The positions ``eval_prompt`` would fill (what ``usage.prompt_tokens`` counts), from
+        the images' preprocessing alone: the projector's encoder does not run."""
+        m = self._mtmd
+
+        def positions(chunks: Any) -> int:
+            return sum(int(m.mtmd_input_chunk_get_n_pos(m.mtmd_input_chunks_get(chunks, i)))
+                       for i in range(m.mtmd_input_chunks_size(chunks)))
+
+        return self._tokenized(prompt_text, images, add_special, positions)
+
+    def _tokenized(self, prompt_text: str, images: list[bytes], add_special: bool, use: Callable[[Any], T]) -> T:
+        """``use`` applied to the prompt's chunks (text and images, as mtmd splits them)."""
         if self._ctx is None:
             raise RuntimeError("this Vision is closed")
         m = self._mtmd
@@ -254,7 +270,7 @@ class Vision:
                 raise ImageError("the prompt's image places do not match its images", code="invalid_request")
             if rc != 0:
                 raise ImageError(f"the image could not be prepared for this model: {_Log.take()}")
-            return self._eval_chunks(llm, chunks)
+            return use(chunks)
         finally:
             m.mtmd_input_chunks_free(chunks)
             for b in bitmaps:

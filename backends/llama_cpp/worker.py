@@ -10,6 +10,7 @@ of the pipe closes (the daemon died): a worker never outlives its daemon.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,12 +21,18 @@ import sys
 import threading
 import time
 import traceback
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from anyad import protocol
+from anyad.backends.llama_cpp import cpu_features
 from anyad.backends.llama_cpp.logprobs import TokenLogprobs, piece_reader
 from anyad.errors import InvalidRequest
 from anyad.toolcalls import Event, Family, ReplyParser, family_of, forced_call_grammar, opens_reasoning
+
+if TYPE_CHECKING:
+    from llama_cpp.llama_types import ChatCompletionRequestMessage
+
+T = TypeVar("T")
 
 # ChatML, for a model file that carries no chat template of its own.
 FALLBACK_TEMPLATE = (
@@ -123,12 +130,16 @@ class Engine:
             last_token = -1
             # Set for a request that asks for log probabilities (see logprobs.py).
             logprobs: TokenLogprobs | None = None
+            # Set for a request that asks for its tokens back (Ollama's context): each sampled one.
+            record: list[int] | None = None
 
-            def generate(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+            def generate(self, *args: Any, **kwargs: Any):
                 for token in super().generate(*args, **kwargs):
                     self.sampled += 1
                     self.sampled_total += 1
                     self.last_token = token
+                    if self.record is not None:
+                        self.record.append(token)
                     if self.logprobs is not None and not llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
                         # The row the sampler just drew from; the next eval overwrites it.
                         row = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1)
@@ -139,18 +150,11 @@ class Engine:
             # llama.cpp would quietly run on the CPU; the scheduler must know, to place it honestly.
             raise RuntimeError("this llama-cpp-python build cannot offload layers to a GPU")
         t0 = time.monotonic()
+        repack = load.get("repack") or "auto"
+        self.repacked = repack == "on" or (repack == "auto" and not cpu_features.advertises_amx())
         # One context per parallel slot. On the CPU they share the memory-mapped weights.
-        self.llms = [CountingLlama(
-            model_path=load["path"],
-            n_ctx=load["n_ctx"],
-            n_threads=load["n_threads"],
-            n_threads_batch=load["n_threads"],
-            n_batch=load.get("n_batch", 512),
-            n_gpu_layers=load.get("n_gpu_layers", 0),
-            main_gpu=load.get("main_gpu", 0),
-            logits_all=False,
-            verbose=bool(load.get("verbose", False)),
-        ) for _ in range(max(1, int(load.get("parallel", 1))))]
+        with self._loading():
+            self.llms = self._open(CountingLlama, load)
         self.llm = self.llms[0]
         self.load_s = time.monotonic() - t0
         eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
@@ -180,7 +184,7 @@ class Engine:
             self._warm_up()
 
         self.load = load
-        self._embedder = None
+        self._embedder: llama_cpp.Llama | None = None
         self._embed_lock = threading.Lock()
 
     def _warm_up(self) -> None:
@@ -213,12 +217,13 @@ class Engine:
             # Models that declare their pooling (embedding models) keep it; decoders get mean pooling.
             pooling = (llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if f"{arch}.pooling_type" in self.llm.metadata
                        else llama_cpp.LLAMA_POOLING_TYPE_MEAN)
-            self._embedder = llama_cpp.Llama(
-                model_path=self.load["path"], n_ctx=self.load["n_ctx"], n_batch=max(self.load.get("n_batch", 512),
-                                                                                     self.load["n_ctx"]),
-                n_ubatch=max(self.load.get("n_batch", 512), self.load["n_ctx"]), n_threads=self.load["n_threads"],
-                n_threads_batch=self.load["n_threads"], n_gpu_layers=self.load.get("n_gpu_layers", 0),
-                main_gpu=self.load.get("main_gpu", 0), embedding=True, pooling_type=pooling, verbose=False)
+            with self._loading():
+                self._embedder = llama_cpp.Llama(
+                    model_path=self.load["path"], n_ctx=self.load["n_ctx"], n_batch=max(self.load.get("n_batch", 512),
+                                                                                         self.load["n_ctx"]),
+                    n_ubatch=max(self.load.get("n_batch", 512), self.load["n_ctx"]), n_threads=self.load["n_threads"],
+                    n_threads_batch=self.load["n_threads"], n_gpu_layers=self.load.get("n_gpu_layers", 0),
+                    main_gpu=self.load.get("main_gpu", 0), embedding=True, pooling_type=pooling, verbose=False)
         n_ctx = self._embedder.n_ctx()
         for i, text in enumerate(inputs):
             n = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False))
@@ -230,11 +235,23 @@ class Engine:
         vectors, tokens = self._embedder.embed(inputs, normalize=True, truncate=False, return_count=True)
         return vectors, tokens
 
+    def _loading(self) -> contextlib.AbstractContextManager[None]:
+        """Where models are loaded: with the weights repacked, or as the file has them."""
+        return contextlib.nullcontext() if self.repacked else cpu_features.without_repacking(self.llama_cpp.llama_cpp)
+
+    @staticmethod
+    def _open(cls: Any, load: dict[str, Any]) -> list[Any]:
+        return [cls(model_path=load["path"], n_ctx=load["n_ctx"], n_threads=load["n_threads"],
+                    n_threads_batch=load["n_threads"], n_batch=load.get("n_batch", 512),
+                    n_gpu_layers=load.get("n_gpu_layers", 0), main_gpu=load.get("main_gpu", 0), logits_all=False,
+                    verbose=bool(load.get("verbose", False)))
+                for _ in range(max(1, int(load.get("parallel", 1))))]
+
     def facts(self) -> dict[str, Any]:
         return {"n_ctx": self.llm.n_ctx(), "n_threads": self.llm.n_threads, "load_s": round(self.load_s, 3),
                 "warm_up_s": round(self.warm_up_s, 3), "parallel": len(self.llms),
                 "n_gpu_layers": self.load.get("n_gpu_layers", 0), "chat_template": self.template_source,
-                "tool_format": self.family.name, "reasoning": self._reasoning_split}
+                "tool_format": self.family.name, "reasoning": self._reasoning_split, "repacked": self.repacked}
 
     @property
     def _reasoning_split(self) -> bool:
@@ -259,7 +276,9 @@ class Engine:
         if self.family.thinking_switch and thinking is not None:
             kwargs[self.family.thinking_switch] = thinking
         try:
-            return self.formatter(messages=template_messages(messages, self.family), **kwargs)
+            # The OpenAI wire's message dicts: what llama-cpp-python's TypedDicts describe.
+            wire = cast("list[ChatCompletionRequestMessage]", template_messages(messages, self.family))
+            return self.formatter(messages=wire, **kwargs)
         except Exception as exc:
             raise RequestError("invalid_request", f"messages: the model's chat template rejected them: {exc}",
                                "messages") from None
@@ -327,17 +346,40 @@ class Engine:
         return (bos + [pre] + llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) + [suf]
                 + llm.tokenize(suffix.encode("utf-8"), add_bos=False, special=False) + [mid])
 
-    def count(self, llm: Any, messages: list[dict[str, Any]], params: dict[str, Any]) -> int:
-        """The prompt tokens of a chat, rendered as ``chat`` would render it."""
+    @staticmethod
+    def _continued(llm: Any, context: Any, prompt: list[int]) -> list[int]:
+        """``prompt`` going on from the tokens of an earlier prompt and reply (Ollama's
+        ``context``): checked against the vocabulary (llama.cpp must never see an id it does
+        not have), and without a start-of-sequence token of its own in the middle."""
+        n_vocab = llm.n_vocab()
+        if not isinstance(context, list) or not all(type(t) is int and 0 <= t < n_vocab for t in context):
+            raise RequestError("invalid_request", f"context: a list of this model's token ids (0 to {n_vocab - 1})",
+                               "context")
+        bos = llm.token_bos()
+        if prompt and bos != -1 and prompt[0] == bos:
+            prompt = prompt[1:]
+        return [*context, *prompt]
+
+    def count(self, llm: Any, messages: list[dict[str, Any]], params: dict[str, Any],
+              images: list[str] | None = None) -> int:
+        """The prompt tokens of a chat, rendered as ``chat`` would render it, its images
+        counted in the positions the projector gives them."""
         choice = params.get("tool_choice")
         offered = bool(params.get("tools")) and choice != "none"
         forced = offered and (choice == "required" or isinstance(choice, dict))
         fmt = self._render(messages, params, offered, forced)
+        if images:
+            return self._with_images(images, lambda vision, data: vision.count(fmt.prompt, data,
+                                                                               not fmt.added_special))
         return len(llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True))
 
     def _image_prompt(self, llm: Any, text: str, images: list[str], add_special: bool) -> list[int]:
         """A rendered prompt with its images evaluated into ``llm``'s context (the returned
         tokens match it there: create_completion reads nothing again)."""
+        return self._with_images(images, lambda vision, data: vision.eval_prompt(llm, text, data, add_special).tokens)
+
+    def _with_images(self, images: list[str], use: Callable[[Any, list[bytes]], T]) -> T:
+        """``use(vision, decoded images)``, its ImageError as the request's error."""
         import base64
 
         from anyad.backends.llama_cpp.vision import ImageError
@@ -345,7 +387,7 @@ class Engine:
         if self.vision is None:
             raise RequestError("invalid_request", "this model has no vision projector (mmproj)", "messages")
         try:
-            return self.vision.eval_prompt(llm, text, [base64.b64decode(i) for i in images], add_special).tokens
+            return use(self.vision, [base64.b64decode(i) for i in images])
         except ImageError as exc:
             # The daemon knows two request errors: a prompt too long for the context, and the rest.
             code = exc.code if exc.code == "context_length_exceeded" else "invalid_request"
@@ -378,6 +420,10 @@ class Engine:
             criteria = fmt.stopping_criteria
             grammar = self._call_grammar(params, in_reasoning) if forced \
                 else self._grammar(params.get("response_format"))
+        if params.get("context"):
+            if len(prompts) != 1 or images:
+                raise RequestError("invalid_request", "context: continues one prompt, without images", "context")
+            prompts = [self._continued(llm, params["context"], prompts[0])]
         n_ctx = llm.n_ctx()
         for i, prompt in enumerate(prompts):
             if len(prompt) >= n_ctx:
@@ -424,6 +470,10 @@ class Engine:
                 frame["note"] = note
             if frame["t"] == "end":
                 frame["usage"] = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": completion}
+                if llm.record is not None and len(prompts) == 1:  # the prompt's and the reply's, end token aside
+                    reply = llm.record[:tokens]
+                    frame["tokens"] = [*prompt, *reply]
+            llm.record = None
             out.write(frame)
             if frame["t"] == "end":
                 return
@@ -441,6 +491,7 @@ class Engine:
                                  started_in_reasoning=split and in_reasoning)
         llm.sampled = 0
         llm.last_token = -1
+        llm.record = [] if params.get("return_tokens") else None
         top = params.get("logprobs")
         logprobs = llm.logprobs = None if top is None else TokenLogprobs(
             int(top), piece_reader(self.llama_cpp, llm._model.vocab))
@@ -530,7 +581,8 @@ def _serve(engine: Engine, llm: Any, ops: "queue.Queue[dict[str, Any]]", cancell
         busy.add(rid)
         try:
             if op["op"] == "count":
-                out.write({"t": "end", "id": rid, "tokens": engine.count(llm, op["messages"], op.get("params") or {})})
+                out.write({"t": "end", "id": rid, "tokens": engine.count(llm, op["messages"], op.get("params") or {},
+                                                                     op.get("images"))})
             elif op["op"] == "embed":
                 vectors, tokens = engine.embed(op["input"])
                 out.write({"t": "end", "id": rid, "embeddings": vectors, "usage": {"prompt_tokens": tokens}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from anyad.backend import Embeddings
+from anyad.backends.openai_compat import responses_wire
 from anyad.errors import AnyadError, BackendError
 from anyad.http_client import RemoteBackend, mid_stream
 from anyad.jsoncodec import loads
@@ -120,7 +121,11 @@ class OpenAIBackend(RemoteBackend):
         key = await self.client.api_key()
         return {"Authorization": f"Bearer {key}"} if key else None
 
-    async def chat(self, request: ChatRequest, model: str) -> ChunkStream:  # type: ignore[override]
+    async def chat(self, request: ChatRequest, model: str) -> ChunkStream:
+        if self.settings.api == "responses":
+            async for chunk in self._responses(request, model):
+                yield chunk
+            return
         if request.raw:  # the completions door: relayed as one, the prompts as the plugins left them
             prompts = [m.get("content") for m in request.messages]
             prompt = prompts[0] if len(prompts) == 1 and isinstance(request.body.get("prompt"), str) else prompts
@@ -156,6 +161,43 @@ class OpenAIBackend(RemoteBackend):
                     held = []
                 if not began:
                     raise BackendError(f"{self.name}: the stream ended without a choice")
+            except AnyadError:
+                raise
+            except Exception as exc:  # aiohttp payload/connection errors, read timeouts
+                raise mid_stream(self.name, exc) from None
+
+    async def _responses(self, request: ChatRequest, model: str) -> ChunkStream:
+        """The request through the provider's Responses API."""
+        body = responses_wire.request_body(request, model, self.name)
+        resp = await self.client.post("/responses", body, await self.headers())
+        async with resp:
+            try:
+                if not request.stream:
+                    data = await self.reply_json(resp)
+                    try:
+                        whole = responses_wire.chunks_from_response(data, self.name)
+                    except _SHAPE_ERRORS as exc:
+                        raise BackendError(f"{self.name}: the reply is not a response ({exc})") from None
+                    for chunk in whole:
+                        yield chunk
+                    return
+                reader = responses_wire.EventReader(self.name)
+                parser = SSEParser()
+                batch: list = []
+                async for block in resp.content.iter_any():
+                    batch.clear()
+                    parser.feed(block, batch)
+                    for _event, payload in batch:
+                        try:
+                            chunks = reader.feed(loads(payload))
+                        except _SHAPE_ERRORS:
+                            raise BackendError(f"{self.name}: an event in the stream is not a Responses "
+                                               "event") from None
+                        for chunk in chunks:
+                            yield chunk
+                    if reader.done:
+                        return
+                raise BackendError(f"{self.name}: the stream ended before the response did")
             except AnyadError:
                 raise
             except Exception as exc:  # aiohttp payload/connection errors, read timeouts

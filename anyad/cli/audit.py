@@ -5,30 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import sys
 import time
 from typing import Any
 
-from anyad.cli import settings_or_report
-from anyad.store import DB_NAME
+from anyad.cli.common import add_config, database, fail, load
 from anyad.tables import table as text_table
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from anyad.audit import read
 
-    settings = settings_or_report(args.config)
-    if settings is None:
-        return 2
-    path = settings.resolved_data_dir / DB_NAME
+    path = database(load(args.config))
     if not path.exists():
         print("no audit log yet" if not args.json else "[]")
         return 0
     try:
         rows = list(read(path, limit=args.limit, action=args.action))
     except sqlite3.Error as exc:
-        print(f"anyad: cannot read {path}: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"cannot read {path}: {exc}")
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -44,7 +38,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("audit", help="show the audit log: admin actions and requests, newest first")
-    p.add_argument("--config", help="config file, to find the data directory")
+    add_config(p)
     p.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
     p.add_argument("--action", help="only this action, e.g. request, secret.set, model.load, config.reload")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")

@@ -1,9 +1,16 @@
-"""How client commands (``anyad status``, ``anyad models list``) reach the running daemon.
+"""What every ``anyad`` command does around its own work, in one place (the commands'
+prologue): exit codes and the one way to say an error, the settings, where the data
+lives, and how a command reaches the running daemon.
 
-One function asks it: the address from the settings (``--host``/``--port`` override),
-the API key from ``--api-key`` or ``$ANYAD_API_KEY`` sent as ``Authorization: Bearer``,
-and a refusal said for what it is: a daemon that answers 401 or 403 is there, it wants
-a (different) key.
+A command that cannot go on raises ``Exit``; ``anyad.cli.main`` says its message
+(``anyad: …`` on standard error) and exits with its code.
+
+Commands that ask the daemon (``anyad status``, ``anyad models list``) find it at the
+address from the settings (``--host``/``--port`` override), send the API key from
+``--api-key`` or ``$ANYAD_API_KEY`` as ``Authorization: Bearer``, and say a refusal for
+what it is: a daemon that answers 401 or 403 is there, it wants a (different) key.
+
+The command modules import this one and the layers below it, never ``anyad.cli`` itself.
 """
 
 from __future__ import annotations
@@ -11,14 +18,78 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anyad import __version__
+from anyad.errors import ConfigError
+from anyad.store import DB_NAME
 
 if TYPE_CHECKING:
     from anyad.config import Settings
+
+# Exit codes, the same for every command.
+OK = 0
+FAILED = 1  # it could not be done: nothing there, a file or a daemon that refused
+USAGE = 2  # a config that cannot be used, arguments that do not fit, a confirmation not given
+INTERRUPTED = 130  # stopped with Ctrl-C
+
+
+class Exit(Exception):
+    """Ends a command: ``main`` says ``anyad: MESSAGE`` on stderr (when there is one) and
+    exits with ``code``."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def error(message: str) -> None:
+    """Say what went wrong, the one way every command does: ``anyad: MESSAGE`` on stderr."""
+    print(f"anyad: {message}", file=sys.stderr)
+
+
+def fail(message: str, code: int = FAILED) -> int:
+    """Say what went wrong; the exit code, for ``return fail(...)``."""
+    error(message)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command the arguments name, its ``Exit`` turned into its message and code."""
+    try:
+        return args.func(args)
+    except Exit as exc:
+        if exc.message:
+            error(exc.message)
+        return exc.code
+
+
+def add_config(p: argparse.ArgumentParser, help: str = "config file, to find the data directory") -> None:
+    p.add_argument("--config", help=help)
+
+
+def load(config: str | None, **overrides: Any) -> "Settings":
+    """The command's settings (``--config`` and ``overrides``); a config that cannot be used
+    ends the command with exit 2, saying why."""
+    from anyad.config import load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as exc:
+        raise Exit(USAGE, str(exc)) from None
+
+
+def database(settings: "Settings") -> Path:
+    """The database file, ``anyad.db`` in the data directory."""
+    return settings.resolved_data_dir / DB_NAME
+
+
+# -- the running daemon ----------------------------------------------------------------------
 
 API_KEY_ENV = "ANYAD_API_KEY"
 TIMEOUT_S = 10.0
@@ -32,7 +103,7 @@ class NoDaemon(DaemonError):
     """Nothing answers at the address."""
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_daemon_arguments(p: argparse.ArgumentParser) -> None:
     """The options every command that talks to the daemon takes."""
     p.add_argument("--host", help="the daemon's address (default from the config, else 127.0.0.1)")
     p.add_argument("--port", type=int, help="the daemon's port (default from the config, else 2692)")

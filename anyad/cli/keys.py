@@ -15,8 +15,8 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from anyad.cli import settings_or_report
-from anyad.store import DB_NAME, connect
+from anyad.cli.common import USAGE, add_config, database, fail, load
+from anyad.store import connect
 from anyad.tables import table as text_table
 from anyad.tables import when
 
@@ -47,7 +47,7 @@ def key_state(settings: "Settings", conn: sqlite3.Connection, now: float) -> tup
     return on, admin
 
 
-FIRST_KEY_REFUSED = ("anyad: no API key exists yet, so creating {name!r} turns on API keys for every client: each "
+FIRST_KEY_REFUSED = ("no API key exists yet, so creating {name!r} turns on API keys for every client: each "
                      "one will need a key from then on; and without an admin key nobody can reach /api/status, "
                      "reload or the other admin endpoints. Create an admin key first (anyad keys create NAME "
                      "--role admin) or pass --yes")
@@ -57,7 +57,7 @@ NO_ADMIN = ("note: no admin key exists, so nobody can reach /api/status, reload 
             "create one with: anyad keys create NAME --role admin")
 
 
-UNLOCK_REFUSED = ("anyad: this removes the revoked and expired keys {names}; no other key is left, so the daemon "
+UNLOCK_REFUSED = ("this removes the revoked and expired keys {names}; no other key is left, so the daemon "
                   "will answer every client without a key again (on a loopback address only). Pass --yes to do it")
 
 
@@ -76,8 +76,7 @@ def _unlock(settings: "Settings", conn: sqlite3.Connection, yes: bool) -> int:
         print("no revoked or expired keys to remove" + ("" if opens else "; other keys are in force"))
         return 0
     if opens and not yes:
-        print(UNLOCK_REFUSED.format(names=", ".join(gone)), file=sys.stderr)
-        return 2
+        return fail(UNLOCK_REFUSED.format(names=", ".join(gone)), USAGE)
     with conn:
         conn.execute("DELETE FROM api_keys WHERE revoked IS NOT NULL OR (expires IS NOT NULL AND expires <= ?)",
                      (now,))
@@ -92,27 +91,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from anyad.keys import digest, new_key
     from anyad.quotas import day_start, month_start
 
-    settings = settings_or_report(args.config)
-    if settings is None:
-        return 2
+    settings = load(args.config)
     data_dir = settings.resolved_data_dir
-    conn = connect(data_dir / DB_NAME)
+    conn = connect(database(settings))
     try:
         if args.action == "create":
             if args.name in settings.keys:
-                print(f"anyad: {args.name!r} is already a key in the config", file=sys.stderr)
-                return 1
+                return fail(f"{args.name!r} is already a key in the config")
             row = conn.execute("SELECT revoked FROM api_keys WHERE name = ?", (args.name,)).fetchone()
             if row is not None and row[0] is None:
-                print(f"anyad: a key named {args.name!r} exists (revoke it first)", file=sys.stderr)
-                return 1
+                return fail(f"a key named {args.name!r} exists (revoke it first)")
             if args.expires is not None and args.expires <= time.time():
-                print("anyad: --expires is in the past; the key would never work", file=sys.stderr)
-                return 2
+                return fail("--expires is in the past; the key would never work", USAGE)
             keys_on, admin = key_state(settings, conn, time.time())
             if not keys_on and args.role != "admin" and not args.yes:
-                print(FIRST_KEY_REFUSED.format(name=args.name), file=sys.stderr)
-                return 2
+                return fail(FIRST_KEY_REFUSED.format(name=args.name), USAGE)
             key = new_key()
             with conn:
                 # A revoked key's name may be used again; the new key replaces its row.
@@ -134,8 +127,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 n = conn.execute("UPDATE api_keys SET revoked = ? WHERE name = ? AND revoked IS NULL",
                                  (time.time(), args.name)).rowcount
             if not n:
-                print(f"anyad: no active key named {args.name!r}", file=sys.stderr)
-                return 1
+                return fail(f"no active key named {args.name!r}")
             record_offline(data_dir, cli_actor(), "key.revoke", args.name)
             print(f"revoked {args.name}")
             return 0
@@ -180,7 +172,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("keys", help="create, list or revoke API keys (with roles, models and quotas)")
-    p.add_argument("--config", help="config file, to find the data directory")
+    add_config(p)
     ps = p.add_subparsers(dest="action", required=True)
     c = ps.add_parser("create", help="make a key and print it once")
     c.add_argument("name")

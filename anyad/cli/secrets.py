@@ -8,6 +8,7 @@ import sqlite3
 import sys
 from typing import Any
 
+from anyad.cli.common import USAGE, add_config, error, fail
 from anyad.errors import ConfigError
 from anyad.secrets import KEYRING_SERVICE, delete_secret, list_secrets, set_secret
 
@@ -23,7 +24,7 @@ def _audit(config: str | None, action: str, name: str) -> None:
         if settings.audit.enabled:
             record_offline(settings.resolved_data_dir, cli_actor(), action, name)
     except (ConfigError, OSError, sqlite3.Error) as exc:
-        print(f"anyad: the change is made but not in the audit log: {exc}", file=sys.stderr)
+        error(f"the change is made but not in the audit log: {exc}")
 
 
 def cmd_secrets(args: argparse.Namespace) -> int:
@@ -41,20 +42,18 @@ def cmd_secrets(args: argparse.Namespace) -> int:
             names = list_secrets()
             print("\n".join(names) if names else "no secrets stored")
         elif not delete_secret(args.name):
-            print(f"anyad: no secret {args.name!r} in the keyring", file=sys.stderr)
-            return 1
+            return fail(f"no secret {args.name!r} in the keyring")
         else:
             print(f"deleted {args.name}")
             _audit(args.config, "secret.delete", args.name)
     except ConfigError as exc:
-        print(f"anyad: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), USAGE)
     return 0
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("secrets", help="store, list or delete provider keys in the OS keyring")
-    p.add_argument("--config", help="config file, to find the database for the audit log")
+    add_config(p, help="config file, to find the database for the audit log")
     ps = p.add_subparsers(dest="action", required=True)
     st = ps.add_parser("set", help="store a secret, read from a hidden prompt or from standard input")
     st.add_argument("name")

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from anyad.cli import settings_or_report
+from anyad.cli.common import FAILED, OK, add_config, error, load
 from anyad.tables import table as text_table
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     from anyad.plugin_manager import describe, installed
 
-    settings = settings_or_report(args.config)
-    if settings is None:
-        return 2
+    settings = load(args.config)
     enabled = set(settings.plugins.enabled)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for ep in installed():
         dist = ep.dist
         rows.append({"name": ep.name, "enabled": ep.name in enabled, "object": ep.value,
@@ -27,7 +24,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     missing = sorted(enabled - {r["name"] for r in rows})
     if args.json:
         print(json.dumps({"plugins": rows, "enabled_but_not_installed": missing}, indent=2))
-        return 1 if missing else 0
+        return FAILED if missing else OK
     if not rows:
         print("no plugins installed")
     else:
@@ -36,12 +33,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print("\n".join(text_table(table)))
         print('\nenable one with [plugins] enabled = ["NAME", ...] in the config')
     for name in missing:
-        print(f"anyad: plugins.enabled names {name!r}, which is not installed", file=sys.stderr)
-    return 1 if missing else 0
+        error(f"plugins.enabled names {name!r}, which is not installed")
+    return FAILED if missing else OK
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("plugins", help="list the installed plugins and which are enabled")
-    p.add_argument("--config", help="config file, for [plugins] enabled")
+    add_config(p, help="config file, for [plugins] enabled")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=cmd_plugins)

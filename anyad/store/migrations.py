@@ -62,7 +62,7 @@ def m001_history(db: Database) -> None:
         );
         CREATE INDEX idx_exchanges_conversation ON exchanges (conversation_id);
     """)
-    db["messages"].enable_fts(["content"], fts_version="FTS5", create_triggers=True)
+    db.table("messages").enable_fts(["content"], fts_version="FTS5", create_triggers=True)
 
 
 @migration
@@ -179,15 +179,15 @@ def m006_responses(db: Database) -> None:
 def migrate(db: Database) -> list[str]:
     """Apply the migrations this database lacks; returns their names."""
     if "_migrations" not in db.table_names():
-        db["_migrations"].create({"name": str, "applied": float}, pk="name")
-    done = {row["name"] for row in db["_migrations"].rows}
+        db.table("_migrations").create({"name": str, "applied": float}, pk="name")
+    done = {row["name"] for row in db.table("_migrations").rows}
     applied = []
     for fn in MIGRATIONS:
         if fn.__name__ in done:
             continue
         with db.conn:
             fn(db)
-            db["_migrations"].insert({"name": fn.__name__, "applied": time.time()})
+            db.table("_migrations").insert({"name": fn.__name__, "applied": time.time()})
         applied.append(fn.__name__)
     return applied
 

@@ -1,4 +1,4 @@
-"""The ``anyad`` command."""
+"""``anyad serve``: run the daemon until SIGTERM/SIGINT, then drain; SIGHUP re-reads the config."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 from anyad import __version__
+from anyad.cli.common import USAGE, fail, load
 from anyad.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -92,28 +92,16 @@ def _status(daemon: Any, what: str) -> str:
     return f"{what}; models ready: {sum(models.values())} of {len(models)}"
 
 
-def settings_or_report(config: str | None, **overrides: Any) -> "Settings | None":
-    """The settings for a command, or None after saying on stderr why there are none."""
-    from anyad.config import load_settings
-
-    try:
-        return load_settings(config, **overrides)
-    except ConfigError as exc:
-        print(f"anyad: {exc}", file=sys.stderr)
-        return None
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from anyad.config import load_settings
     from anyad.logs import setup_logging
 
-    def load() -> "Settings":
+    def reload() -> "Settings":
         return load_settings(args.config, host=args.host, port=args.port, model_paths=args.model)
 
-    settings = settings_or_report(args.config, host=args.host, port=args.port, model_paths=args.model)
-    if settings is None:
-        return 2
+    settings = load(args.config, host=args.host, port=args.port, model_paths=args.model)
     setup_logging(settings.server.log_level)
+    run: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
 
@@ -121,36 +109,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - uvloop is optional outside Linux/macOS
         run = asyncio.run
     try:
-        return run(_serve(settings, load))
+        return run(_serve(settings, reload))
     except ConfigError as exc:
-        print(f"anyad: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), USAGE)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    import json
-
-    from anyad.daemon_client import DaemonError, api_key, get_json
-    from anyad.status_table import render
-
-    settings = settings_or_report(args.config, host=args.host, port=args.port)
-    if settings is None:
-        return 2
-    try:
-        status = get_json(settings, "/api/status", api_key(args))
-    except DaemonError as exc:
-        print(f"anyad: {exc}", file=sys.stderr)
-        return 1
-    sys.stdout.write(json.dumps(status, indent=2) + "\n" if args.json else render(status))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from anyad.daemon_client import add_arguments as add_daemon_arguments
-
-    p = argparse.ArgumentParser(prog="anyad", description="Local-LLM gateway with an OpenAI-compatible API.")
-    p.add_argument("--version", action="version", version=f"anyad {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+def add_parser(sub: Any) -> None:
     s = sub.add_parser("serve", help="run the daemon")
     s.add_argument("--config", help="config file (default: $ANYAD_CONFIG, $XDG_CONFIG_HOME/anyad/config.toml, "
                                     "/etc/anyad/config.toml)")
@@ -159,41 +123,3 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", action="append", metavar="PATH.gguf",
                    help="serve this GGUF file (model id = file stem); may be repeated")
     s.set_defaults(func=cmd_serve)
-    st = sub.add_parser("status", help="show the running daemon's devices, models and queues")
-    st.add_argument("--config", help="config file, to find the daemon's address")
-    add_daemon_arguments(st)
-    st.add_argument("--json", action="store_true", help="print /api/status as JSON")
-    st.set_defaults(func=cmd_status)
-    from anyad.history_cli import add_parser as add_history
-
-    add_history(sub)
-    from anyad.secrets_cli import add_parser as add_secrets
-
-    add_secrets(sub)
-    from anyad.models_cli import add_parser as add_models
-
-    add_models(sub)
-    from anyad.audit_cli import add_parser as add_audit
-
-    add_audit(sub)
-    from anyad.install_service import add_parser as add_install_service
-
-    add_install_service(sub)
-    from anyad.plugins_cli import add_parser as add_plugins
-
-    add_plugins(sub)
-    from anyad.pull_cli import add_parser as add_pull
-
-    add_pull(sub)
-    from anyad.keys_cli import add_parser as add_keys
-
-    add_keys(sub)
-    from anyad.usage_cli import add_parser as add_usage
-
-    add_usage(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)

@@ -1,12 +1,8 @@
-"""The SQLite store: one file, ``anyad.db`` in the data directory, for the chat history
-and the response cache (``anyad.cache``).
+"""The store's one writer: a thread that batches the daemon's writes to ``anyad.db``.
 
-Writes go through a single writer thread that batches them: a batch is one
-transaction, committed at most ``batch_interval_s`` after its first item arrived,
-so a reply never waits on the disk and a ``kill -9`` loses at most that interval.
-WAL journaling with ``synchronous = NORMAL`` keeps the file consistent through a
-crash. Reads (the history API, the CLI) use connections of their own, which WAL
-lets run beside the writer. ``close()`` drains what is queued.
+A batch is one transaction, committed at most ``batch_interval_s`` after its first item
+arrived, so a reply never waits on the disk and a ``kill -9`` loses at most that
+interval. ``close()`` drains what is queued.
 """
 
 from __future__ import annotations
@@ -15,72 +11,27 @@ import concurrent.futures
 import logging
 import os
 import queue
-import re
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from sqlite_utils import Database
 
-from anyad.errors import ConfigError
-from anyad.jsoncodec import dumps, loads
-from anyad.migrations import migrate, schema_version
+from anyad.jsoncodec import dumps
+from anyad.store.connection import connect
+from anyad.store.history import HistoryReader
+from anyad.store.rows import AUDIT_INSERT, USAGE_INSERT, AuditRow, Exchange, UsageRow
+from anyad.store.search import SEARCH_INDEX_STEP, index_pending
 from anyad.stream import content_text
 
 log = logging.getLogger("anyad.store")
 
-DB_NAME = "anyad.db"
-CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-MAX_QUERY_CHARS = 1000
 MAX_CLAIMS = 10000  # conversation ids claimed but not yet written, kept per daemon
 _STOP = object()
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One request and its reply, as the history records them."""
-
-    conversation_id: str
-    request_id: str
-    model: str
-    backend: str | None
-    stream: bool
-    cache: str | None  # hit | miss | bypass | stale; None when the cache is off
-    messages: list[dict[str, Any]]  # as the client sent them
-    reply: dict[str, Any] | None  # {"role": "assistant", "content", ...}; None when nothing came
-    finish_reason: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    started: float  # wall-clock seconds
-    latency_ms: float
-    ttft_ms: float | None
-    owner: str | None = None  # the API key's name; the history shows a key only its own
-    # Whether the exchange may go into another key's conversation (an admin key's may).
-    any_conversation: bool = True
-
-
-class AuditRow(tuple):
-    """(at, actor, action, target, status, request_id, detail JSON): one row of the audit table."""
-
-    __slots__ = ()
-
-
-AUDIT_COLUMNS = "at, actor, action, target, status, request_id, detail"
-
-
-class UsageRow(tuple):
-    """(at, key, model, backend, endpoint, status, prompt_tokens, completion_tokens, cache, cost, request_id)."""
-
-    __slots__ = ()
-
-
-USAGE_COLUMNS = "at, key, model, backend, endpoint, status, prompt_tokens, completion_tokens, cache, cost, request_id"
-AUDIT_INSERT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
-USAGE_INSERT = f"INSERT INTO usage ({USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 @dataclass(slots=True)
@@ -125,161 +76,6 @@ def _message_row(m: dict[str, Any]) -> tuple[str, str | None, str | None]:
     if isinstance(content, list) and any(not (isinstance(p, dict) and p.get("type") == "text") for p in content):
         extra["content"] = content
     return str(m.get("role", "")), text, (dumps(extra) if extra else None)
-
-
-SEARCH_INDEX_STEP = 5000  # messages indexed per idle pass
-
-
-def index_pending(db: Database, limit: int | None = None) -> int:
-    """Add messages not yet in the full-text index (all of them, or up to ``limit``)."""
-    c = db.conn
-    # A write first: it opens the transaction and takes the write lock, so two indexers
-    # (the daemon's writer and a CLI search) can never both read the same starting point.
-    c.execute("UPDATE search_index SET last_id = last_id WHERE id = 1")
-    (last,) = c.execute("SELECT last_id FROM search_index WHERE id = 1").fetchone()
-    top_sql = "SELECT max(id) FROM messages" if limit is None else \
-        "SELECT max(id) FROM (SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT ?)"
-    (top,) = c.execute(top_sql, () if limit is None else (last, limit)).fetchone()
-    if top is None or top <= last:
-        return 0
-    n = c.execute("INSERT INTO messages_fts (rowid, content) SELECT id, content FROM messages "
-                  "WHERE id > ? AND id <= ?", (last, top)).rowcount
-    c.execute("UPDATE search_index SET last_id = ? WHERE id = 1", (top,))
-    return n
-
-
-def fts_query(q: str) -> str:
-    """A user's search words as an FTS5 query that cannot be a syntax error: each word a
-    quoted phrase (quotes doubled), all of them required."""
-    q = re.sub(r"[\x00-\x1f\x7f]", " ", q)  # FTS5 cannot take control characters, even quoted
-    words = [w for w in re.split(r"\s+", q.strip()) if w]
-    return " ".join('"' + w.replace('"', '""') + '"' for w in words)
-
-
-class HistoryReader:
-    """Reads the history; any thread, a read-only connection per call (WAL lets it run
-    beside the writer, in this process or the daemon's)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def index_for_search(self) -> None:
-        """Make the full-text index cover every message before a search."""
-        conn = sqlite3.connect(self.path, timeout=10)
-        try:
-            with conn:
-                index_pending(Database(conn))
-        finally:
-            conn.close()
-
-    def read_connection(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
-        conn.row_factory = sqlite3.Row
-        return conn
-
-    def conversations(self, *, limit: int = 20, offset: int = 0, q: str | None = None,
-                      owner: str | None = None) -> dict[str, Any]:
-        """A page of conversations, newest first; ``q`` keeps those with a message matching all
-        its words, ``owner`` those of one API key."""
-        conds, args = [], []
-        query = fts_query(q) if q else ""
-        if query:
-            self.index_for_search()
-            conds.append("id IN (SELECT conversation_id FROM messages WHERE id IN "
-                         "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?))")
-            args.append(query)
-        if owner is not None:
-            conds.append("owner = ?")
-            args.append(owner)
-        where = ("WHERE " + " AND ".join(conds)) if conds else ""
-        conn = self.read_connection()
-        try:
-            total = conn.execute(f"SELECT count(*) FROM conversations {where}", args).fetchone()[0]
-            rows = conn.execute(f"SELECT * FROM conversations {where} ORDER BY updated DESC, id LIMIT ? OFFSET ?",
-                                [*args, limit, offset]).fetchall()
-        finally:
-            conn.close()
-        return {"total": total, "limit": limit, "offset": offset, "data": [dict(r) for r in rows]}
-
-    def conversation(self, conversation_id: str, owner: str | None = None) -> dict[str, Any] | None:
-        conn = self.read_connection()
-        try:
-            row = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-            if row is None or (owner is not None and row["owner"] != owner):
-                return None
-            messages = conn.execute("SELECT seq, role, content, extra, exchange_id, created FROM messages "
-                                    "WHERE conversation_id = ? ORDER BY seq", (conversation_id,)).fetchall()
-            exchanges = conn.execute("SELECT * FROM exchanges WHERE conversation_id = ? ORDER BY id",
-                                     (conversation_id,)).fetchall()
-        finally:
-            conn.close()
-        out = dict(row)
-        out["messages"] = []
-        for m in messages:
-            msg = {"role": m["role"], "content": m["content"], **(loads(m["extra"]) if m["extra"] else {}),
-                   "seq": m["seq"], "created": m["created"]}
-            if m["exchange_id"] is not None:
-                msg["exchange_id"] = m["exchange_id"]
-            out["messages"].append(msg)
-        out["exchanges"] = [dict(x) for x in exchanges]
-        return out
-
-    def owner(self, conversation_id: str) -> tuple[bool, str | None]:
-        """(whether the conversation exists, the key that owns it)."""
-        conn = self.read_connection()
-        try:
-            row = conn.execute("SELECT owner FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-        finally:
-            conn.close()
-        return (False, None) if row is None else (True, row[0])
-
-    def export(self) -> Iterator[dict[str, Any]]:
-        """Every conversation, whole, oldest first."""
-        conn = self.read_connection()
-        try:
-            ids = [r[0] for r in conn.execute("SELECT id FROM conversations ORDER BY created, id")]
-        finally:
-            conn.close()
-        for cid in ids:
-            conv = self.conversation(cid)
-            if conv is not None:
-                yield conv
-
-
-def check_integrity(path: Path) -> None:
-    """Refuse a damaged database file (``PRAGMA quick_check``), naming it, before anything
-    reads or writes it: SQLite itself notices a bad page only when a query happens to touch it.
-    Raises ``ConfigError``; a file that does not exist yet is fine."""
-    if not path.exists():
-        return
-    try:
-        conn = sqlite3.connect(path, timeout=10)
-        try:
-            problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:  # so damaged that the check cannot even run
-        problems = [str(exc)]
-    if problems != ["ok"]:
-        first = " ".join(str(problems[0]).split())
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise ConfigError(f"the database {path} is damaged: {first}{more}; restore it from a backup or move it "
-                          "aside to start with an empty one")
-
-
-def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
-    """The database, created and brought to the current schema if need be: the daemon's
-    writer and the commands that write (keys, secrets' audit rows) open it alike."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=check_same_thread, timeout=10)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    applied = migrate(Database(conn))
-    if applied:
-        log.info("database %s: applied %s (schema version %d)", path, ", ".join(applied),
-                 schema_version(Database(conn)))
-    return conn
 
 
 class Store(HistoryReader):

@@ -8,24 +8,20 @@ import json
 import sys
 from typing import Any
 
-from anyad.cli import settings_or_report
-from anyad.store import DB_NAME
+from anyad.cli.common import USAGE, add_config, database, fail, load
 from anyad.tables import table as text_table
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from anyad.usage import parse_time, report
+    from anyad.store.usage import parse_time, report
 
-    settings = settings_or_report(args.config)
-    if settings is None:
-        return 2
+    settings = load(args.config)
     try:
         start = parse_time(args.since) if args.since else None
         end = parse_time(args.until) if args.until else None
     except ValueError as exc:
-        print(f"anyad: {exc}", file=sys.stderr)
-        return 2
-    rows = report(settings.resolved_data_dir / DB_NAME, key=args.key, model=args.model, start=start, end=end,
+        return fail(str(exc), USAGE)
+    rows = report(database(settings), key=args.key, model=args.model, start=start, end=end,
                   group_by=args.group_by)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -50,7 +46,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("usage", help="requests, tokens, errors, cache hits and cost by day, model or key")
-    p.add_argument("--config", help="config file, to find the data directory")
+    add_config(p)
     p.add_argument("--key", help="only this key (its name)")
     p.add_argument("--model", help="only this model (as asked for)")
     p.add_argument("--since", help="from this date or time (ISO, UTC unless it says)")

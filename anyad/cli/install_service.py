@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from anyad.cli.common import fail
+
 SYSTEM_PATH = Path("/etc/systemd/system/anyad.service")
 HIDDEN_BY_PROTECT_HOME = ("/home/", "/root/", "/run/user/")
 
@@ -64,15 +66,13 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         return 0
     path = Path(args.output) if args.output else (user_path() if args.user else SYSTEM_PATH)
     if path.exists() and path.read_text() != text and not args.force:
-        print(f"anyad: {path} exists and differs; --force replaces it", file=sys.stderr)
-        return 1
+        return fail(f"{path} exists and differs; --force replaces it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     except PermissionError:
-        print(f"anyad: cannot write {path}: permission denied (the system service needs root: "
-              f"sudo {executable()} install-service; or install a user service with --user)", file=sys.stderr)
-        return 1
+        return fail(f"cannot write {path}: permission denied (the system service needs root: "
+                    f"sudo {executable()} install-service; or install a user service with --user)")
     print(f"wrote {path}")
     for note in notes:
         print(f"note: {note}")
@@ -82,8 +82,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         for cmd in ([*ctl, "daemon-reload"], [*ctl, "enable", "--now", "anyad"]):
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
-                print(f"anyad: {' '.join(cmd)} failed: {p.stderr.strip() or p.returncode}", file=sys.stderr)
-                return 1
+                return fail(f"{' '.join(cmd)} failed: {p.stderr.strip() or p.returncode}")
         print(f"started; follow it with: journalctl {'--user ' if args.user else ''}-u anyad -f")
         return 0
     print("next:")

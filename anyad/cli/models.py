@@ -4,12 +4,22 @@ GGUF files) and ``anyad models verify`` (every configured model file against its
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import TYPE_CHECKING, Any
 
-from anyad.cli import settings_or_report
-from anyad.daemon_client import DaemonError, NoDaemon, api_key, base_url, get_json
-from anyad.daemon_client import add_arguments as add_daemon_arguments
+from anyad.cli.common import (
+    FAILED,
+    OK,
+    DaemonError,
+    NoDaemon,
+    add_config,
+    add_daemon_arguments,
+    api_key,
+    base_url,
+    error,
+    fail,
+    get_json,
+    load,
+)
 from anyad.integrity import file_sha256
 from anyad.tables import size
 from anyad.tables import table as text_table
@@ -19,9 +29,7 @@ if TYPE_CHECKING:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    settings = settings_or_report(args.config)
-    if settings is None:
-        return 2
+    settings = load(args.config)
     bad = 0
     if not settings.models:
         print("no models configured")
@@ -40,31 +48,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else:
             print(f"{model_id}: MISMATCH {m.path}: expected {m.sha256.lower()}, the file has {actual}")
             bad += 1
-    return 1 if bad else 0
+    return FAILED if bad else OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     """What a daemon answering at the configured address serves; without one, the configured
     models, then what discovery finds (whether or not ``models.discover`` serves them)."""
-    settings = settings_or_report(args.config, host=args.host, port=args.port)
-    if settings is None:
-        return 2
+    settings = load(args.config, host=args.host, port=args.port)
     if args.local:
         return _list_local(settings, args)
     try:
         served = get_json(settings, "/v1/models", api_key(args))
     except NoDaemon:
-        print(f"anyad: no daemon answers at {base_url(settings)}; listing the config and the model files found "
-              "here", file=sys.stderr)
+        error(f"no daemon answers at {base_url(settings)}; listing the config and the model files found here")
         return _list_local(settings, args)
     except DaemonError as exc:
-        print(f"anyad: {exc} (or --local lists the config and the model files found here)", file=sys.stderr)
-        return 1
+        return fail(f"{exc} (or --local lists the config and the model files found here)")
     data = served.get("data") if isinstance(served, dict) else None
     if not isinstance(data, list):
-        print(f"anyad: {base_url(settings)}/v1/models is not a list of models; is it an anyad daemon?",
-              file=sys.stderr)
-        return 1
+        return fail(f"{base_url(settings)}/v1/models is not a list of models; is it an anyad daemon?")
     return _list_served(data, base_url(settings), args)
 
 
@@ -127,7 +129,7 @@ def add_parser(sub: Any) -> None:
     ps = p.add_subparsers(dest="action", required=True)
     ls = ps.add_parser("list", help="what the running daemon serves, else the configured models and GGUF files "
                                     "found in known places")
-    ls.add_argument("--config", help="config file")
+    add_config(ls, help="config file")
     add_daemon_arguments(ls)
     ls.add_argument("--local", action="store_true",
                     help="do not ask a running daemon: the config and the GGUF files found here")
@@ -136,5 +138,5 @@ def add_parser(sub: Any) -> None:
                                                                  "or without a daemon)")
     ls.set_defaults(func=cmd_list)
     v = ps.add_parser("verify", help="check every model that has a sha256 against its file")
-    v.add_argument("--config", help="config file")
+    add_config(v, help="config file")
     v.set_defaults(func=cmd_verify)

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from anyad.cli import settings_or_report
-from anyad.store import CONVERSATION_ID, DB_NAME, MAX_QUERY_CHARS, HistoryReader, Store
+from anyad.cli.common import FAILED, USAGE, add_config, database, fail, load
+from anyad.store import CONVERSATION_ID, MAX_QUERY_CHARS, HistoryReader, Store
 from anyad.tables import table, when
 
 
@@ -24,8 +24,7 @@ def _one_line(text: str | None, width: int) -> str:
 
 def _list(reader: HistoryReader, args: argparse.Namespace, out: TextIO) -> int:
     if args.q and len(args.q) > MAX_QUERY_CHARS:
-        print(f"anyad: the search is longer than {MAX_QUERY_CHARS} characters", file=sys.stderr)
-        return 2
+        return fail(f"the search is longer than {MAX_QUERY_CHARS} characters", USAGE)
     page = reader.conversations(limit=args.limit, offset=0, q=args.q)
     if not page["data"]:
         out.write("no conversations" + (" match" if args.q else "") + "\n")
@@ -42,8 +41,7 @@ def _list(reader: HistoryReader, args: argparse.Namespace, out: TextIO) -> int:
 def _show(reader: HistoryReader, args: argparse.Namespace, out: TextIO) -> int:
     conv = reader.conversation(args.id) if CONVERSATION_ID.match(args.id) else None
     if conv is None:
-        print(f"anyad: no conversation {args.id!r}", file=sys.stderr)
-        return 1
+        return fail(f"no conversation {args.id!r}")
     out.write(f"conversation {conv['id']}  (started {when(conv['created'])}, updated {when(conv['updated'])})\n")
     exchanges = {x["id"]: x for x in conv["exchanges"]}
     for m in conv["messages"]:
@@ -75,10 +73,9 @@ def _export(reader: HistoryReader, args: argparse.Namespace, out: TextIO) -> int
 def _purge(path: Path, args: argparse.Namespace, out: TextIO) -> int:
     if not args.yes:
         if not sys.stdin.isatty():
-            print("anyad: purge deletes every conversation; pass --yes to confirm", file=sys.stderr)
-            return 2
+            return fail("purge deletes every conversation; pass --yes to confirm", USAGE)
         if input(f"Delete every conversation in {path}? [y/N] ").strip().lower() not in ("y", "yes"):
-            return 1
+            return FAILED
     store = Store(path)
     try:
         n = store.purge().result(30)
@@ -89,16 +86,12 @@ def _purge(path: Path, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_history(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    settings = settings_or_report(args.config)
-    if settings is None:
-        return 2
-    path = settings.resolved_data_dir / DB_NAME
+    path = database(load(args.config))
     if not path.exists():
         if args.action == "purge":
             out.write("deleted 0 conversation(s)\n")
             return 0
-        print(f"anyad: no history yet ({path} does not exist)", file=sys.stderr)
-        return 1
+        return fail(f"no history yet ({path} does not exist)")
     if args.action == "purge":
         return _purge(path, args, out)
     reader = HistoryReader(path)
@@ -107,7 +100,7 @@ def cmd_history(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 def add_parser(sub: Any) -> None:
     h = sub.add_parser("history", help="list, show, export or purge the chat history")
-    h.add_argument("--config", help="config file, to find the data directory")
+    add_config(h)
     hs = h.add_subparsers(dest="action", required=True)
     ls = hs.add_parser("list", help="conversations, newest first")
     ls.add_argument("--limit", type=int, default=20)

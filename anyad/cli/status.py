@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import textwrap
 from typing import Any
 
+from anyad.cli.common import DaemonError, add_daemon_arguments, api_key, fail, get_json, load
 from anyad.tables import size as _size
 from anyad.tables import table
 
@@ -74,3 +78,21 @@ def render(status: dict[str, Any]) -> str:
             out += table(rows, indent="  ")
         out += [f"  {name}: misconfigured: {problem}" for name, problem in broken.items()]
     return "\n".join(out) + "\n"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = load(args.config, host=args.host, port=args.port)
+    try:
+        status = get_json(settings, "/api/status", api_key(args))
+    except DaemonError as exc:
+        return fail(str(exc))
+    sys.stdout.write(json.dumps(status, indent=2) + "\n" if args.json else render(status))
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    st = sub.add_parser("status", help="show the running daemon's devices, models and queues")
+    st.add_argument("--config", help="config file, to find the daemon's address")
+    add_daemon_arguments(st)
+    st.add_argument("--json", action="store_true", help="print /api/status as JSON")
+    st.set_defaults(func=cmd_status)

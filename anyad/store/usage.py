@@ -6,10 +6,16 @@ from __future__ import annotations
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
+
+from anyad.store.connection import read_only
 
 GroupBy = Literal["day", "model", "key"]
 GROUPS: dict[str, str] = {"day": "strftime('%Y-%m-%d', at, 'unixepoch')", "model": "model", "key": "key"}
+
+
+def is_group_by(value: str) -> TypeGuard[GroupBy]:
+    return value in GROUPS
 
 
 def parse_time(text: str) -> float:
@@ -30,7 +36,8 @@ def report(path: Path, *, key: str | None = None, model: str | None = None, star
         raise ValueError(f"group_by must be one of {', '.join(GROUPS)}")
     if not path.exists():
         return []
-    conds, args = [], []
+    conds: list[str] = []
+    args: list[str | float] = []
     for column, value in (("key", key), ("model", model)):
         if value is not None:
             conds.append(f"{column} = ?")
@@ -43,7 +50,7 @@ def report(path: Path, *, key: str | None = None, model: str | None = None, star
         args.append(end)
     where = ("WHERE " + " AND ".join(conds)) if conds else ""
     group = GROUPS[group_by]
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    conn = read_only(path, timeout=10)
     try:
         rows = conn.execute(
             f"SELECT {group} AS g, count(*), sum(prompt_tokens), sum(completion_tokens), "

@@ -10,28 +10,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from anyad.cli import settings_or_report
+from anyad.cli.common import INTERRUPTED, add_config, fail, load
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from anyad.download import DownloadError, progress_bar, pull
 
-    settings = settings_or_report(args.config)
-    if settings is None:
-        return 2
+    settings = load(args.config)
     dest = Path(args.dir).expanduser() if args.dir else settings.resolved_data_dir / "models"
     try:
         path = asyncio.run(pull(args.source, dest, sha256=args.sha256, revision=args.revision,
                                 progress=None if args.quiet else progress_bar()))
     except DownloadError as exc:
-        print(f"anyad: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc))
     except KeyboardInterrupt:
-        print("\nanyad: stopped; run the same command again to resume", file=sys.stderr)
-        return 130
+        print(file=sys.stderr)  # off the progress bar's line
+        return fail("stopped; run the same command again to resume", INTERRUPTED)
     except OSError as exc:  # the directory: not writable, not a directory, …
-        print(f"anyad: cannot save into {dest}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return fail(f"cannot save into {dest}: {exc.strerror or exc}")
     print(f"saved {path}")
     key = path.stem if re.fullmatch(r"[A-Za-z0-9_-]+", path.stem) else json.dumps(path.stem)
     print(f"serve it: anyad serve --model {path}   (or a [models.{key}] table with path = {json.dumps(str(path))})")
@@ -44,6 +40,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--sha256", help="the file's expected SHA-256 (else the hub's published one, when it has one)")
     p.add_argument("--dir", help="where to save it (default: the data directory's models/)")
     p.add_argument("--revision", default="main", help="for hf: sources, the branch, tag or commit (default main)")
-    p.add_argument("--config", help="config file, to find the data directory")
+    add_config(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pull)

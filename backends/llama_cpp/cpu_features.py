@@ -1,0 +1,44 @@
+"""Whether llama.cpp may repack a model's weights for this CPU's matrix units.
+
+On CPUs with AMX (``amx_tile`` in /proc/cpuinfo: Intel's Xeons since Sapphire Rapids)
+the llama.cpp this package ships repacks Q4_0/Q8_0 weights for AMX, and its AMX kernels
+then fault on the first matrix multiply (the tile configuration is optimised away, and
+worker threads never ask the kernel for the tile state: llama.cpp's issue 20824 and its
+open fix, pull request 26954), killing the model's worker on every request. There the
+weights stay as the file has them: llama-server's ``--no-repack``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def advertises_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_tile" in line.split() for line in text.splitlines())
+
+
+@contextlib.contextmanager
+def without_repacking(llama_cpp: Any) -> Iterator[None]:
+    """Models loaded inside keep their weights as the file has them. ``Llama`` takes its
+    model parameters from ``llama_model_default_params``, which has no argument for it."""
+    default = llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_cpp.llama_model_default_params = default
