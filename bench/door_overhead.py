@@ -51,6 +51,11 @@ DOORS = {
     "responses": ("/v1/responses",
                   lambda stream: {"model": "up/bench", "input": ASK, "max_output_tokens": 32, "stream": stream},
                   b'response.completed|"output"'),
+    # The same without keeping the response (store: false): what the stored row costs.
+    "responses-nostore": ("/v1/responses",
+                          lambda stream: {"model": "up/bench", "input": ASK, "max_output_tokens": 32, "stream": stream,
+                                          "store": False},
+                          b'response.completed|"output"'),
 }
 
 
