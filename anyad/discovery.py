@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import AbstractSet, Iterator
 
 from anyad.config import DiscoverySettings
 from anyad.errors import ConfigError
@@ -203,7 +203,7 @@ def from_ollama() -> Iterator[Found]:
             yield Found(name, blob, "ollama", info, paired)
 
 
-def discover(settings: DiscoverySettings, taken: set[str] = frozenset()) -> list[Found]:
+def discover(settings: DiscoverySettings, taken: AbstractSet[str] = frozenset()) -> list[Found]:
     """Every model the enabled sources hold, first claim to an id winning (``taken``: the
     configured ones)."""
     sources = {"directories": lambda: from_directories([Path(d).expanduser() for d in settings.directories]),

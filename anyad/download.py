@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -178,8 +179,8 @@ async def fetch(url: str, final: Path, *, sha256: str | None = None,
         raise DownloadError(f"{name}: the expected SHA-256 must be 64 hex digits")
     dest_dir = final.parent
     part = part_path(final)
-    again = dict(sha256=sha256, progress=progress, timeout_s=timeout_s, magic=magic, max_bytes=max_bytes,
-                 headers=headers, _restarted=True)
+    again = functools.partial(fetch, url, final, sha256=sha256, progress=progress, timeout_s=timeout_s, magic=magic,
+                              max_bytes=max_bytes, headers=headers, _restarted=True)
 
     have = part.stat().st_size if part.exists() else 0
     if max_bytes is not None and have > max_bytes:  # not the part of this file
@@ -214,8 +215,8 @@ async def fetch(url: str, final: Path, *, sha256: str | None = None,
                     part.unlink(missing_ok=True)
                     if _restarted:
                         raise DownloadError(f"the server refuses every range of {url}; nothing was kept")
-                    return await fetch(url, final, **again)  # type: ignore[arg-type]
-                total = have
+                    return await again()
+                total: int | None = have
                 expected = expected or _published_sha256(resp)
             elif resp.status == 404:
                 raise DownloadError(f"not found (404): {url}")
@@ -229,7 +230,7 @@ async def fetch(url: str, final: Path, *, sha256: str | None = None,
                     part.unlink(missing_ok=True)  # not the rest of what we have: appending it would corrupt
                     if _restarted:
                         raise DownloadError(f"the server answers ranges of {url} wrongly; nothing was kept")
-                    return await fetch(url, final, **again)  # type: ignore[arg-type]
+                    return await again()
                 length = resp.content_length
                 total = have + length if length is not None else None
                 if max_bytes is not None and total is not None and total > max_bytes:
@@ -247,7 +248,7 @@ async def fetch(url: str, final: Path, *, sha256: str | None = None,
                         async for block in resp.content.iter_chunked(CHUNK):
                             if len(head) < want:
                                 head += block[:want - len(head)]
-                                if not magic.startswith(head):  # type: ignore[union-attr]
+                                if magic is not None and not magic.startswith(head):  # (want > 0 only with a magic)
                                     resp.close()  # a web page, not the file: fetch no more of it
                                     break
                             if max_bytes is not None and p.done + len(block) > max_bytes:

@@ -26,7 +26,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import AbstractSet, Any, Callable, Iterator
 
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
@@ -177,6 +177,7 @@ def _layer(obj: Any, where: str) -> Layer:
     if not isinstance(media, str) or not 0 < len(media) <= 200:
         raise StoreError(f"the manifest's {where} has no mediaType")
     blob_name(digest)
+    assert isinstance(digest, str)  # blob_name accepts nothing else
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise StoreError(f"the manifest's {where} has no valid size")
     return Layer(media, digest, size)
@@ -258,7 +259,7 @@ class OllamaStore:
 
     def referenced(self, skip: Path | None = None) -> set[str]:
         """The blob files the store's manifests (but ``skip``) refer to."""
-        out = set()
+        out: set[str] = set()
         for _, path in self.names():
             if skip is not None and path == skip:
                 continue
@@ -286,7 +287,7 @@ class OllamaStore:
         _atomic_write(path, raw)
         return path
 
-    def remove(self, path: Path, keep: set[str] = frozenset()) -> list[str]:
+    def remove(self, path: Path, keep: AbstractSet[str] = frozenset()) -> list[str]:
         """Remove a manifest, and the blobs no other manifest (nor ``keep``) refers to; the
         blob file names removed. Empty directories it leaves are removed too."""
         m = self.read_path(path)

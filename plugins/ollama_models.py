@@ -493,11 +493,12 @@ async def pull(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest("no registry is configured to pull from: set [plugins.ollama] registry = "
                              "\"http://HOST:PORT\" (an Ollama-style registry) in anyad's config", param="model",
                              code="no_registry")
+    registry = door.registry
     name = door.parse_own(raw)
     model_id = door.id_for(name)
     admit(request, model_id)
     door.claimable(name)
-    manifest = await fetch_manifest(door.registry, name)  # before the stream: its failures get their status
+    manifest = await fetch_manifest(registry, name)  # before the stream: its failures get their status
     blobs = {blob_name(layer.digest) for layer in manifest.blobs}
 
     async def work(emit: Emit) -> None:
@@ -505,7 +506,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
         async with door.pulling:
             door.pending |= blobs
             try:
-                await pull_blobs(door.store, door.registry, name, manifest, emit)
+                await pull_blobs(door.store, registry, name, manifest, emit)
                 model = manifest.layer(MODEL_LAYER)
                 if model is None:
                     raise InvalidRequest(f"{raw}: the registry's manifest has no model layer; nothing was written")
@@ -637,11 +638,11 @@ async def _base(door: Door, request: web.Request, mf: modelfile.Modelfile, files
         return Base(layers=[x for x in manifest.layers if x.media_type in WEIGHT_LAYERS],
                     defaults=read_defaults(store, manifest))
     backend = door.daemon.local.get(found)
-    info = getattr(backend, "info", None)
-    if info is None:
+    gguf = getattr(backend, "info", None)
+    if gguf is None:
         raise InvalidRequest(f"FROM {text[:200]}: {found!r} is not a local model with a GGUF file (a route or a "
                              "remote provider's model cannot be a model's base)", param="from")
-    base = Base(files=[(Path(info.path), MODEL_LAYER)])
+    base = Base(files=[(Path(gguf.path), MODEL_LAYER)])
     if getattr(backend, "mmproj", None) is not None:
         base.files.append((Path(backend.mmproj), PROJECTOR_LAYER))
     return base

@@ -64,7 +64,8 @@ TOKEN = re.compile(r"""
 
 
 def _tokens(src: str) -> list[tuple[str, str]]:
-    out, i = [], 0
+    out: list[tuple[str, str]] = []
+    i = 0
     while i < len(src):
         m = TOKEN.match(src, i)
         if m is None:
@@ -231,7 +232,10 @@ class _Parser:
             break
         if names and j + 1 < len(toks) and toks[j + 1][0] in ("decl", "assign"):
             decl, op, toks = names, toks[j + 1][1], toks[j + 2:]
-        cmds, cur, depth, sub = [], [], 0, []
+        cmds: list[Cmd] = []
+        cur: list[Any] = []  # the command's operands (see Cmd)
+        depth = 0
+        sub: list[tuple[str, str]] = []
         k = 0
         while k < len(toks):
             kind, text = toks[k]
@@ -335,7 +339,7 @@ def _printf(fmt: str, *args: Any) -> str:
     def one(m: re.Match[str]) -> str:
         if m.group() == "%%":
             return "%"
-        v = next(it, None)
+        v: Any = next(it, None)
         if m.group(1) == "q":
             return json.dumps(_text(v))
         if m.group(1) == "d":
