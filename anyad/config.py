@@ -171,6 +171,9 @@ class ModelSettings(_Strict):
     # llama.cpp's weight repacking for the CPU's matrix units (its --no-repack is "off");
     # "auto": on, except on CPUs with AMX, whose repacked kernels crash this llama.cpp.
     repack: Literal["auto", "on", "off"] = "auto"
+    # llama.cpp's flash attention: "auto" (llama-server's default: on where the device
+    # supports it for the model), "on" or "off". It reads long prompts faster.
+    flash_attention: Literal["auto", "on", "off"] = "auto"
     # How the model writes tool calls; "auto": recognised from its chat template.
     tool_format: Literal["auto", "hermes", "llama3", "mistral", "generic", "none"] = "auto"
     # Thinking split out of the content as reasoning_content: "auto" where the template has

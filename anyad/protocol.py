@@ -7,7 +7,7 @@ library prints can corrupt the stream. The protocol is internal and versioned
 with the package: the worker's ``hello`` frame carries ``PROTOCOL_VERSION``.
 
 daemon → worker: ``{"op": "load", "version", "path", "n_ctx", "n_threads", "n_batch", "n_gpu_layers",
-"main_gpu", "parallel", "warm_up", "tool_format", "reasoning", "repack"}`` (first),
+"main_gpu", "parallel", "warm_up", "tool_format", "reasoning", "repack", "flash_attention"}`` (first),
 ``{"op": "chat", "id", "messages", "params"}`` (params: ``SamplingParams.as_dict()``, tools included),
 ``{"op": "embed", "id", "input"}``, ``{"op": "count", "id", "messages", "params"}`` (answered by
 ``{"t": "end", "id", "tokens"}``), ``{"op": "stats", "id"}``,

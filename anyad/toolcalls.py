@@ -154,6 +154,10 @@ def _json_values(text: str, sep: str = ";") -> list[Any]:
         values.append(value)
 
 
+# The head of a forced Hermes call, as forced_call_grammar writes it.
+_LIVE_HEAD = re.compile(r'\s*\{"name": ("(?:[^"\\]|\\.)*"), "(?:arguments|parameters)": ')
+
+
 def _held(buf: str, markers: tuple[str, ...]) -> int:
     """Length of the longest end of ``buf`` that may be the start of a marker."""
     best = 0
@@ -183,8 +187,14 @@ class ReplyParser:
     """
 
     def __init__(self, family: Family, *, tools: bool, reasoning: bool, parallel: bool = True,
-                 reasoning_inline: bool = False, started_in_reasoning: bool = False) -> None:
+                 reasoning_inline: bool = False, started_in_reasoning: bool = False,
+                 forced: bool = False) -> None:
         self.family = family
+        # A grammar forces the call (tool_choice "required" or a named function): it cannot
+        # come out malformed, so its arguments are streamed as they are written instead of
+        # held until the call closes.
+        self._live_calls = forced and family.name == "hermes"
+        self._live: list[int] | None = None  # [call index, arguments emitted up to] of a streamed call
         self.calls = 0
         self._tools = tools
         self._parallel = parallel
@@ -378,11 +388,39 @@ class ReplyParser:
         i = self._body.find(close, max(0, self._scanned - len(close) + 1))
         if i < 0:
             self._scanned = len(self._body)
+            if self._live_calls:
+                self._stream_call(self._body[:len(self._body) - _held(self._body, (close,))], final=False)
             return False
         body, self._pending = self._body[:i], self._body[i + len(close):]
         self._body, self._scanned, self._mode = "", 0, _TEXT
-        self._calls_or_text(self._opener + body + close, body, self._parse_tagged)
+        if not (self._live_calls and self._stream_call(body, final=True)):
+            self._calls_or_text(self._opener + body + close, body, self._parse_tagged)
         return bool(self._pending)
+
+    def _stream_call(self, body: str, final: bool) -> bool:
+        """Stream a forced call's ``{"name": N, "arguments": …}`` as it is written: the header
+        once the name is whole, then the arguments, holding back what may be the object's
+        closing brace; ``final``: the body is whole. False while no header could be sent."""
+        if self._live is None:
+            m = _LIVE_HEAD.match(body)
+            if m is None or (self.calls and not self._parallel):
+                return False
+            index = self.calls
+            self.calls += 1
+            self._ws, self._fresh, self._trim = "", False, True
+            cid = "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
+            self._out.append(Event(tool_calls=[{"index": index, "id": cid, "type": "function",
+                                                "function": {"name": json.loads(m.group(1)), "arguments": ""}}]))
+            self._live = [index, m.end()]
+        index, done = self._live
+        core = body.rstrip()
+        end = len(core) - 1 if core.endswith("}") else len(core)  # the call object's own "}"
+        if end > done:
+            self._out.append(Event(tool_calls=[{"index": index, "function": {"arguments": body[done:end]}}]))
+            self._live[1] = end
+        if final:
+            self._live = None
+        return True
 
     def _step_text(self) -> bool:
         buf = self._pending

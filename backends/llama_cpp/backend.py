@@ -133,7 +133,8 @@ class LlamaCppBackend(Backend):
         self.n_threads = settings.n_threads or default_threads()
         self._base_load = {"path": str(info.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads,
                            "n_batch": settings.n_batch, "tool_format": settings.tool_format,
-                           "reasoning": settings.reasoning, "repack": settings.repack}
+                           "reasoning": settings.reasoning, "repack": settings.repack,
+                           "flash_attention": settings.flash_attention}
         self.mmproj = settings.mmproj
         self._projector_bytes = 0
         if self.mmproj is not None:
@@ -216,6 +217,7 @@ class LlamaCppBackend(Backend):
                "n_threads": self.n_threads, **self.scheduler.status(self.model_id)}
         if "repacked" in facts:
             out["repacked"] = facts["repacked"]  # the weights laid out for the CPU's matrix units
+            out["flash_attention"] = facts["flash_attention"]
         return out
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:

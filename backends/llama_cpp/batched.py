@@ -83,7 +83,7 @@ class ContextSettings:
     n_gpu_layers: int = 0
     main_gpu: int = 0
     # Whether llama.cpp may repack the weights for the CPU's matrix units; "auto": not
-    # where AMX is advertised, whose kernels crash this llama.cpp (see cpu_features).
+    # where AMX is advertised, whose kernels crash this llama.cpp (see load_options).
     repack: Repack = "auto"
     # One KV buffer for all sequences (a long conversation may use what short ones
     # leave) or one stream per sequence (cheaper attention, nothing shared).
@@ -236,7 +236,7 @@ class BatchedContext:
         from llama_cpp import llama_cpp as lc
         from llama_cpp._logger import set_verbose  # how Llama itself quiets llama.cpp's log
 
-        from anyad.backends.llama_cpp import cpu_features
+        from anyad.backends.llama_cpp import load_options
 
         if settings.parallel < 1 or settings.n_ctx < 2 or settings.n_batch < 1:
             raise ValueError("parallel >= 1, n_ctx >= 2 and n_batch >= 1")
@@ -254,9 +254,9 @@ class BatchedContext:
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = settings.n_gpu_layers
         mp.main_gpu = settings.main_gpu
-        # llama-server's --no-repack (see cpu_features.without_repacking for why).
+        # llama-server's --no-repack (see load_options.without_repacking for why).
         mp.use_extra_bufts = settings.repack == "on" or (settings.repack == "auto"
-                                                         and not cpu_features.advertises_amx())
+                                                         and not load_options.advertises_amx())
         self.repacked = bool(mp.use_extra_bufts)
         self._model = lc.llama_model_load_from_file(settings.path.encode(), mp)
         if not self._model:

@@ -24,7 +24,7 @@ import traceback
 from typing import IO, TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from anyad import protocol
-from anyad.backends.llama_cpp import cpu_features
+from anyad.backends.llama_cpp import load_options
 from anyad.backends.llama_cpp.logprobs import TokenLogprobs, piece_reader
 from anyad.errors import InvalidRequest
 from anyad.toolcalls import Event, Family, ReplyParser, family_of, forced_call_grammar, opens_reasoning
@@ -150,8 +150,9 @@ class Engine:
             # llama.cpp would quietly run on the CPU; the scheduler must know, to place it honestly.
             raise RuntimeError("this llama-cpp-python build cannot offload layers to a GPU")
         t0 = time.monotonic()
+        self.load = load
         repack = load.get("repack") or "auto"
-        self.repacked = repack == "on" or (repack == "auto" and not cpu_features.advertises_amx())
+        self.repacked = repack == "on" or (repack == "auto" and not load_options.advertises_amx())
         # One context per parallel slot. On the CPU they share the memory-mapped weights.
         with self._loading():
             self.llms = self._open(CountingLlama, load)
@@ -235,13 +236,19 @@ class Engine:
         vectors, tokens = self._embedder.embed(inputs, normalize=True, truncate=False, return_count=True)
         return vectors, tokens
 
-    def _loading(self) -> contextlib.AbstractContextManager[None]:
-        """Where models are loaded: with the weights repacked, or as the file has them."""
-        return contextlib.nullcontext() if self.repacked else cpu_features.without_repacking(self.llama_cpp.llama_cpp)
+    def _loading(self) -> contextlib.ExitStack:
+        """Where models are loaded: the weights repacked or as filed, flash attention as set."""
+        stack = contextlib.ExitStack()
+        if not self.repacked:
+            stack.enter_context(load_options.without_repacking(self.llama_cpp.llama_cpp))
+        if (self.load.get("flash_attention") or "auto") == "auto":
+            stack.enter_context(load_options.flash_attention_auto(self.llama_cpp.llama_cpp))
+        return stack
 
     @staticmethod
     def _open(cls: Any, load: dict[str, Any]) -> list[Any]:
         return [cls(model_path=load["path"], n_ctx=load["n_ctx"], n_threads=load["n_threads"],
+                    flash_attn=load.get("flash_attention") == "on",
                     n_threads_batch=load["n_threads"], n_batch=load.get("n_batch", 512),
                     n_gpu_layers=load.get("n_gpu_layers", 0), main_gpu=load.get("main_gpu", 0), logits_all=False,
                     verbose=bool(load.get("verbose", False)))
@@ -251,7 +258,8 @@ class Engine:
         return {"n_ctx": self.llm.n_ctx(), "n_threads": self.llm.n_threads, "load_s": round(self.load_s, 3),
                 "warm_up_s": round(self.warm_up_s, 3), "parallel": len(self.llms),
                 "n_gpu_layers": self.load.get("n_gpu_layers", 0), "chat_template": self.template_source,
-                "tool_format": self.family.name, "reasoning": self._reasoning_split, "repacked": self.repacked}
+                "tool_format": self.family.name, "reasoning": self._reasoning_split, "repacked": self.repacked,
+                "flash_attention": self.load.get("flash_attention") or "auto"}
 
     @property
     def _reasoning_split(self) -> bool:
@@ -488,7 +496,9 @@ class Engine:
             parser = ReplyParser(self.family, tools=offered, reasoning=split,
                                  parallel=params.get("parallel_tool_calls") is not False,
                                  reasoning_inline=params.get("reasoning_format") == "none",
-                                 started_in_reasoning=split and in_reasoning)
+                                 started_in_reasoning=split and in_reasoning,
+                                 forced=offered and (params.get("tool_choice") == "required"
+                                                     or isinstance(params.get("tool_choice"), dict)))
         llm.sampled = 0
         llm.last_token = -1
         llm.record = [] if params.get("return_tokens") else None

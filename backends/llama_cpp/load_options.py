@@ -1,6 +1,7 @@
-"""Whether llama.cpp may repack a model's weights for this CPU's matrix units.
+"""What a model load needs that ``llama_cpp.Llama`` takes no argument for: keeping the
+weights as filed (no repacking), and flash attention's "auto".
 
-On CPUs with AMX (``amx_tile`` in /proc/cpuinfo: Intel's Xeons since Sapphire Rapids)
+Repacking. On CPUs with AMX (``amx_tile`` in /proc/cpuinfo: Intel's Xeons since Sapphire Rapids)
 the llama.cpp this package ships repacks Q4_0/Q8_0 weights for AMX, and its AMX kernels
 then fault on the first matrix multiply (the tile configuration is optimised away, and
 worker threads never ask the kernel for the tile state: llama.cpp's issue 20824 and its
@@ -42,3 +43,16 @@ def without_repacking(llama_cpp: Any) -> Iterator[None]:
         yield
     finally:
         llama_cpp.llama_model_default_params = default
+
+
+@contextlib.contextmanager
+def flash_attention_auto(llama_cpp: Any) -> Iterator[None]:
+    """Contexts created inside leave flash attention to llama.cpp ("auto", llama-server's
+    default: on where the device supports it for the model). ``Llama`` only knows on and
+    off, and writes off as ``LLAMA_FLASH_ATTN_TYPE_DISABLED`` when told ``flash_attn=False``."""
+    disabled = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    try:
+        yield
+    finally:
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED = disabled
