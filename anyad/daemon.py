@@ -136,15 +136,16 @@ class Daemon:
 
     async def remove_local(self, model_id: str, why: str = "removed") -> None:
         """Stop serving a local model: no new request reaches it; it unloads now, or once the
-        requests it is serving are done."""
+        requests it is serving are done, and then the scheduler forgets it and its backend is
+        closed (a new model of this id meanwhile is another entry, and stays)."""
         backend = self.local.pop(model_id)
         self.sources.pop(model_id, None)
         if backend in self.backends:
             self.backends.remove(backend)
-        state, _ = await self.scheduler.unload_when_idle(model_id, why=why)
-        if state != "unloading":  # else the scheduler unloads it when idle; a new model of this id replaces it
-            self.scheduler.forget(model_id)
+        if model_id not in self.scheduler.models:  # never registered (a backend without a scheduled engine)
             await backend.close()
+            return
+        await self.scheduler.unload_when_idle(model_id, why=why, retire=backend.close)
 
     def _register_backend(self, kind: str, cls: type) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Backend)):

@@ -29,12 +29,12 @@ SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})$")
 NOT_LANGUAGE_MODELS = {"clip"}  # multimodal projectors ship as GGUF too
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 OLLAMA_PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
-OLLAMA_DIGEST = re.compile(r"^sha256:[0-9A-Za-z]+$")
+OLLAMA_DIGEST = re.compile(r"sha256:[0-9A-Za-z]+")  # held whole (fullmatch): no trailing newline
 
 
 def blob_name(digest: str) -> str:
     """A manifest's digest as its blob's file name, if it is a digest (never a path out of the store)."""
-    if not isinstance(digest, str) or not OLLAMA_DIGEST.match(digest):
+    if not isinstance(digest, str) or not OLLAMA_DIGEST.fullmatch(digest):
         raise ValueError(f"not a digest: {str(digest)[:80]!r}")
     return digest.replace(":", "-")
 

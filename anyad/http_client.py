@@ -100,11 +100,16 @@ class ProviderClient:
         if resp.status >= 400:
             async with resp:
                 err = await upstream_error(self.name, resp)
-            if self._key and self._key in err.message:
-                # Some providers quote the key they were sent; it must not reach a client or a log.
-                err.message = err.message.replace(self._key, "[redacted]")
-            raise err
+            raise self.redact(err)
         return resp
+
+    def redact(self, err: AnyadError) -> AnyadError:
+        """``err`` with the provider's key taken out of its message: some providers quote the
+        key they were sent (in an error status, or in-band in a reply that began with 200); it
+        must not reach a client or a log."""
+        if self._key and self._key in err.message:
+            err.message = err.message.replace(self._key, "[redacted]")
+        return err
 
     async def close(self) -> None:
         if self._session is not None:

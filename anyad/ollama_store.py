@@ -14,19 +14,30 @@ hold a slash or be empty, so a path made from one stays under ``<root>``.
 
 Writes are atomic: a blob gathers in a hidden ``.part`` file beside its place, is hashed as
 it is written, and is renamed into place only once its digest is right; a manifest is
-written to a temporary file and renamed over the old one.
+written to a temporary file and renamed over the old one. What is written is readable by
+others as the umask allows (as Ollama's own files are), so an Ollama service running as
+another user can read what anyad put there.
+
+Blobs are removed only when no manifest refers to them: if any file under ``manifests/``
+cannot be read as a manifest or named as a model (one being written, or something
+else), no blob is removed at all, for it may be one that manifest uses.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AbstractSet, Any, Callable, Iterator
+from typing import Any, Callable, Container, Iterable, Iterator
+
+log = logging.getLogger("anyad.ollama")
 
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
@@ -41,7 +52,7 @@ LICENSE_LAYER = "application/vnd.ollama.image.license"
 
 DEFAULT_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
-DIGEST = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
+DIGEST = re.compile(r"sha256[:-]([0-9a-f]{64})")  # held whole (fullmatch): no trailing newline
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_LAYERS = 256
@@ -49,6 +60,10 @@ MAX_LAYERS = 256
 
 class StoreError(ValueError):
     """A name, digest or manifest that breaks Ollama's rules, or a store that cannot be written."""
+
+
+class Cancelled(Exception):
+    """An import stopped because its request went away (nothing of it is kept)."""
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -69,6 +84,11 @@ def _valid_part(kind: str, s: str) -> bool:
             continue
         return False
     return True
+
+
+def valid_host(host: str) -> bool:
+    """Whether ``host`` (``host[:port]``) can be the host part of an Ollama name."""
+    return _valid_part("host", host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +145,7 @@ def parse_name(name: Any, default_host: str) -> Name:
 
 def blob_name(digest: Any) -> str:
     """A digest (``sha256:<hex>`` or Ollama's file form ``sha256-<hex>``) as its blob's file name."""
-    m = DIGEST.match(digest) if isinstance(digest, str) else None
+    m = DIGEST.fullmatch(digest) if isinstance(digest, str) else None
     if m is None:
         raise StoreError(f"invalid digest {str(digest)[:100]!r}: expected sha256:<64 lowercase hex digits>")
     return f"sha256-{m.group(1)}"
@@ -200,6 +220,16 @@ def parse_manifest(raw: bytes) -> Manifest:
     return Manifest(raw, config, tuple(_layer(x, f"layers[{i}]") for i, x in enumerate(layers)))
 
 
+def check_sizes(manifest: Manifest) -> None:
+    """One digest, one size: a manifest that lists a blob twice with two sizes is refused
+    (one of them is a lie, and holding a blob in the store to it would throw it away)."""
+    sizes: dict[str, int] = {}
+    for layer in manifest.blobs:
+        seen = sizes.setdefault(blob_name(layer.digest), layer.size)
+        if seen != layer.size:
+            raise StoreError(f"the manifest lists {layer.digest} twice, with the sizes {seen} and {layer.size}")
+
+
 def make_manifest(config: Layer, layers: list[Layer]) -> bytes:
     return json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "config": config.as_dict(),
                        "layers": [layer.as_dict() for layer in layers]}).encode()
@@ -246,26 +276,44 @@ class OllamaStore:
         except (OSError, StoreError):
             return None
 
-    def names(self) -> Iterator[tuple[Name, Path]]:
-        """Every manifest in the store whose path is a valid name."""
+    def _files(self) -> Iterator[tuple[Name | None, Path]]:
+        """Every file under ``manifests/``, with its name (None: its path is no model's name)."""
         if not self.manifests_dir.is_dir():
             return
         for path in sorted(self.manifests_dir.rglob("*")):
-            parts = path.relative_to(self.manifests_dir).parts
-            if len(parts) != 4 or not path.is_file():
+            if not path.is_file():
                 continue
-            if all(_valid_part(k, p) for k, p in zip(("host", "namespace", "model", "tag"), parts)):
+            parts = path.relative_to(self.manifests_dir).parts
+            if len(parts) == 4 and all(_valid_part(k, p) for k, p in zip(("host", "namespace", "model", "tag"),
+                                                                           parts)):
                 yield Name(*parts), path
+            else:
+                yield None, path
 
-    def referenced(self, skip: Path | None = None) -> set[str]:
-        """The blob files the store's manifests (but ``skip``) refer to."""
+    def names(self) -> Iterator[tuple[Name, Path]]:
+        """Every manifest in the store whose path is a valid name."""
+        for name, path in self._files():
+            if name is not None:
+                yield name, path
+
+    def referenced(self, skip: Path | None = None) -> set[str] | None:
+        """The blob files the store's manifests (but ``skip``) refer to; None when that cannot
+        be told: a file under ``manifests/`` that cannot be read as a manifest or named as a
+        model (half-written, unreadable, something else) may refer to any blob."""
         out: set[str] = set()
-        for _, path in self.names():
+        try:
+            files = list(self._files())
+        except OSError as exc:
+            log.warning("Ollama store: cannot list %s (%s); no blob is removed", self.manifests_dir, exc)
+            return None
+        for name, path in files:
             if skip is not None and path == skip:
                 continue
-            m = self.read_path(path)
+            m = self.read_path(path) if name is not None else None
             if m is None:
-                continue
+                log.warning("Ollama store: %s is not a manifest anyad can read%s; no blob is removed while it is "
+                            "there", path, "" if name is not None else " (nor a model's name)")
+                return None
             out.update(blob_name(layer.digest) for layer in m.blobs)
         return out
 
@@ -278,16 +326,17 @@ class OllamaStore:
     def write_manifest(self, name: Name, raw: bytes) -> Path:
         """Write (or replace) the manifest of ``name`` at once; every blob it names must be here."""
         m = parse_manifest(raw)
+        check_sizes(m)
         missing = [layer.digest for layer in m.blobs if not self.has_blob(layer)]
         if missing:
             raise StoreError(f"the manifest names blobs that are not in the store: {', '.join(missing)}")
         old = self.find(name)
         path = old or self.manifest_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, raw)
+        atomic_write(path, raw)
         return path
 
-    def remove(self, path: Path, keep: AbstractSet[str] = frozenset()) -> list[str]:
+    def remove(self, path: Path, keep: Container[str] = frozenset()) -> list[str]:
         """Remove a manifest, and the blobs no other manifest (nor ``keep``) refers to; the
         blob file names removed. Empty directories it leaves are removed too."""
         m = self.read_path(path)
@@ -298,11 +347,17 @@ class OllamaStore:
             d = d.parent
         if m is None:
             return []
-        still = self.referenced() | keep
-        gone = []
-        for layer in m.blobs:
-            blob = blob_name(layer.digest)
-            if blob not in still and blob not in gone:
+        return self.prune([blob_name(layer.digest) for layer in m.blobs], keep)
+
+    def prune(self, blobs: Iterable[str], keep: Container[str] = frozenset()) -> list[str]:
+        """Remove those of ``blobs`` (blob file names) that no manifest refers to, nor ``keep``
+        holds; the ones removed. None at all when the manifests cannot all be read."""
+        still = self.referenced()
+        if still is None:
+            return []
+        gone: list[str] = []
+        for blob in blobs:
+            if blob not in still and blob not in keep and blob not in gone:
                 (self.blobs_dir / blob).unlink(missing_ok=True)
                 gone.append(blob)
         return gone
@@ -313,12 +368,14 @@ class OllamaStore:
         final = self.blob_path(digest)
         if not (final.is_file() and final.stat().st_size == len(data)):
             self.blobs_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(final, data)
+            atomic_write(final, data)
         return digest, len(data)
 
-    def import_file(self, src: Path, progress: Callable[[int, int], None] | None = None) -> tuple[str, int]:
-        """Copy a file into the store as a blob, hashing it on the way: (digest, size).
-        Blocking (run it in a thread); the blob appears only once whole."""
+    def import_file(self, src: Path, progress: Callable[[int, int], None] | None = None,
+                    cancel: threading.Event | None = None) -> tuple[str, int, bool]:
+        """Copy a file into the store as a blob, hashing it on the way: (digest, size, whether
+        the blob is new to the store). Blocking (run it in a thread); the blob appears only
+        once whole. ``cancel`` set meanwhile stops it (``Cancelled``), keeping nothing."""
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
         total = src.stat().st_size
         h = hashlib.sha256()
@@ -327,21 +384,25 @@ class OllamaStore:
         try:
             with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
                 for block in iter(lambda: f.read(CHUNK), b""):
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(f"the import of {src.name} was stopped")
                     h.update(block)
                     out.write(block)
                     done += len(block)
                     if progress is not None:
                         progress(done, total)
+                publish(out.fileno())
             digest = digest_of(h.hexdigest())
             final = self.blob_path(digest)
-            if final.is_file() and final.stat().st_size == done:
-                os.unlink(tmp)  # the store has it already
-            else:
+            new = not (final.is_file() and final.stat().st_size == done)
+            if new:
                 os.replace(tmp, final)
+            else:
+                os.unlink(tmp)  # the store has it already
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return digest, done
+        return digest, done, new
 
     def verify_blob(self, path: Path, digest: str) -> bool:
         """Whether the file's bytes hash to ``digest`` (blocking: run it in a thread)."""
@@ -352,12 +413,33 @@ class OllamaStore:
         return blob_name(digest_of(h.hexdigest())) == blob_name(digest)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    try:  # Linux: read it, for setting it to read it is not safe beside other threads
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish(fd: int) -> None:
+    """A file from ``mkstemp`` (0600) given the mode a file created the ordinary way gets
+    (0666 less the umask), before it is renamed into the store."""
+    os.fchmod(fd, 0o666 & ~_umask())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            publish(f.fileno())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

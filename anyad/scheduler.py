@@ -33,7 +33,7 @@ import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from anyad.config import ModelPolicy, SchedulerSettings
 from anyad.errors import AnyadError, LoadFailed, QueueFull, Unavailable
@@ -86,6 +86,8 @@ class ModelEntry:
     timer: asyncio.TimerHandle | None = None
     avg_hold_s: float = 5.0  # moving average of slot hold time, for Retry-After
     unload_after: str | None = None  # asked to unload while busy: why, until it is idle
+    # No longer served: once it is idle and unloaded the entry is dropped and this awaited (its backend closed).
+    retire: Callable[[], Awaitable[None]] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -223,19 +225,49 @@ class Scheduler:
             await self._unload(e, why, reason)
             return True
 
-    async def unload_when_idle(self, name: str, why: str = "asked to") -> tuple[str, int]:
+    async def unload_when_idle(self, name: str, why: str = "asked to", *,
+                               retire: Callable[[], Awaitable[None]] | None = None) -> tuple[str, int]:
         """Unload a model now, or as soon as the requests it is serving or queueing are done
         (it keeps serving them; the requests that arrive meanwhile too). Returns what
-        happens: ("unloaded", 0), ("not_loaded", 0) or ("unloading", requests left)."""
+        happens: ("unloaded", 0), ("not_loaded", 0) or ("unloading", requests left).
+
+        ``retire``: the model is no longer served; once it is unloaded (now, or when its
+        last request is done) its entry is dropped and ``retire`` awaited (closing its
+        backend). A model of the same name registered meanwhile is another entry, kept."""
         e = self.models[name]
         async with self._lock:
             if e.state not in ("loaded", "loading") and not e.busy:
-                return "not_loaded", 0
-            if not e.busy:
+                result = "not_loaded", 0
+            elif not e.busy:
                 await self._unload(e, why, "asked")
-                return "unloaded", 0
-            e.unload_after = why
-            return "unloading", e.active + e.waiting
+                result = "unloaded", 0
+            else:
+                e.unload_after = why
+                e.retire = retire
+                return "unloading", e.active + e.waiting
+        if retire is not None:
+            await self._retire(e, retire)
+        return result
+
+    async def _retire(self, e: ModelEntry, retire: Callable[[], Awaitable[None]]) -> None:
+        if self.models.get(e.name) is e:
+            del self.models[e.name]
+        try:
+            await retire()
+        except Exception:
+            log.exception("model %s: closing it after its unload failed", e.name)
+
+    async def _asked(self, e: ModelEntry) -> None:
+        """A model asked to unload while busy, idle now: unloaded, and retired if it is to be."""
+        async with self._lock:
+            if e.busy:
+                return  # a request came meanwhile: its release comes back here
+            retire, e.retire = e.retire, None
+            if e.unload_after is not None and e.state == "loaded":
+                await self._unload(e, e.unload_after, "asked")
+            e.unload_after = None
+        if retire is not None:
+            await self._retire(e, retire)
 
     def ready(self, name: str) -> bool:
         """Preloaded models are ready once they have loaded; others as soon as they are registered."""
@@ -251,12 +283,17 @@ class Scheduler:
         e.expires_at = None
 
     def _released(self, e: ModelEntry) -> None:
-        if e.busy or e.state != "loaded":
+        if e.busy:
+            return
+        asked = e.unload_after is not None or e.retire is not None
+        if asked:  # (a model whose load failed meanwhile is retired all the same)
+            self._spawn(self._asked(e))
+        if e.state != "loaded":
             return
         self._idle.set()
-        if e.unload_after is not None:
-            self._spawn(self._expire(e, e.unload_after, "asked"))
-        elif e.keep_alive == 0:
+        if asked:
+            return
+        if e.keep_alive == 0:
             self._spawn(self._expire(e, "keep_alive is 0"))
         elif math.isfinite(e.keep_alive):
             self._cancel_timer(e)

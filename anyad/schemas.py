@@ -136,7 +136,7 @@ class _Sampling(Open):
     repeat_penalty: float | None = Field(None, ge=0)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what llama.cpp (and OpenAI) take
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: bool = False

@@ -250,6 +250,9 @@ def check_parameters(params: dict[str, Any]) -> None:
         parse_chat_request(body)
     except InvalidRequest as exc:
         raise _bad(f"PARAMETER {exc.message}", "parameters") from None
+    seed = params.get("seed")
+    if seed is not None and not -(1 << 63) <= seed < (1 << 63):  # the engine's is 64 bits at most
+        raise _bad("PARAMETER seed must be a 64-bit integer", "parameters")
     for name, dst in LOAD.items():
         if name in params and params[name] < (16 if name == "num_ctx" else 1):
             raise _bad(f"PARAMETER {name} must be at least {16 if name == 'num_ctx' else 1}", "parameters")

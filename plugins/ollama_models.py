@@ -15,7 +15,20 @@ chatted with without a restart. Only models in the store can be deleted, copied 
 replaced: a model from the config file or another folder is refused by name.
 
 Changing the store is an admin's operation: the access layer's ``ADMIN_PATHS`` refuse the
-paths to other keys, and ``admit`` holds each model name to the key's model patterns.
+paths to other keys, and ``admit`` holds each model name to the key's model patterns; a
+create that imports files (uploaded blobs, a FROM path) needs an admin key with no model
+patterns at all (the files are no model's, so no pattern can admit them).
+
+What changes the store does so under the door's lock, and what is begun under it runs to
+its end there even when the client goes away (the lock is held until it has). A name
+written again (pull, copy, create) leaves no blob behind that only its old manifest used;
+a create that fails, or whose client goes away, stops its import and leaves none of the
+blobs it added. A pulled model is checked as a created one is (a GGUF language model, its
+PARAMETERs what a request may ask, its load settings servable) before its manifest is
+written; a PARAMETER of a manifest already in the store that would not pass is left out,
+with a log line. Only anyad's own creates have their ``TEMPLATE`` rendered by anyad
+(``own_template``: kept in anyad's data folder by manifest digest, never read from what a
+registry sends).
 
 A model's Modelfile defaults (``SYSTEM``, ``MESSAGE``s, sampling ``PARAMETER``s) are
 applied to every chat request for it, on every door, before it is routed
@@ -26,26 +39,30 @@ request's own system message and options win.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from anyad import errors
 from anyad.access import admit
+from anyad.chatflow import check_caps
 from anyad.config import ModelSettings
 from anyad.daemon import DAEMON
 from anyad.discovery import NOT_LANGUAGE_MODELS, ollama_name, ollama_root
-from anyad.errors import ConfigError, InvalidRequest, NotFound
+from anyad.errors import ConfigError, Forbidden, InvalidRequest, NotFound
 from anyad.gguf_meta import GGUFInfo, read_gguf_info
 from anyad.jsoncodec import dumpb
 from anyad.ollama_store import (
@@ -63,14 +80,16 @@ from anyad.ollama_store import (
     Name,
     OllamaStore,
     StoreError,
+    atomic_write,
     blob_name,
     digest_of,
     make_manifest,
     parse_name,
+    publish,
 )
 from anyad.plugins import ollama_modelfile as modelfile
 from anyad.plugins.ollama_registry import fetch_manifest, pull_blobs, registry_host
-from anyad.request_context import actor, read_json
+from anyad.request_context import actor, identity, read_json
 from anyad.stream import ChatRequest
 
 log = logging.getLogger("anyad.ollama")
@@ -81,13 +100,51 @@ ORIGINS = {"config": "the config file (a [models] table: change it there)", "dir
 NDJSON = "application/x-ndjson"
 MAX_TEXT_LAYER = 1 << 20
 WEIGHT_LAYERS = (MODEL_LAYER, PROJECTOR_LAYER, ADAPTER_LAYER)
+OWN_TEMPLATES = "ollama-own-templates.json"  # in anyad's data folder: the manifests whose TEMPLATE anyad renders
+PROGRESS_EVERY_S = 0.1  # a create's copy progress, at most this often (and at its end)
 Emit = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
 
 
 class Conflict(InvalidRequest):
     """A name that is already a model from elsewhere (the config file, another folder)."""
 
     code = "model_exists"
+
+
+class StoreConflict(errors.AnyadError):
+    """The store is not as the operation needs it (a blob missing, a manifest unreadable)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "store_conflict"
+
+
+@contextlib.contextmanager
+def store_errors(doing: str) -> Iterator[None]:
+    """The store's failures as the client's errors: a 409 saying what is wrong, a 500 saying
+    what could not be written (never a bare internal error)."""
+    try:
+        yield
+    except StoreError as exc:
+        raise StoreConflict(f"{doing}: {exc}") from None
+    except OSError as exc:
+        raise errors.AnyadError(f"{doing}: cannot change Ollama's store: {exc.strerror or exc}") from None
+
+
+async def unstoppable(aw: Awaitable[T]) -> T:
+    """``aw`` run to its end even when the caller is cancelled meanwhile (the cancellation is
+    raised after it), so what the caller holds (the store's lock) is held until then."""
+    task = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                continue
+        raise
 
 
 @dataclass(frozen=True)
@@ -134,20 +191,37 @@ def _json(store: OllamaStore, layer: Layer | None) -> Any:
         return None
 
 
-def read_defaults(store: OllamaStore, manifest: Manifest) -> Defaults:
-    """A manifest's Modelfile defaults, from its layers (what is unreadable is left out)."""
+def read_params(store: OllamaStore, manifest: Manifest) -> dict[str, Any]:
+    """A manifest's PARAMETERs, typed and checked as a create's are (InvalidRequest naming
+    the first that would not pass)."""
+    layer = manifest.layer(PARAMS_LAYER)
+    params = _json(store, layer)
+    if layer is not None and not isinstance(params, dict):
+        raise InvalidRequest("PARAMETER: the model's params layer is not a JSON object", param="parameters")
+    typed = {k: modelfile.typed(k, v, "PARAMETER") for k, v in (params or {}).items()}
+    modelfile.check_parameters(typed)
+    return typed
+
+
+def read_defaults(store: OllamaStore, manifest: Manifest, own: bool = False) -> Defaults:
+    """A manifest's Modelfile defaults, from its layers (what is unreadable is left out, and
+    so is each PARAMETER that a create would refuse, with a log line). ``own``: a manifest
+    anyad created with a TEMPLATE of its own, which anyad renders."""
     params = _json(store, manifest.layer(PARAMS_LAYER))
     clean: dict[str, Any] = {}
     for k, v in (params if isinstance(params, dict) else {}).items():
         try:
-            clean[k] = modelfile.typed(k, v, "params")
-        except InvalidRequest:
-            log.info("Ollama store: ignoring the parameter %r of a manifest", k)
+            value = modelfile.typed(k, v, "PARAMETER")
+            modelfile.check_parameters({k: value})
+            load_settings(Path(os.devnull), None, {k: value})
+        except (InvalidRequest, ConfigError) as exc:
+            log.warning("Ollama store: leaving out the parameter %r of the manifest %s: %s", k, manifest.digest[:12],
+                        getattr(exc, "message", exc))
+            continue
+        clean[k] = value
     msgs = _json(store, manifest.layer(MESSAGES_LAYER))
     messages = tuple({"role": m["role"], "content": m["content"]} for m in (msgs if isinstance(msgs, list) else [])
                      if isinstance(m, dict) and m.get("role") in modelfile.ROLES and isinstance(m.get("content"), str))
-    config = _json(store, manifest.config)
-    own = isinstance(config, dict) and isinstance(config.get("anyad"), dict) and config["anyad"].get("template") is True
     return Defaults(system=_text(store, manifest.layer(SYSTEM_LAYER)), params=clean, messages=messages,
                     template=_text(store, manifest.layer(TEMPLATE_LAYER)),
                     license=tuple(t for t in (_text(store, x) for x in manifest.layers if x.media_type == LICENSE_LAYER)
@@ -155,19 +229,25 @@ def read_defaults(store: OllamaStore, manifest: Manifest) -> Defaults:
                     own_template=own)
 
 
+def load_settings(path: Path, mmproj: Path | None, params: dict[str, Any]) -> ModelSettings:
+    """A model's settings with its load PARAMETERs (ConfigError: they cannot be served)."""
+    load = {dst: params[src] for src, dst in modelfile.LOAD.items() if src in params}
+    try:
+        return ModelSettings(path=path, mmproj=mmproj, **load)
+    except ValidationError as exc:
+        raise ConfigError(f"the model's parameters: {exc.errors()[0]['msg']}") from None
+
+
 def model_settings(store: OllamaStore, manifest: Manifest, params: dict[str, Any]) -> ModelSettings:
-    """How the daemon serves a store model: its model blob, its projector, its load PARAMETERs."""
+    """How the daemon serves a store model: its model blob, its projector, its load PARAMETERs
+    (ConfigError: they cannot be; StoreError: there is no model layer)."""
     layer = manifest.layer(MODEL_LAYER)
     if layer is None:
         raise StoreError("the manifest has no model layer")
     projector = manifest.layer(PROJECTOR_LAYER)
     mmproj = store.blob_path(projector.digest) if projector is not None else None
-    load = {dst: params[src] for src, dst in modelfile.LOAD.items() if src in params}
-    try:
-        return ModelSettings(path=store.blob_path(layer.digest),
-                             mmproj=mmproj if mmproj is not None and mmproj.is_file() else None, **load)
-    except ValidationError as exc:
-        raise ConfigError(f"the model's parameters: {exc.errors()[0]['msg']}") from None
+    return load_settings(store.blob_path(layer.digest), mmproj if mmproj is not None and mmproj.is_file() else None,
+                         params)
 
 
 def check_language_model(path: Path) -> GGUFInfo:
@@ -192,7 +272,42 @@ class Door:
         self.models: dict[str, StoreModel] = {}
         self.lock = asyncio.Lock()  # the store's manifests and its blobs' references change under it
         self.pulling = asyncio.Lock()  # one pull at a time: two would write the same blob's .part
-        self.pending: set[str] = set()  # blob files in the making: a delete meanwhile keeps them
+        # Blob files in the making (counted: two operations may hold one): a delete meanwhile keeps them.
+        self.pending: Counter[str] = Counter()
+        self.own_path = daemon.settings.resolved_data_dir / OWN_TEMPLATES
+        self.own = self._read_own()  # digests of the manifests anyad created with a TEMPLATE it renders
+
+    # -- what the door holds and knows ----------------------------------------------------------
+
+    def hold(self, blobs: Iterable[str]) -> None:
+        self.pending.update(blobs)
+
+    def release(self, blobs: Iterable[str]) -> None:
+        self.pending.subtract(blobs)
+        for b in [b for b, n in self.pending.items() if n <= 0]:
+            del self.pending[b]
+
+    def _read_own(self) -> set[str]:
+        try:
+            data = json.loads(self.own_path.read_bytes())
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as exc:
+            log.warning("Ollama store: cannot read %s (%s): no model's own TEMPLATE is rendered", self.own_path, exc)
+            return set()
+        found = data.get("manifests") if isinstance(data, dict) else None
+        return {d for d in found if isinstance(d, str)} if isinstance(found, list) else set()
+
+    def mark_own(self, digest: str) -> None:
+        """Remember a manifest anyad created with its own TEMPLATE (rendered by anyad)."""
+        if digest in self.own:
+            return
+        self.own_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.own_path, json.dumps({"manifests": sorted(self.own | {digest})}).encode())
+        self.own.add(digest)
+
+    def defaults(self, manifest: Manifest) -> Defaults:
+        return read_defaults(self.store, manifest, own=manifest.digest in self.own)
 
     # -- names --------------------------------------------------------------------------------
 
@@ -261,9 +376,16 @@ class Door:
         return ORIGINS.get(d.sources.get(model_id, "config"), "elsewhere")
 
     def claimable(self, name: Name) -> None:
-        """Refuse to write ``name`` where it would stand for a model from elsewhere."""
+        """Refuse to write ``name`` where it would stand for a model from elsewhere, or where a
+        provider's models are (``provider/model``: the router's, whatever the store holds)."""
         d = self.daemon
         short = name.short(self.host)
+        first, sep, _ = short.partition("/")
+        providers = {p.lower(): p for p in d.router.providers}
+        if sep and first.lower() in providers:
+            raise Conflict(f"{short!r} is in the namespace of the provider {providers[first.lower()]!r} (its models "
+                           f"are {providers[first.lower()]}/<model>): give the new model another name",
+                           param="model")
         other = self.lookup_key(name) or (short if short in d.local or short in d.router.routes else None)
         if other is not None and other not in self.models:
             raise Conflict(f"{short!r} is {other!r}, which comes from {self.origin(other)}, not from Ollama's store: "
@@ -284,7 +406,7 @@ class Door:
             if name.host.lower() == self.host:
                 model_id = self.id_for(name)
                 if discovered and (found == model_id or model_id in d.local):
-                    self.models[found] = StoreModel(name, path, manifest, read_defaults(self.store, manifest))
+                    self.models[found] = StoreModel(name, path, manifest, self.defaults(manifest))
                     continue
                 if discovered:
                     await d.remove_local(found, why=f"served as {model_id}")
@@ -293,12 +415,12 @@ class Door:
                 except (ConfigError, StoreError) as exc:
                     log.warning("Ollama store: not serving %s: %s", name.short(self.host), exc)
             elif discovered:
-                self.models[found] = StoreModel(name, path, manifest, read_defaults(self.store, manifest))
+                self.models[found] = StoreModel(name, path, manifest, self.defaults(manifest))
         if self.models:
             log.info("Ollama store %s: serving %s", self.store.root, ", ".join(self.models))
 
     def _add(self, model_id: str, name: Name, path: Path, manifest: Manifest) -> None:
-        defaults = read_defaults(self.store, manifest)
+        defaults = self.defaults(manifest)
         ms = model_settings(self.store, manifest, defaults.params)
         if model_id in self.daemon.local:
             raise ConfigError(f"{model_id!r} is already a model id")
@@ -319,10 +441,39 @@ class Door:
         self.models.pop(model_id, None)
         try:
             self._add(model_id, name, path, manifest)
-        except ConfigError as exc:
+        except (ConfigError, StoreError) as exc:
             raise InvalidRequest(f"{name.short(self.host)}: written to Ollama's store, but it cannot be served: "
                                  f"{exc}") from None
         return model_id
+
+    async def commit(self, name: Name, raw: bytes) -> str:
+        """Write ``name``'s manifest and serve it (the caller holds the lock); the blobs only
+        its old manifest used are removed once the new one is served. Its id."""
+        short = name.short(self.host)
+        with store_errors(f"writing {short}"):
+            old = self.store.read(name)
+            path = self.store.write_manifest(name, raw)
+
+        async def finish() -> str:
+            served = await self.serve(name, path)
+            if old is not None and old.raw != raw:
+                self.prune(old.blobs, f"{short}'s old manifest")
+            return served
+
+        return await unstoppable(finish())
+
+    def prune(self, layers: Iterable[Layer | str], whose: str) -> list[str]:
+        """Remove the blobs of ``layers`` (or blob file names) that no manifest uses and no
+        operation holds (the caller holds the lock)."""
+        blobs = [x if isinstance(x, str) else blob_name(x.digest) for x in layers]
+        try:
+            gone = self.store.prune(blobs, keep=self.pending)
+        except OSError as exc:
+            log.warning("Ollama store: cannot remove the blobs of %s: %s", whose, exc)
+            return []
+        if gone:
+            log.info("Ollama store: removed %d blob(s) of %s that no model uses", len(gone), whose)
+        return gone
 
     async def unserve(self, model_id: str) -> None:
         self.models.pop(model_id, None)
@@ -368,12 +519,17 @@ def before_request(chat: ChatRequest, daemon: Any) -> ChatRequest | None:
     sm = door.models.get(chat.model)
     if sm is None or not sm.defaults.applies:
         return chat if changed else None
-    return apply_defaults(chat, sm.defaults)
+    server = daemon.settings.server
+    out = apply_defaults(chat, sm.defaults, max_chars=2 * server.max_prompt_chars)
+    if out.raw and not chat.raw:  # its own TEMPLATE rendered the prompt: held to what any request is
+        check_caps(out, server)
+    return out
 
 
-def apply_defaults(chat: ChatRequest, d: Defaults) -> ChatRequest:
+def apply_defaults(chat: ChatRequest, d: Defaults, max_chars: int | None = None) -> ChatRequest:
     """``chat`` with the defaults it does not set itself, in its parameters and in its body
-    (which the response cache keys on: another model's defaults are another answer)."""
+    (which the response cache keys on: another model's defaults are another answer).
+    ``max_chars``: the most an own TEMPLATE may render (a TemplateError's 400 past it)."""
     body = dict(chat.body)
     params = replace(chat.params)
     for option, dst in modelfile.SAMPLING.items():
@@ -396,9 +552,10 @@ def apply_defaults(chat: ChatRequest, d: Defaults) -> ChatRequest:
             messages = [*ours, *messages]
             body["messages"] = messages
         if d.own_template and d.template is not None:
-            from anyad.plugins.ollama_template import templated
+            from anyad.plugins.ollama_template import MAX_CHARS, templated
 
-            return templated(replace(chat, messages=messages, params=params, body=body), d.template)
+            return templated(replace(chat, messages=messages, params=params, body=body), d.template,
+                             max_chars=max_chars or MAX_CHARS)
     return replace(chat, messages=messages, params=params, body=body)
 
 
@@ -485,6 +642,23 @@ def _store_model(door: Door, request: web.Request, raw: str, doing: str) -> tupl
 
 # -- pull ---------------------------------------------------------------------------------------
 
+async def check_pulled(door: Door, raw: str, manifest: Manifest) -> None:
+    """A pulled model, its blobs in the store, checked as a created one is before its
+    manifest is written: a GGUF language model, PARAMETERs a create would take, servable."""
+    model = manifest.layer(MODEL_LAYER)
+    if model is None:
+        raise InvalidRequest(f"{raw}: the registry's manifest has no model layer; nothing was written")
+    await asyncio.to_thread(check_language_model, door.store.blob_path(model.digest))
+    try:
+        model_settings(door.store, manifest, read_params(door.store, manifest))
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{raw}: the registry's model cannot be served here: {exc.message}; nothing was "
+                             "written", param=exc.param) from None
+    except (ConfigError, StoreError) as exc:
+        raise InvalidRequest(f"{raw}: the registry's model cannot be served here: {exc}; nothing was written",
+                             param="model") from None
+
+
 async def pull(request: web.Request) -> web.StreamResponse:
     door = door_of(request)
     body = await _object(request)
@@ -504,19 +678,25 @@ async def pull(request: web.Request) -> web.StreamResponse:
     async def work(emit: Emit) -> None:
         emit({"status": "pulling manifest"})
         async with door.pulling:
-            door.pending |= blobs
+            door.hold(blobs)
+            held = True
+            fetched: set[str] = set()  # the blobs this pull put in the store
             try:
-                await pull_blobs(door.store, registry, name, manifest, emit)
-                model = manifest.layer(MODEL_LAYER)
-                if model is None:
-                    raise InvalidRequest(f"{raw}: the registry's manifest has no model layer; nothing was written")
-                await asyncio.to_thread(check_language_model, door.store.blob_path(model.digest))
+                await pull_blobs(door.store, registry, name, manifest, emit, fetched)
+                try:
+                    await check_pulled(door, raw, manifest)
+                except errors.AnyadError:  # not a model anyad can serve: none of it stays
+                    door.release(blobs)
+                    held = False
+                    async with door.lock:
+                        door.prune(fetched, f"the refused pull of {raw}")
+                    raise
                 emit({"status": "writing manifest"})
                 async with door.lock:
-                    path = door.store.write_manifest(name, manifest.raw)
-                    served = await asyncio.shield(door.serve(name, path))
+                    served = await door.commit(name, manifest.raw)
             finally:
-                door.pending -= blobs
+                if held:
+                    door.release(blobs)
         door.audit(request, "ollama.pull", served, {"registry": door.registry, "digest": manifest.digest})
         log.info("pulled %s from %s", served, door.registry)
         emit({"status": "success"})
@@ -530,12 +710,28 @@ async def delete(request: web.Request) -> web.Response:
     door = door_of(request)
     body = await _object(request)
     raw = _model_field(body)
-    model_id, sm = _store_model(door, request, raw, "delete")
+    try:
+        found = door.lookup(raw)
+    except StoreError as exc:
+        raise InvalidRequest(str(exc), param="model") from None
+    path: Path | None
+    if found is None:  # not served (say, a manifest it cannot serve): the store's own, if it has it
+        name = door.parse(raw)
+        with store_errors(f"delete {raw[:200]}"):
+            path = door.store.find(name)
+        if path is None:
+            raise _not_found(raw)
+        model_id = door.id_for(name)
+        admit(request, model_id)
+    else:
+        model_id, sm = _store_model(door, request, raw, "delete")
+        path = sm.path
     async with door.lock:
         gone: list[str] = []
-        if sm.path.is_file():
-            gone = door.store.remove(sm.path, keep=door.pending)
-        await door.unserve(model_id)
+        with store_errors(f"delete {model_id}"):
+            if path.is_file():
+                gone = door.store.remove(path, keep=door.pending)
+        await unstoppable(door.unserve(model_id))
     door.audit(request, "ollama.delete", model_id, {"blobs_removed": len(gone)})
     log.info("deleted %s from Ollama's store (%d blob(s) no other model uses)", model_id, len(gone))
     return web.json_response(None)
@@ -551,9 +747,9 @@ async def copy(request: web.Request) -> web.Response:
     admit(request, dest_id)
     door.claimable(dest)
     async with door.lock:
-        raw = sm.path.read_bytes() if sm.path.is_file() else sm.manifest.raw
-        path = door.store.write_manifest(dest, raw)
-        served = await asyncio.shield(door.serve(dest, path))
+        with store_errors(f"copy {src_id}"):
+            raw = sm.path.read_bytes() if sm.path.is_file() else sm.manifest.raw
+        served = await door.commit(dest, raw)
     door.audit(request, "ollama.copy", served, {"source": src_id})
     return web.json_response(None)
 
@@ -636,7 +832,7 @@ async def _base(door: Door, request: web.Request, mf: modelfile.Modelfile, files
     if sm is not None:
         manifest = store.read_path(sm.path) or sm.manifest
         return Base(layers=[x for x in manifest.layers if x.media_type in WEIGHT_LAYERS],
-                    defaults=read_defaults(store, manifest))
+                    defaults=door.defaults(manifest))
     backend = door.daemon.local.get(found)
     gguf = getattr(backend, "info", None)
     if gguf is None:
@@ -658,6 +854,29 @@ def _merge(base: Defaults, mf: modelfile.Modelfile) -> Defaults:
                     own_template=mf.template is not None or base.own_template)
 
 
+async def _import(store: OllamaStore, path: Path, progress: Callable[[int, int], None],
+                  fresh: set[str]) -> tuple[str, int]:
+    """``store.import_file`` in a thread, stopped when the request is (its copy stops at its
+    next block, and keeps nothing); a new blob's file name goes into ``fresh``."""
+    cancel = threading.Event()
+    task = asyncio.ensure_future(asyncio.to_thread(store.import_file, path, progress, cancel))
+    try:
+        digest, size, new = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        cancel.set()
+        while not task.done():
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                continue
+        if not task.cancelled() and task.exception() is None and task.result()[2]:
+            fresh.add(blob_name(task.result()[0]))  # it finished first: the caller removes it
+        raise
+    if new:
+        fresh.add(blob_name(digest))
+    return digest, size
+
+
 async def create(request: web.Request) -> web.StreamResponse:
     door = door_of(request)
     body = await _object(request)
@@ -668,13 +887,25 @@ async def create(request: web.Request) -> web.StreamResponse:
     if body.get("quantize"):
         raise InvalidRequest("quantize: anyad does not quantize models; create from a GGUF file quantized already",
                              param="quantize")
+    if body.get("path") is not None:
+        raise InvalidRequest("path: a Modelfile on the server's disk (Ollama's deprecated `path`) is not read; send "
+                             "its text as `modelfile`", param="path")
     mf = modelfile.from_request(body)
     if mf.adapters:
         raise InvalidRequest("ADAPTER: LoRA adapters are not supported", param="adapters")
-    if mf.from_ is None and not body.get("files"):
+    files = body.get("files")
+    if files and mf.from_ is not None:
+        raise InvalidRequest("files and FROM (`from`, or a Modelfile's FROM) both name the model's weights: give "
+                             "one of them", param="files")
+    if mf.from_ is None and not files:
         raise InvalidRequest("FROM is required: a model name, or the absolute path to a GGUF file on this machine "
                              "(`from`, a Modelfile's FROM, or uploaded `files`)", param="from")
-    base = await _base(door, request, mf, body.get("files"))
+    ident = identity(request)
+    if ident.models and (files or (mf.from_ or "").startswith(PATH_PREFIXES)):
+        raise Forbidden(f"the key {ident.name!r} is held to some models; creating a model from "
+                        f"{'uploaded blobs' if files else 'a file on this machine'} needs an admin key that is held "
+                        "to none", code="model_not_allowed")
+    base = await _base(door, request, mf, files)
     defaults = _merge(base.defaults, mf)
     modelfile.check_parameters(defaults.params)
     if mf.template is not None:
@@ -687,11 +918,12 @@ async def create(request: web.Request) -> web.StreamResponse:
     store = door.store
 
     async def work(emit: Emit) -> None:
-        mine: set[str] = set()  # the blobs this create holds until its manifest is written
+        mine: list[str] = []  # the blobs this create holds until its manifest is written
+        fresh: set[str] = set()  # the blobs it added to the store: removed again if it fails
 
         def hold(digest: str) -> None:
-            mine.add(blob_name(digest))
-            door.pending.add(blob_name(digest))
+            mine.append(blob_name(digest))
+            door.hold([blob_name(digest)])
 
         async with door.lock:
             layers = list(base.layers)
@@ -705,12 +937,13 @@ async def create(request: web.Request) -> web.StreamResponse:
 
                     def progress(done: int, total: int, path: Path = path, last: list[float] = last) -> None:
                         now = time.monotonic()
-                        if now - last[0] >= 0.1 or done >= total:
+                        if now - last[0] >= PROGRESS_EVERY_S or done >= total:
                             last[0] = now
                             loop.call_soon_threadsafe(emit, {"status": f"copying file {path.name}",
                                                              "total": total, "completed": done})
 
-                    digest, size = await asyncio.to_thread(store.import_file, path, progress)
+                    with store_errors(f"copying {path.name} into the store"):
+                        digest, size = await _import(store, path, progress, fresh)
                     hold(digest)
                     layers.append(Layer(media, digest, size))
                     emit({"status": f"creating new layer {digest}"})
@@ -727,27 +960,43 @@ async def create(request: web.Request) -> web.StreamResponse:
                 if defaults.messages:
                     texts.append((MESSAGES_LAYER, json.dumps(list(defaults.messages)).encode()))
                 texts += [(LICENSE_LAYER, text.encode()) for text in defaults.license]
-                for media, data in texts:
+                config: dict[str, Any] = {"model_format": "gguf", "model_family": info.architecture,
+                                          "model_families": [info.architecture],
+                                          "model_type": info.size_label or "", "file_type": info.quantization or ""}
+
+                def add_blob(data: bytes) -> tuple[str, int, bool]:
                     digest = digest_of(hashlib.sha256(data).hexdigest())
-                    had = store.blob_path(digest).is_file()
-                    digest, size = store.write_blob(data)
+                    had = store.has_blob(Layer("", digest, len(data)))
+                    with store_errors("writing a layer into the store"):
+                        digest, size = store.write_blob(data)
+                    if not had:
+                        fresh.add(blob_name(digest))
                     hold(digest)
+                    return digest, size, had
+
+                for media, data in texts:
+                    digest, size, had = add_blob(data)
                     layers.append(Layer(media, digest, size))
                     emit({"status": f"{'using existing' if had else 'creating new'} layer {digest}"})
                 for x in base.layers:
                     emit({"status": f"using existing layer {x.digest}"})
-                config = {"model_format": "gguf", "model_family": info.architecture,
-                          "model_families": [info.architecture], "model_type": info.size_label or "",
-                          "file_type": info.quantization or "",
-                          "rootfs": {"type": "layers", "diff_ids": [x.digest for x in layers]}}
-                if defaults.own_template:
-                    config["anyad"] = {"template": True}  # a TEMPLATE given here: anyad renders it
-                digest, size = store.write_blob(json.dumps(config).encode())
+                config["rootfs"] = {"type": "layers", "diff_ids": [x.digest for x in layers]}
+                digest, size, _ = add_blob(json.dumps(config).encode())
                 emit({"status": "writing manifest"})
-                path = store.write_manifest(name, make_manifest(Layer(CONFIG_TYPE, digest, size), layers))
-                served = await asyncio.shield(door.serve(name, path))
+                raw = make_manifest(Layer(CONFIG_TYPE, digest, size), layers)
+                if defaults.own_template:  # a TEMPLATE given here: anyad renders it (anyad's record, not the config's)
+                    with store_errors("recording the model's own TEMPLATE"):
+                        door.mark_own(hashlib.sha256(raw).hexdigest())
+                served = await door.commit(name, raw)
+            except BaseException:
+                # Failed, or its client went away: none of what it added stays (unless a
+                # manifest uses it: one written before the failure keeps its blobs).
+                door.release(mine)
+                mine.clear()
+                door.prune(fresh, f"the unfinished create of {name.short(door.host)}")
+                raise
             finally:
-                door.pending -= mine
+                door.release(mine)
         door.audit(request, "ollama.create", served, {"from": mf.from_ or "files"})
         emit({"status": "success"})
 
@@ -783,6 +1032,7 @@ async def blob_upload(request: web.Request) -> web.Response:
             async for block in request.content.iter_chunked(1 << 20):
                 h.update(block)
                 f.write(block)
+            publish(f.fileno())
         if blob_name(digest_of(h.hexdigest())) != final.name:
             raise InvalidRequest(f"digest mismatch: the upload's SHA-256 is {h.hexdigest()}, not {digest}; nothing "
                                  "was kept", param="digest", code="digest_mismatch")

@@ -7,9 +7,13 @@ answers a manifest, ``GET {registry}/v2/{namespace}/{model}/blobs/sha256:<hex>``
 
 Each blob is fetched by ``anyad.download.fetch``, the one downloader: into a ``.part``
 beside its place in the store, hashed as it arrives, held to the manifest's size, resumed
-after an interruption, renamed into place only when its digest is right. The manifest is
-written last, once every blob it names is in the store, so a pull that fails leaves no
-model half there (a blob already verified stays, to be reused).
+after an interruption, renamed into place only when its digest and its size are right (a
+blob already in the store is never replaced nor removed by a pull). The manifest is written
+last, once every blob it names is in the store, so a pull that fails leaves no model half
+there (a blob already verified stays, to be reused). A blob's download follows the
+registry's redirects as ``anyad.download.fetch`` allows them (a few; to https anywhere or
+the registry's own host; never to a loopback or private address unless the registry is on
+one).
 """
 
 from __future__ import annotations
@@ -25,7 +29,18 @@ import aiohttp
 from anyad import __version__
 from anyad.download import DownloadError, fetch
 from anyad.errors import BackendError, InvalidRequest, ModelNotFound, NetworkError
-from anyad.ollama_store import MANIFEST_TYPE, Manifest, Name, OllamaStore, StoreError, parse_manifest
+from anyad.ollama_store import (
+    MANIFEST_TYPE,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    Name,
+    OllamaStore,
+    StoreError,
+    blob_name,
+    check_sizes,
+    parse_manifest,
+    valid_host,
+)
 from anyad.tables import size as human_size
 
 Emit = Callable[[dict[str, Any]], None]
@@ -35,10 +50,18 @@ PROGRESS_EVERY_S = 0.1  # at most this often per blob, as well as at its start a
 
 def check_registry(url: str) -> str:
     """A registry's base URL, as configured: http(s), a host, no query; without a trailing slash."""
-    u = urlparse(url)
-    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment or u.username:
+    try:
+        u = urlparse(url)
+        _ = u.port  # a port that is not a number raises here
+    except ValueError:
+        u = None
+    if u is None or u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment or u.username:
         raise ValueError("registry must be an http:// or https:// URL of an Ollama-style registry, "
                          "e.g. \"http://127.0.0.1:5000\"")
+    if not valid_host(registry_host(url)):  # e.g. an IPv6 address: Ollama's names have no place for one
+        raise ValueError(f"registry: {registry_host(url)!r} cannot be the host of an Ollama model name (letters, "
+                         "digits, '.', '-', '_' and a :port; no IPv6 address): give the registry a host name or an "
+                         "IPv4 address")
     return url.rstrip("/")
 
 
@@ -68,18 +91,27 @@ async def fetch_manifest(registry: str, name: Name) -> Manifest:
                 if resp.status != 200:
                     raise BackendError(f"pull model manifest: the registry answered {resp.status} (anyad follows "
                                        "no redirects for manifests)")
-                raw = await resp.content.read((1 << 20) + 1)
+                raw = b""
+                while len(raw) <= MAX_MANIFEST_BYTES:  # a read returns what has arrived: read to the end
+                    block = await resp.content.read(MAX_MANIFEST_BYTES + 1 - len(raw))
+                    if not block:
+                        break
+                    raw += block
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         raise NetworkError(f"pull model manifest: cannot reach the registry {registry}: "
                            f"{exc or type(exc).__name__}") from None
     try:
-        return parse_manifest(raw)
+        manifest = parse_manifest(raw)
+        check_sizes(manifest)
     except StoreError as exc:
         raise BackendError(f"pull model manifest: the registry's manifest is not valid: {exc}") from None
+    return manifest
 
 
-async def pull_blobs(store: OllamaStore, registry: str, name: Name, manifest: Manifest, emit: Emit) -> None:
-    """Every blob of ``manifest`` into the store, verified, with Ollama's progress objects."""
+async def pull_blobs(store: OllamaStore, registry: str, name: Name, manifest: Manifest, emit: Emit,
+                     fetched: set[str] | None = None) -> None:
+    """Every blob of ``manifest`` into the store, verified, with Ollama's progress objects;
+    ``fetched`` gets the file name of each blob this pull put there."""
     store.blobs_dir.mkdir(parents=True, exist_ok=True)
     missing = [layer for layer in manifest.blobs if not store.has_blob(layer)]
     need = sum(layer.size for layer in missing)
@@ -104,14 +136,13 @@ async def pull_blobs(store: OllamaStore, registry: str, name: Name, manifest: Ma
                 emit({"status": status, "digest": layer.digest, "total": layer.size, "completed": p.done})
 
         try:
+            # Held to the manifest's size and digest on its .part, before it takes the blob's
+            # place: a blob already there (another model's) is never touched by a lie.
             await fetch(f"{_model_url(registry, name)}/blobs/{layer.digest}", final, sha256=hexdigest,
-                        progress=progress, max_bytes=layer.size, timeout_s=TIMEOUT_S)
+                        progress=progress, size=layer.size, timeout_s=TIMEOUT_S)
         except DownloadError as exc:
             raise BackendError(f"pulling {layer.digest}: {exc}") from None
-        got = final.stat().st_size
-        if got != layer.size:  # the digest matched the manifest's, the size must too
-            final.unlink(missing_ok=True)
-            raise BackendError(f"pulling {layer.digest}: the blob is {got} bytes, the manifest says {layer.size}; "
-                               "nothing was kept")
+        if fetched is not None:
+            fetched.add(blob_name(layer.digest))
         emit({"status": status, "digest": layer.digest, "total": layer.size, "completed": layer.size})
     emit({"status": "verifying sha256 digest"})

@@ -13,7 +13,12 @@ The language is the part of Go's text/template that model templates use: text an
 (``$``, ``$x := …``, ``$x = …``), literals, parentheses and pipes; ``if``/``else if``/
 ``else``, ``range`` (``$i, $v :=``, ``else``, ``break``, ``continue``), ``with``; and the
 functions ``and or not eq ne lt le gt ge len index slice print printf println json
-currentDate``. A template using anything else is refused when the model is created.
+currentDate``. A template using anything else is refused when the model is created, and so
+is one nested deeper than ``MAX_DEPTH``.
+
+Rendering is bounded: at most ``MAX_STEPS`` steps (actions, commands and loop turns) for
+one prompt, and at most ``max_chars`` characters of output (and of any one value a
+function makes); a template that would go past either is a TemplateError, not a prompt.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ from anyad.stream import ChatRequest
 
 class TemplateError(ValueError):
     pass
+
+
+MAX_DEPTH = 64  # nested blocks, or parentheses in one action
+MAX_STEPS = 200_000  # what rendering one prompt may take (Ollama's own templates need some thousands)
+MAX_CHARS = 4_000_000  # the output's bound when the caller gives none
 
 
 class _Cut(Exception):
@@ -137,6 +147,12 @@ class _Parser:
     def __init__(self, src: str) -> None:
         self.items = self._split(src)
         self.i = 0
+        self.depth = 0
+
+    def _deeper(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise TemplateError(f"the template nests deeper than {MAX_DEPTH} levels")
 
     @staticmethod
     def _split(src: str) -> list[tuple[str, str]]:
@@ -173,6 +189,13 @@ class _Parser:
 
     def _list(self) -> tuple[list[Any], str | None]:
         """Nodes up to an ``end``/``else`` (returned: the action's text) or the end."""
+        self._deeper()
+        try:
+            return self._nodes()
+        finally:
+            self.depth -= 1
+
+    def _nodes(self) -> tuple[list[Any], str | None]:
         nodes: list[Any] = []
         while self.i < len(self.items):
             kind, body = self.items[self.i]
@@ -219,6 +242,13 @@ class _Parser:
         return If(pipe, then, other, kind)
 
     def _pipe(self, toks: list[tuple[str, str]]) -> Pipe:
+        self._deeper()
+        try:
+            return self._pipe_of(toks)
+        finally:
+            self.depth -= 1
+
+    def _pipe_of(self, toks: list[tuple[str, str]]) -> Pipe:
         decl: list[str] = []
         op = None
         # `$a, $b :=` / `$a :=` / `$a =`
@@ -309,7 +339,10 @@ def compile_template(src: str) -> list[Any]:
     """A template's tree; raises TemplateError for what this renderer does not take."""
     if not isinstance(src, str):
         raise TemplateError("the template must be a string")
-    return _Parser(src).parse()
+    try:
+        return _Parser(src).parse()
+    except RecursionError:  # (MAX_DEPTH keeps well below Python's limit: this is a backstop)
+        raise TemplateError("the template nests too deeply") from None
 
 
 # -- rendering ----------------------------------------------------------------------------------
@@ -396,12 +429,49 @@ def _call(name: str, args: list[Any]) -> Any:
     raise TemplateError(f"the function {name!r} is not supported")  # pragma: no cover
 
 
+class Budget:
+    """What rendering one prompt may take: steps, characters of output, and characters the
+    functions make on the way (``print``, ``printf``, ``slice``... in a loop, a variable that
+    doubles each turn would otherwise outgrow any memory)."""
+
+    def __init__(self, max_chars: int = MAX_CHARS, max_steps: int = MAX_STEPS) -> None:
+        self.steps = max_steps
+        self.chars = max_chars
+        self.made = 4 * max_chars
+        self.max_chars = max_chars
+        self.max_steps = max_steps
+
+    def step(self) -> None:
+        self.steps -= 1
+        if self.steps < 0:
+            raise TemplateError(f"rendering takes more than {self.max_steps} steps (a loop within loops over the "
+                                "conversation?)")
+
+    def value(self, v: Any) -> Any:
+        if isinstance(v, str):
+            self.made -= len(v)
+            if len(v) > self.max_chars or self.made < 0:
+                raise TemplateError(f"rendering makes more text than a prompt of {self.max_chars} characters could "
+                                    "need")
+        return v
+
+    def write(self, text: str) -> None:
+        self.chars -= len(text)
+        if self.chars < 0:
+            raise TemplateError(f"the prompt would be longer than {self.max_chars} characters")
+
+
 class _Render:
-    def __init__(self, root: Any, cut: bool) -> None:
+    def __init__(self, root: Any, cut: bool, budget: Budget) -> None:
         self.root = root
         self.cut = cut
+        self.budget = budget
         self.out: list[str] = []
         self.scopes: list[dict[str, Any]] = [{"$": root}]
+
+    def emit(self, text: str) -> None:
+        self.budget.write(text)
+        self.out.append(text)
 
     def _field(self, v: Any, names: list[str]) -> Any:
         for n in names:
@@ -436,6 +506,7 @@ class _Render:
     def pipe(self, p: Pipe, dot: Any) -> Any:
         value: Any = None
         for i, cmd in enumerate(p.cmds):
+            self.budget.step()
             first = cmd.args[0]
             if first[0] == "fn":
                 args = [self._operand(a, dot) for a in cmd.args[1:]]
@@ -444,7 +515,7 @@ class _Render:
                 if first[1] in ("and", "or", "not", "eq", "ne", "lt", "le", "gt", "ge", "len", "index",
                                 "slice", "json", "printf") and not args:
                     raise TemplateError(f"{first[1]} needs arguments")
-                value = _call(first[1], args)
+                value = self.budget.value(_call(first[1], args))
             else:
                 if len(cmd.args) > 1 or i:
                     raise TemplateError("only a function takes arguments")
@@ -463,12 +534,13 @@ class _Render:
 
     def run(self, nodes: list[Any], dot: Any) -> None:
         for n in nodes:
+            self.budget.step()
             if isinstance(n, Text):
-                self.out.append(n.text)
+                self.emit(n.text)
             elif isinstance(n, Out):
                 v = self.pipe(n.pipe, dot)
                 if not n.pipe.decl:
-                    self.out.append(_text(v))
+                    self.emit(_text(v))
             elif isinstance(n, If):
                 self.scopes.append({})
                 try:
@@ -489,13 +561,25 @@ class _Render:
         self.scopes.append({})
         try:
             seq = self.pipe(Pipe([], None, p.cmds), dot)
-            items = list(seq.items()) if isinstance(seq, dict) else list(enumerate(seq or []))
-            if isinstance(seq, int) and not isinstance(seq, bool):
-                items = list(enumerate(range(seq)))
-            if not items:
+            items: Any
+            if isinstance(seq, int) and not isinstance(seq, bool):  # Go 1.22: 0, 1, ... seq - 1
+                if len(p.decl) > 1:
+                    raise TemplateError("a range over an integer takes one variable")
+                items = ((i, i) for i in range(seq))  # lazily: the step budget bounds it, not its size
+                empty = seq <= 0
+            elif isinstance(seq, dict):
+                items = sorted(seq.items(), key=lambda kv: str(kv[0]))  # Go ranges over a map's keys in order
+                empty = not items
+            elif seq is None or isinstance(seq, (list, tuple, str)):
+                items = list(enumerate(seq or []))
+                empty = not items
+            else:
+                raise TemplateError(f"range cannot iterate over {type(seq).__name__}")
+            if empty:
                 self.run(n.other, dot)
                 return
             for k, v in items:
+                self.budget.step()
                 self.scopes.append({})
                 if len(p.decl) == 1:
                     self.scopes[-1][p.decl[0]] = v
@@ -536,22 +620,29 @@ def _uses(nodes: list[Any], field: str) -> bool:
     return False
 
 
-def execute(nodes: list[Any], data: dict[str, Any], cut: bool = False) -> str:
-    r = _Render(data, cut)
+def execute(nodes: list[Any], data: dict[str, Any], cut: bool = False, budget: Budget | None = None) -> str:
+    r = _Render(data, cut, budget or Budget())
     try:
         r.run(nodes, data)
     except _Cut:
         pass
     except (_Break, _Continue):
         raise TemplateError("break or continue outside a range") from None
-    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+    except TemplateError:
+        raise
+    except RecursionError:
+        raise TemplateError("the template nests too deeply") from None
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError) as exc:
         raise TemplateError(f"{type(exc).__name__}: {exc}") from None
     return "".join(r.out)
 
 
-def render(src: str, messages: list[dict[str, Any]], tools: list[Any] | None = None, think: bool = False) -> str:
-    """The prompt for ``messages`` (role and text content), as Ollama renders the template."""
+def render(src: str, messages: list[dict[str, Any]], tools: list[Any] | None = None, think: bool = False,
+           max_chars: int = MAX_CHARS) -> str:
+    """The prompt for ``messages`` (role and text content), as Ollama renders the template:
+    at most ``max_chars`` characters of it, in at most ``MAX_STEPS`` steps for all of it."""
     nodes = compile_template(src)
+    budget = Budget(max_chars)
     system_parts: list[str] = []
     collated: list[dict[str, Any]] = []
     for m in messages:
@@ -565,12 +656,13 @@ def render(src: str, messages: list[dict[str, Any]], tools: list[Any] | None = N
     system = "\n\n".join(system_parts)
     if _uses(nodes, "Messages"):
         return execute(nodes, {"System": system, "Messages": collated, "Tools": tools, "Response": "",
-                               "Think": think, "Prompt": "", "Suffix": ""})
+                               "Think": think, "Prompt": "", "Suffix": ""}, budget=budget)
     out: list[str] = []
     turn = {"System": "", "Prompt": "", "Response": ""}
 
     def flush() -> None:
-        out.append(execute(nodes, {**turn, "Think": think, "Tools": tools, "Messages": None, "Suffix": ""}))
+        out.append(execute(nodes, {**turn, "Think": think, "Tools": tools, "Messages": None, "Suffix": ""},
+                           budget=budget))
         turn.update(System="", Prompt="", Response="")
 
     for m in collated:
@@ -584,13 +676,14 @@ def render(src: str, messages: list[dict[str, Any]], tools: list[Any] | None = N
             turn["Prompt"] = m["Content"]
         elif m["Role"] == "assistant":
             turn["Response"] = m["Content"]
-    out.append(execute(nodes, {**turn, "Think": think, "Tools": tools, "Messages": None, "Suffix": ""}, cut=True))
+    out.append(execute(nodes, {**turn, "Think": think, "Tools": tools, "Messages": None, "Suffix": ""}, cut=True,
+                       budget=budget))
     return "".join(out)
 
 
-def templated(chat: ChatRequest, src: str) -> ChatRequest:
+def templated(chat: ChatRequest, src: str, max_chars: int = MAX_CHARS) -> ChatRequest:
     """A chat request for a model with its own TEMPLATE: its messages rendered into one raw
-    prompt (which the response cache then keys on)."""
+    prompt (which the response cache then keys on), of at most ``max_chars`` characters."""
     p = chat.params
     if p.tools:
         raise InvalidRequest("tools: this model was created with its own TEMPLATE, rendered as a plain prompt; "
@@ -608,7 +701,7 @@ def templated(chat: ChatRequest, src: str) -> ChatRequest:
             content = "".join(x.get("text") or "" for x in content)
         messages.append({"role": m.get("role"), "content": content or ""})
     try:
-        prompt = render(src, messages, think=p.reasoning_effort not in (None, "none"))
+        prompt = render(src, messages, think=p.reasoning_effort not in (None, "none"), max_chars=max_chars)
     except TemplateError as exc:
         raise InvalidRequest(f"the model's TEMPLATE cannot render these messages: {exc}", param="messages") from None
     return replace(chat, raw=True, messages=[{"role": "user", "content": prompt}],

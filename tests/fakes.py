@@ -34,7 +34,9 @@ class FakeOpenAI:
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """The Responses API: REPLY as output text, or (tools offered) one get_weather call;
-        mode ``500`` fails before the reply, ``failed`` streams a response.failed after text."""
+        mode ``500`` fails before the reply, ``failed`` streams a response.failed after text;
+        ``leak`` fails as ``failed`` does (whole: a failed response, status 200) with a message
+        quoting the Authorization header it was sent, as some providers do."""
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
@@ -50,7 +52,12 @@ class FakeOpenAI:
         output = [reasoning, call] if tools else [reasoning, message]
         whole = {"id": "resp_up", "object": "response", "status": "completed", "model": body["model"],
                  "output": output, "usage": usage}
+        failure = {"code": "server_error", "message": "it broke"}
+        if self.mode == "leak":
+            failure["message"] = f"the key {request.headers.get('Authorization', '')!r} is not valid"
         if not body.get("stream"):
+            if self.mode == "leak":
+                return web.json_response({**whole, "status": "failed", "error": failure})
             return web.json_response(whole)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -71,9 +78,8 @@ class FakeOpenAI:
             for i, w in enumerate(REPLY.split(" ")):
                 await ev("response.output_text.delta", output_index=1, content_index=0,
                          delta=w if i == 0 else " " + w)
-                if self.mode == "failed" and i == 1:
-                    await ev("response.failed", response={**whole, "status": "failed",
-                                                          "error": {"code": "server_error", "message": "it broke"}})
+                if self.mode in ("failed", "leak") and i == 1:
+                    await ev("response.failed", response={**whole, "status": "failed", "error": failure})
                     return resp
         await ev("response.completed", response=whole)
         return resp
@@ -325,15 +331,20 @@ class FakeOllamaRegistry:
     ``/v2/{namespace}/{model}/manifests/{tag}``, blobs by digest at ``.../blobs/{digest}``
     (with ranges). ``publish`` puts a model up from its GGUF bytes; ``corrupt`` makes a
     blob's bytes differ from its digest; ``cut`` drops the connection halfway through a
-    blob, once; ``requests`` records each path asked for, ``ranges`` each blob's Range header."""
+    blob, once; ``redirect`` sends a blob's request elsewhere (digest → URL: another server,
+    or ``/storage/<digest>`` on this one); ``requests`` records each path asked for,
+    ``ranges`` each blob's Range header. Hostile manifests (sizes that lie, one digest
+    twice) are put in ``manifests`` by hand, or by ``publish(config=..., pad=...)``."""
 
     MODEL = "application/vnd.ollama.image.model"
+    CONFIG = "application/vnd.docker.container.image.v1+json"
 
     def __init__(self) -> None:
         self.manifests: dict[tuple[str, str, str], bytes] = {}
         self.blobs: dict[str, bytes] = {}
         self.corrupt: set[str] = set()
         self.cut: set[str] = set()
+        self.redirect: dict[str, str] = {}
         self.requests: list[str] = []
         self.ranges: list[tuple[str, str | None]] = []
 
@@ -345,16 +356,18 @@ class FakeOllamaRegistry:
         return {"mediaType": media_type, "digest": digest, "size": len(data)}
 
     def publish(self, model: str, gguf: bytes, tag: str = "latest", namespace: str = "library",
-                **texts: str) -> dict:
+                config: dict | None = None, pad: int = 0, **texts: str) -> dict:
         """A model of ``gguf`` with text layers (``template=``, ``system=``, ``license=``,
-        ``params=`` as JSON text); returns its manifest."""
+        ``params=`` as JSON text); ``config``: its config blob's JSON; ``pad``: that many
+        more bytes in the manifest (an annotation); returns its manifest."""
         layers = [self.blob(gguf, self.MODEL)]
         for kind, text in texts.items():
             layers.append(self.blob(text.encode(), f"application/vnd.ollama.image.{kind}"))
-        config = self.blob(json.dumps({"model_format": "gguf", "model_family": "llama"}).encode(),
-                           "application/vnd.docker.container.image.v1+json")
+        cfg = self.blob(json.dumps(config or {"model_format": "gguf", "model_family": "llama"}).encode(), self.CONFIG)
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                    "config": config, "layers": layers}
+                    "config": cfg, "layers": layers}
+        if pad:
+            manifest["annotations"] = {"pad": "x" * pad}
         self.manifests[(namespace, model, tag)] = json.dumps(manifest).encode()
         return manifest
 
@@ -362,6 +375,7 @@ class FakeOllamaRegistry:
         app = web.Application()
         app.router.add_get("/v2/{namespace}/{model}/manifests/{tag}", self.manifest)
         app.router.add_get("/v2/{namespace}/{model}/blobs/{digest}", self.get_blob)
+        app.router.add_get("/storage/{digest}", self.get_blob)
         return app
 
     async def manifest(self, request: web.Request) -> web.Response:
@@ -379,6 +393,8 @@ class FakeOllamaRegistry:
         data = self.blobs.get(digest)
         if data is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+        if digest in self.redirect and not request.path.startswith("/storage/"):
+            raise web.HTTPFound(self.redirect[digest])
         if digest in self.corrupt:  # the same length, other bytes
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
         rng = request.headers.get("Range", "")

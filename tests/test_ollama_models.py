@@ -6,17 +6,26 @@ that do not match, hostile names and keys that are not an admin's are refused.""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
+import stat
+import threading
 from pathlib import Path
 
 import aiohttp
 import ollama
 import pytest
+from aiohttp import web
+from yarl import URL
 
 import ggufmaker
+from anyad import download, ollama_store
 from anyad.config import parse_settings
+from anyad.ollama_store import OllamaStore, StoreError, blob_name, parse_name
 from anyad.plugins import ollama as ollama_plugin
+from anyad.plugins import ollama_models
 from conftest import MODEL_ID
 from fakes import FakeOllamaRegistry
 
@@ -271,6 +280,7 @@ async def test_create_with_a_template_renders_it(start_door):
     ({"from_": MODEL_ID, "quantize": "q4_K_M"}, 400, "quantize"),
     ({}, 400, "FROM is required"),
     ({"files": {"x.gguf": "sha256:" + "0" * 64}}, 400, "upload it first"),
+    ({"from_": MODEL_ID, "files": {"x.gguf": "sha256:" + "0" * 64}}, 400, "give one of them"),
 ])
 async def test_create_refuses_what_it_cannot_make(start_door, store, request_fields, status, says):
     c = await start_door()
@@ -315,6 +325,12 @@ async def test_only_an_admin_key_changes_the_store(start_door, registry, tiny_mo
     await refused(lambda: some.copy("tinyllama", "other"), 403)
     assert (await some.copy("tinyllama", "tinycopy")).status == "success"
     assert "tinyllama:latest" in await names(root)
+    # Files are no model's: a key held to model patterns may not make a model of one (any path, any blob).
+    assert "held to none" in await refused(lambda: some.create(model="tinyfile", from_=str(tiny_model)), 403)
+    digest = await root.create_blob(tiny_model)
+    assert "held to none" in await refused(lambda: some.create(model="tinyblob", files={"t.gguf": digest}), 403)
+    assert (await some.create(model="tinyderived", from_="tinyllama", system="Hi.")).status == "success"
+    assert (await root.create(model="tinyfile", from_=str(tiny_model))).status == "success"
 
 
 async def test_generate_raw_suffix_and_context(start_door, tmp_path):
@@ -435,3 +451,374 @@ async def test_an_interrupted_pull_resumes_where_it_stopped(start_door, registry
     assert (await c.api.pull("tinyllama")).status == "success"
     assert registry.ranges[-2:] == [(model["digest"], f"bytes={have}-"), (license_["digest"], None)]
     assert not part.exists() and blob(store, model["digest"]).read_bytes() == registry.blobs[model["digest"]]
+
+
+# -- what a hostile registry, a broken store or a client that goes away cannot do ----------------
+
+def layers_of(registry: FakeOllamaRegistry, model: str) -> list[dict]:
+    m = json.loads(registry.manifests[("library", model, "latest")])
+    return [m["config"], *m["layers"]]
+
+
+async def test_a_registry_that_lies_about_a_blobs_size_never_touches_the_stores_copy(start_door, registry, store):
+    c = await start_door(registry)
+    await c.api.pull("tinyllama")
+    m = json.loads(registry.manifests[("library", "tinyllama", "latest")])
+    model = m["layers"][0]
+    weights = blob(store, model["digest"]).read_bytes()
+    registry.manifests[("library", "liar", "latest")] = json.dumps(
+        {**m, "layers": [{**model, "size": model["size"] + 1}]}).encode()
+    error = await refused(lambda: c.api.pull("liar", stream=True), -1)
+    assert f"{model['size'] + 1} were expected" in error
+    assert blob(store, model["digest"]).read_bytes() == weights  # the verified blob, still there, unchanged
+    r = await c.post("/v1/chat/completions", json={"model": "tinyllama", "messages": HI, "max_tokens": 1})
+    assert r.status == 200
+    # One digest listed twice with two sizes: refused before anything is fetched.
+    registry.manifests[("library", "twice", "latest")] = json.dumps(
+        {**m, "layers": [model, {**model, "mediaType": FakeOllamaRegistry.MODEL, "size": 3}]}).encode()
+    before = len(registry.requests)
+    assert "twice" in await refused(lambda: c.api.pull("twice"), 502)
+    assert [p for p in registry.requests[before:] if "/blobs/" in p] == []
+    assert {x.name for x in files(store / "manifests")} == {"latest"} and "liar:latest" not in await names(c.api)
+
+
+NESTED = ("{{range .Messages}}{{range $.Messages}}{{range $.Messages}}{{range $.Messages}}{{range $.Messages}}x"
+          "{{end}}{{end}}{{end}}{{end}}{{end}}")
+TURNS = [{"role": r, "content": "hi"} for r in ("user", "assistant") * 12] + HI  # 25 turns: 25**5 with NESTED
+
+
+async def test_only_anyads_own_creates_have_their_template_rendered_and_within_bounds(start_door, registry,
+                                                                                     tiny_model):
+    # A registry's config blob asking for anyad's renderer is not heard: the GGUF's chat template serves it.
+    registry.publish("tpl", tiny_model.read_bytes(), template=NESTED,
+                     config={"model_format": "gguf", "anyad": {"template": True}})
+    c = await start_door(registry)
+    await c.api.pull("tpl")
+    assert (await c.api.show("tpl")).template != NESTED
+    r = await c.post("/v1/chat/completions", json={"model": "tpl", "messages": TURNS, "max_tokens": 1})
+    assert r.status == 200
+    # Created here with that TEMPLATE, anyad renders it, and stops it at its step budget: a 400, not a hang.
+    await c.api.create(model="nested", from_="tpl", template=NESTED)
+    assert (await c.api.show("nested")).template == NESTED
+    r = await c.post("/v1/chat/completions", json={"model": "nested", "messages": TURNS, "max_tokens": 1})
+    assert r.status == 400 and "steps" in (await r.json())["error"]["message"]
+    # The daemon after a restart knows which is which (anyad's own record, not the config blob).
+    again = await start_door(registry)
+    assert (await again.api.show("nested")).template == NESTED and (await again.api.show("tpl")).template != NESTED
+    assert (await again.api.generate(model="tpl", prompt="hi", options={"num_predict": 1})).done
+
+
+async def test_a_rendered_prompt_is_held_to_the_servers_caps(start_door):
+    c = await start_door(server={"max_prompt_chars": 1000})
+    await c.api.create(model="thrice", from_=MODEL_ID, template="{{ .Prompt }}{{ .Prompt }}{{ .Prompt }}")
+    await c.api.create(model="tenfold", from_=MODEL_ID, template="{{ range 10 }}{{ $.Prompt }}{{ end }}")
+    assert (await c.api.generate(model="thrice", prompt="a" * 100, options={"num_predict": 1})).done
+    # Within the cap as sent; over it as rendered: refused as an over-long request is.
+    assert "max_prompt_chars" in await refused(lambda: c.api.generate(model="thrice", prompt="a" * 600), 400)
+    # Far over it: the renderer stops at twice the cap, before it is made.
+    assert "longer than 2000 characters" in await refused(
+        lambda: c.api.generate(model="tenfold", prompt="a" * 900), 400)
+
+
+def test_templates_are_bounded_and_range_over_an_integer():
+    from anyad.plugins.ollama_template import TemplateError, compile_template, render
+
+    one = [{"role": "user", "content": "x"}]
+    assert render("{{ range $i := 3 }}[{{ $i }}]{{ end }}{{ range 0 }}x{{ else }}none{{ end }}", one) == "[0][1][2]none"
+    with pytest.raises(TemplateError, match="steps"):
+        render("{{ range 1000000000000 }}x{{ end }}", one)  # counted as it goes, never made whole
+    with pytest.raises(TemplateError, match="steps"):
+        render(NESTED, TURNS)
+    with pytest.raises(TemplateError, match="more text"):  # a value that doubles each turn
+        render('{{ $x := "ab" }}{{ range 40 }}{{ $x = print $x $x }}{{ end }}{{ len $x }}', one, max_chars=10000)
+    for deep in ("{{" + "(" * 3000 + "1" + ")" * 3000 + "}}", "{{ if 1 }}" * 500 + "{{ end }}" * 500):
+        with pytest.raises(TemplateError, match="nests"):
+            compile_template(deep)
+
+
+async def test_a_pulled_models_parameters_are_held_to_what_a_create_takes(start_door, registry, store, tiny_model):
+    gguf = tiny_model.read_bytes()
+    bad = {"hot": ({"temperature": 50}, "temperature"), "negative": ({"top_k": -7}, "top_k"),
+           "stops": ({"stop": [""] * 40}, "stop"), "seedy": ({"seed": 2 ** 70}, "seed"),
+           "small": ({"num_ctx": 1}, "num_ctx")}
+    for model, (params, _) in bad.items():
+        registry.publish(model, gguf, params=json.dumps(params))
+    c = await start_door(registry)
+    for model, (_, says) in bad.items():
+        error = await refused(lambda model=model: c.api.pull(model), 400)
+        assert says in error and "nothing was written" in error, error
+    assert files(store) == []  # not one blob of them left behind
+    assert not set(bad) & {n.split(":")[0] for n in await names(c.api)}
+
+    # A manifest already in the store (Ollama's, an older anyad's) with a PARAMETER a create would
+    # refuse: served without that one.
+    await c.api.pull("tinyllama")
+    params = json.dumps({"temperature": 50, "seed": 2 ** 70, "num_predict": 2}).encode()
+    digest = "sha256:" + hashlib.sha256(params).hexdigest()
+    blob(store, digest).write_bytes(params)
+    m = json.loads(registry.manifests[("library", "tinyllama", "latest")])
+    m["layers"].append({"mediaType": "application/vnd.ollama.image.params", "digest": digest, "size": len(params)})
+    warm = store / "manifests" / registry.host / "library" / "warm" / "latest"
+    warm.parent.mkdir(parents=True)
+    warm.write_bytes(json.dumps(m).encode())
+    # And one that cannot be served at all (its model layer is no GGUF): not listed, but deletable.
+    junk = b"not a model at all"
+    junk_digest = "sha256:" + hashlib.sha256(junk).hexdigest()
+    blob(store, junk_digest).write_bytes(junk)
+    broken = store / "manifests" / registry.host / "library" / "broken" / "latest"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(json.dumps({**m, "layers": [{"mediaType": FakeOllamaRegistry.MODEL, "digest": junk_digest,
+                                                    "size": len(junk)}]}).encode())
+    again = await start_door(registry)
+    r = await again.api.generate(model="warm", prompt="hi")
+    assert r.done and 0 < r.eval_count <= 2  # its num_predict kept
+    shown = (await again.api.show("warm")).parameters
+    assert "num_predict" in shown and "temperature" not in shown and "seed" not in shown
+    assert "broken:latest" not in await names(again.api)
+    await again.api.delete("broken")
+    assert not broken.exists() and not blob(store, junk_digest).exists()
+    assert "model 'broken' not found" in await refused(lambda: again.api.delete("broken"), 404)
+
+
+async def test_delete_keeps_every_blob_while_a_manifest_cannot_be_read(start_door, registry, store):
+    c = await start_door(registry)
+    await c.api.pull("tinyllama")
+    await c.api.copy("tinyllama", "alias")
+    raw = registry.manifests[("library", "tinyllama", "latest")]
+    blobs = [blob(store, x["digest"]) for x in layers_of(registry, "tinyllama")]
+    other = store / "manifests" / "registry.ollama.ai" / "library" / "other" / "latest"  # Ollama's, being written
+    other.parent.mkdir(parents=True)
+    other.write_bytes(raw[: len(raw) // 2])
+    await c.api.delete("tinyllama")
+    assert all(p.is_file() for p in blobs)
+    other.unlink()
+    stray = other.parent / ".latest.tmp-1234"  # a file no model's name is (a writer's temporary one)
+    stray.write_bytes(raw)
+    await c.api.delete("alias")
+    assert all(p.is_file() for p in blobs)
+    assert "alias:latest" not in await names(c.api)
+
+
+async def test_a_manifest_that_arrives_in_pieces_is_read_whole(start_door, registry, tiny_model):
+    registry.publish("padded", tiny_model.read_bytes(), pad=600_000)  # more than one read of the socket
+    c = await start_door(registry)
+    assert (await c.api.pull("padded")).status == "success"
+    assert "padded:latest" in await names(c.api)
+
+
+async def test_a_name_in_a_providers_namespace_is_refused(start_door, tiny_model, store):
+    c = await start_door(providers={"up": {"base_url": "http://127.0.0.1:9/v1", "models": ["gpt-x"]}})
+    for name in ("up/gpt-x", "UP/other:7b"):
+        error = await refused(lambda name=name: c.api.create(model=name, from_=str(tiny_model)), 400)
+        assert "provider 'up'" in error
+    assert files(store) == [] and await names(c.api) == [MODEL_ID, "up/gpt-x"]
+
+
+async def test_blob_redirects_go_only_where_anyad_allows(start_door, registry, store, aiohttp_server):
+    hits: list[str] = []
+
+    async def internal(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(body=b"the internal service's private bytes")
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", internal)
+    elsewhere = await aiohttp_server(app)
+    model = layers_of(registry, "tinyllama")[1]["digest"]
+    c = await start_door(registry)
+    registry.redirect[model] = f"http://127.0.0.1:{elsewhere.port}/admin/secrets"  # plain http, another host
+    error = await refused(lambda: c.api.pull("tinyllama"), 502)
+    assert "redirect" in error and hits == []
+    assert files(store / "manifests") == [] and not blob(store, model).exists()
+    # Another of the registry's own paths: followed. What it sends is held to the digest, and a
+    # mismatch says nothing of what came (not its hash).
+    registry.redirect[model] = f"/storage/{model}"
+    registry.corrupt.add(model)
+    error = await refused(lambda: c.api.pull("tinyllama"), 502)
+    bad = registry.blobs[model][:-1] + bytes([registry.blobs[model][-1] ^ 0xFF])
+    assert "SHA-256 mismatch" in error and hashlib.sha256(bad).hexdigest() not in error
+    registry.corrupt.clear()
+    assert (await c.api.pull("tinyllama")).status == "success"
+    # A public registry may not send anyad into the local network, by address or by name.
+    origin = URL("https://registry.example/v2/library/m/blobs/sha256:00")
+    guard = download._Guard(origin)
+    for target in ("https://10.1.2.3/blob", "https://127.0.0.1:8080/blob", "https://[::1]/blob",
+                   "http://cdn.example/blob"):
+        with pytest.raises(download.RedirectRefused):
+            download._follow(origin, target, origin, guard)
+    assert download._follow(origin, "https://cdn.example/blob", origin, guard).host == "cdn.example"
+    with pytest.raises(download.RedirectRefused, match="resolves to a loopback"):
+        await guard.resolve("localhost", 443)
+
+
+async def test_a_name_written_again_leaves_no_blob_only_its_old_manifest_used(start_door, registry, store,
+                                                                               tiny_model):
+    c = await start_door(registry)
+    await c.api.pull("tinyllama")
+    old = {x["digest"] for x in layers_of(registry, "tinyllama")}
+    registry.publish("tinyllama", tiny_model.read_bytes(), license="MIT, the second version")
+    await c.api.pull("tinyllama")  # pulled again, changed
+    new = {x["digest"] for x in layers_of(registry, "tinyllama")}
+    assert all(blob(store, d).is_file() for d in new) and not any(blob(store, d).exists() for d in old - new)
+
+    def text_blob(text: str) -> Path:
+        return blob(store, "sha256:" + hashlib.sha256(text.encode()).hexdigest())
+
+    await c.api.create(model="pirate", from_=str(tiny_model), system="Arr.")
+    await c.api.create(model="pirate", from_=str(tiny_model), system="Yo ho.")  # created again
+    assert not text_blob("Arr.").exists() and text_blob("Yo ho.").is_file()
+    await c.api.copy("tinyllama", "pirate")  # copied over
+    assert not text_blob("Yo ho.").exists()
+    manifests = {p.read_bytes() for p in files(store / "manifests")}
+    kept = {blob_name(x["digest"]) for raw in manifests for x in [json.loads(raw)["config"],
+                                                                   *json.loads(raw)["layers"]]}
+    assert {p.name for p in files(store / "blobs")} == kept  # nothing but what the manifests use
+    assert (await c.api.generate(model="pirate", prompt="hi", options={"num_predict": 1})).done
+
+
+async def test_a_create_whose_client_goes_away_stops_its_copy_and_leaves_nothing(start_door, tiny_model, store,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(ollama_store, "CHUNK", 4096)  # the tiny model in some fifty blocks
+    monkeypatch.setattr(ollama_models, "PROGRESS_EVERY_S", 0.0)  # a progress line for each
+    step, arrived = threading.Semaphore(0), threading.Semaphore(0)
+    cancels: list[threading.Event] = []
+    real = OllamaStore.import_file
+
+    def paced(self, src, progress=None, cancel=None):  # the copy, a block at a time as the test lets it
+        cancels.append(cancel)
+
+        def each(done: int, total: int) -> None:
+            progress(done, total)
+            arrived.release()
+            step.acquire(timeout=30)
+
+        return real(self, src, each, cancel)
+
+    monkeypatch.setattr(OllamaStore, "import_file", paced)
+    c = await start_door()
+    door = ollama_models.DOORS[c.daemon]
+    async with aiohttp.ClientSession(c.ollama_url) as s:
+        resp = await s.post("/api/create", json={"model": "big", "from": str(tiny_model)})
+        assert resp.status == 200 and "copying file" in (await resp.content.readline()).decode()
+        assert await asyncio.to_thread(arrived.acquire, True, 30)  # the copy has begun
+        resp.close()  # the client goes away
+    for _ in range(100):  # the create notices at its next line; its copy stops at its next block
+        if cancels[0].is_set():
+            break
+        step.release()
+        if not await asyncio.to_thread(arrived.acquire, True, 30):
+            break
+    assert cancels[0].is_set()
+    step.release(1000)
+    async with door.lock:  # the create is over once it lets go of the store
+        pass
+    assert files(store) == [] and "big:latest" not in await names(c.api)
+
+
+async def test_a_create_that_fails_after_its_copy_leaves_no_blob(start_door, tiny_model, tmp_path, store):
+    victim = tmp_path / "victim.gguf"
+    victim.write_bytes(tiny_model.read_bytes())
+    c = await start_door(models={"victim": {"path": str(victim)}})
+    victim.write_bytes(b"GGUF, or so it starts")  # changed on disk since anyad read it
+    assert "not a GGUF" in await refused(lambda: c.api.create(model="made", from_="victim"), 400)
+    assert files(store) == [] and "made:latest" not in await names(c.api)
+
+
+async def test_what_anyad_writes_in_the_store_is_readable_as_the_umask_allows(start_door, registry, store, tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    c = await start_door(registry)
+    await c.api.pull("tinyllama")
+    other = ggufmaker.write_model(tmp_path / "other.gguf", fim=True)
+    await c.api.create(model="made", from_=str(other), system="Hi.")
+    digest = await c.api.create_blob(ggufmaker.write_model(tmp_path / "third.gguf", seed=3))
+    assert blob(store, digest).is_file()
+    written = files(store)
+    assert len(written) >= 8
+    assert {p.relative_to(store).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == \
+        {p.relative_to(store).as_posix(): oct(0o666 & ~mask) for p in written}
+
+
+async def test_a_store_that_is_not_as_expected_is_a_409_not_a_500(start_door, registry, store):
+    c = await start_door(registry)
+    await c.api.pull("tinyllama")
+    license_ = [x for x in layers_of(registry, "tinyllama") if x["mediaType"].endswith("license")][0]
+    blob(store, license_["digest"]).unlink()
+    async with aiohttp.ClientSession(c.ollama_url) as s:
+        async with s.post("/api/copy", json={"source": "tinyllama", "destination": "cp"}) as r:
+            body = await r.json()
+            assert r.status == 409 and license_["digest"] in body["error"] and "not in the store" in body["error"]
+        for fields, says in (({"path": "/etc/Modelfile"}, "path"),
+                             ({"template": "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}"}, "nests")):
+            async with s.post("/api/create", json={"model": "c", "from": MODEL_ID, "stream": False, **fields}) as r:
+                assert r.status == 400 and says in (await r.json())["error"]
+        async with s.head("/api/blobs/sha256:" + "a" * 64 + "%0A") as r:  # a digest and a newline: not a digest
+            assert r.status == 400
+    with pytest.raises(StoreError):
+        blob_name("sha256:" + "a" * 64 + "\n")
+    assert "cp:latest" not in await names(c.api)
+
+
+def test_a_registry_whose_host_cannot_name_a_model_is_refused_in_the_config():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="IPv6"):
+        ollama_plugin.OllamaSettings.model_validate({"registry": "http://[::1]:5000"})
+    assert ollama_plugin.OllamaSettings.model_validate({"registry": "http://127.0.0.1:5000/"}).registry == \
+        "http://127.0.0.1:5000"
+
+
+async def test_deleting_a_busy_model_lets_it_finish_then_forgets_it(start_door, tiny_model):
+    c = await start_door()
+    await c.api.create(model="busy", from_=str(tiny_model))
+    sched, backend = c.daemon.scheduler, c.daemon.local["busy:latest"]
+    async with sched.use("busy:latest"):  # a request in flight holds it, loaded
+        await c.api.delete("busy")
+        assert "busy:latest" not in await names(c.api) and backend.loaded
+    await asyncio.gather(*list(sched._tasks))  # its deferred unload, now it is idle
+    assert sched.view("busy:latest") is None and not backend.loaded
+    assert (await c.api.ps()).models == []
+    await c.api.create(model="busy", from_=str(tiny_model))  # the name again: a model of its own
+    assert (await c.api.generate(model="busy", prompt="hi", options={"num_predict": 1})).done
+
+
+async def test_what_is_begun_under_the_stores_lock_ends_under_it(start_door, registry):
+    c = await start_door(registry)
+    await c.api.pull("tinyllama")
+    door = ollama_models.DOORS[c.daemon]
+    entered, gate = asyncio.Event(), asyncio.Event()
+    serve = door.serve
+
+    async def slow_serve(name, path):
+        entered.set()
+        await gate.wait()
+        return await serve(name, path)
+
+    door.serve = slow_serve
+    raw = door.models["tinyllama:latest"].manifest.raw
+
+    async def copy() -> None:  # as /api/copy does, its client going away halfway
+        async with door.lock:
+            await door.commit(parse_name("alias", door.host), raw)
+
+    seen: list[bool] = []
+    trying = asyncio.Event()
+
+    async def next_one() -> None:  # the next operation on the store
+        trying.set()
+        async with door.lock:
+            seen.append("alias:latest" in door.models)
+
+    task = asyncio.create_task(copy())
+    await asyncio.wait([task, asyncio.ensure_future(entered.wait())], return_when=asyncio.FIRST_COMPLETED)
+    assert entered.is_set() and not task.done()
+    task.cancel()
+    waiting = asyncio.create_task(next_one())
+    await trying.wait()  # (the cancelled copy has had its turn: had it let go of the lock, this one ran)
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await waiting
+    door.serve = serve
+    assert seen == [True]  # the next one ran only once the model was served
+    assert "alias:latest" in await names(c.api)

@@ -127,3 +127,37 @@ def test_api_responses_is_for_openai_style_providers():
     with pytest.raises(ConfigError):
         parse_settings({"providers": {"c": {"backend": "anthropic", "base_url": "http://127.0.0.1:9", "api":
                                             "responses"}}})
+
+
+@pytest.mark.parametrize("field, value", [("web_search_options", {}), ("audio", {"voice": "alloy", "format": "wav"}),
+                                          ("modalities", ["text", "audio"]),
+                                          ("prediction", {"type": "content", "content": "x"})])
+async def test_a_chat_field_the_responses_wire_drops_is_a_400_naming_it(codex, field, value):
+    r = await codex.post("/v1/chat/completions", json={"model": "up/codex", "messages": [{"role": "user", "content":
+                                                                                          "hi"}], field: value})
+    err = (await r.json())["error"]
+    assert r.status == 400 and err["param"] == field and "Responses API" in err["message"]
+    assert codex.fake.requests == []  # nothing went out
+
+
+async def test_verbosity_goes_as_the_responses_text_verbosity(codex):
+    r = await codex.post("/v1/chat/completions", json={"model": "up/codex", "verbosity": "low", "modalities": ["text"],
+                                                       "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status == 200
+    assert codex.fake.requests[-1]["text"] == {"verbosity": "low"} and "modalities" not in codex.fake.requests[-1]
+
+
+async def test_a_providers_words_in_a_reply_that_began_with_200_never_carry_its_key(make_client, aiohttp_server,
+                                                                                    tmp_path, monkeypatch):
+    monkeypatch.setenv("UP_KEY", "sk-up-secret-0123456789")
+    fake = FakeOpenAI("leak")
+    server = await aiohttp_server(fake.app())
+    c = await make_client(parse_settings({"data_dir": str(tmp_path / "data"), "providers": {"up": {
+        "base_url": f"http://127.0.0.1:{server.port}/v1", "api": "responses", "models": ["codex"],
+        "api_key": "env:UP_KEY", "max_retries": 0}}}))
+    for stream in (False, True):
+        r = await c.post("/v1/chat/completions", json={"model": "up/codex", "stream": stream, "max_tokens": 5,
+                                                       "messages": [{"role": "user", "content": "hi"}]})
+        text = await r.text()
+        assert "is not valid" in text and "[redacted]" in text and "sk-up-secret" not in text, (stream, text)
+    assert fake.headers[-1]["Authorization"] == "Bearer sk-up-secret-0123456789"

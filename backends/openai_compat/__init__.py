@@ -161,8 +161,8 @@ class OpenAIBackend(RemoteBackend):
                     held = []
                 if not began:
                     raise BackendError(f"{self.name}: the stream ended without a choice")
-            except AnyadError:
-                raise
+            except AnyadError as exc:  # the provider's own words among them: without its key
+                raise self.client.redact(exc)
             except Exception as exc:  # aiohttp payload/connection errors, read timeouts
                 raise mid_stream(self.name, exc) from None
 
@@ -198,8 +198,8 @@ class OpenAIBackend(RemoteBackend):
                     if reader.done:
                         return
                 raise BackendError(f"{self.name}: the stream ended before the response did")
-            except AnyadError:
-                raise
+            except AnyadError as exc:  # the provider's own words among them: without its key
+                raise self.client.redact(exc)
             except Exception as exc:  # aiohttp payload/connection errors, read timeouts
                 raise mid_stream(self.name, exc) from None
 

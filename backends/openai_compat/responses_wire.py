@@ -23,16 +23,29 @@ UNSUPPORTED = {
     "logit_bias": "logit bias", "top_k": "top_k", "min_p": "min_p", "repeat_penalty": "repeat_penalty",
     "suffix": "fill-in-the-middle",
 }
+# Chat body fields (not sampling parameters) the Responses API has no place for here: a 400
+# naming them too. (``verbosity`` goes as ``text.verbosity``.)
+UNSUPPORTED_BODY = {
+    "web_search_options": "web search options (its web search is a tool of its own, which anyad does not offer)",
+    "audio": "audio output", "modalities": "output modalities but text",
+    "prediction": "predicted outputs",
+}
 # Body fields both APIs share, sent on as the client wrote them.
 SHARED = ("user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")
 
 
-def _refuse(params: SamplingParams, provider: str) -> None:
+def _refuse(params: SamplingParams, body: dict[str, Any], provider: str) -> None:
     for name, what in UNSUPPORTED.items():
         value = getattr(params, name)
         if value not in (None, []) and not (name == "n" and value == 1):
             raise InvalidRequest(f"{name}: {provider} is reached through the Responses API, which has no "
                                  f"{what}", param=name)
+    for name, what in UNSUPPORTED_BODY.items():
+        value = body.get(name)
+        if value is None or (name == "modalities" and value == ["text"]):
+            continue
+        raise InvalidRequest(f"{name}: {provider} is reached through the Responses API, and anyad carries no "
+                             f"{what} there", param=name)
 
 
 def _parts(content: Any) -> str | list[dict[str, Any]]:
@@ -103,7 +116,7 @@ def request_body(request: ChatRequest, model: str, provider: str) -> dict[str, A
         raise InvalidRequest(f"{provider} is reached through the Responses API, which continues no raw "
                              "prompt: use /v1/chat/completions or /v1/responses", param="prompt")
     p = request.params
-    _refuse(p, provider)
+    _refuse(p, request.body, provider)
     body: dict[str, Any] = {"model": model, "input": input_items(request.messages), "store": False,
                             "stream": request.stream}
     for ours, theirs in (("max_tokens", "max_output_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
@@ -116,6 +129,8 @@ def request_body(request: ChatRequest, model: str, provider: str) -> dict[str, A
         body["tool_choice"] = _tool_choice(p.tool_choice)
     if p.response_format is not None:
         body["text"] = {"format": _format(p.response_format)}
+    if request.body.get("verbosity") is not None:
+        body["text"] = {**body.get("text", {}), "verbosity": request.body["verbosity"]}
     if p.reasoning_effort is not None:
         body["reasoning"] = {"effort": p.reasoning_effort, "summary": "auto"}
     for name in SHARED:
