@@ -265,14 +265,20 @@ class ReplyParser:
         if self.calls and not self._parallel:
             self._dropped += 1
             return
+        index = self._open_call(name)
+        header = self._out[-1].tool_calls
+        assert header is not None  # _open_call's event: the arguments go out with their header
+        header.append({"index": index, "function": {"arguments": arguments}})
+
+    def _open_call(self, name: str) -> int:
+        """The next call's header (index, a fresh id, its name) out; its index."""
         index = self.calls
         self.calls += 1
         self._ws, self._fresh, self._trim = "", False, True
         cid = "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
         self._out.append(Event(tool_calls=[
-            {"index": index, "id": cid, "type": "function", "function": {"name": name, "arguments": ""}},
-            {"index": index, "function": {"arguments": arguments}},
-        ]))
+            {"index": index, "id": cid, "type": "function", "function": {"name": name, "arguments": ""}}]))
+        return index
 
     def _calls_or_text(self, raw: str, body: str, parse: Callable[[str], list[tuple[str, str]]],
                        why: str | None = None, quiet: bool = False) -> None:
@@ -405,13 +411,7 @@ class ReplyParser:
             m = _LIVE_HEAD.match(body)
             if m is None or (self.calls and not self._parallel):
                 return False
-            index = self.calls
-            self.calls += 1
-            self._ws, self._fresh, self._trim = "", False, True
-            cid = "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
-            self._out.append(Event(tool_calls=[{"index": index, "id": cid, "type": "function",
-                                                "function": {"name": json.loads(m.group(1)), "arguments": ""}}]))
-            self._live = [index, m.end()]
+            self._live = [self._open_call(json.loads(m.group(1))), m.end()]
         index, done = self._live
         core = body.rstrip()
         end = len(core) - 1 if core.endswith("}") else len(core)  # the call object's own "}"

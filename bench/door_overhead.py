@@ -23,7 +23,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT.parent / "shared" / "bench" / "gateway-overhead"
 sys.path.insert(0, str(HARNESS))
+from local_throughput import free_port  # noqa: E402  (beside this script)
 from proc_cpu import tree_cpu_seconds  # noqa: E402
 
 ASK = "Say something short about benchmarks."
@@ -57,12 +57,6 @@ DOORS = {
                                           "store": False},
                           b'response.completed|"output"'),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:

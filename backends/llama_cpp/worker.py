@@ -108,6 +108,13 @@ def delta_frames(rid: int, events: list[Event]) -> list[dict[str, Any]]:
     return frames
 
 
+def _tool_mode(params: dict[str, Any]) -> tuple[bool, bool]:
+    """(tools offered to the template, a call forced by the grammar) for a chat's params."""
+    choice = params.get("tool_choice")
+    offered = bool(params.get("tools")) and choice != "none"
+    return offered, offered and (choice == "required" or isinstance(choice, dict))
+
+
 class RequestError(Exception):
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -372,9 +379,7 @@ class Engine:
               images: list[str] | None = None) -> int:
         """The prompt tokens of a chat, rendered as ``chat`` would render it, its images
         counted in the positions the projector gives them."""
-        choice = params.get("tool_choice")
-        offered = bool(params.get("tools")) and choice != "none"
-        forced = offered and (choice == "required" or isinstance(choice, dict))
+        offered, forced = _tool_mode(params)
         fmt = self._render(messages, params, offered, forced)
         if images:
             return self._with_images(images, lambda vision, data: vision.count(fmt.prompt, data,
@@ -415,9 +420,7 @@ class Engine:
                                        "empty: this model needs at least one token to continue from", "prompt")
             criteria = grammar = None
         else:
-            choice = params.get("tool_choice")
-            offered = bool(params.get("tools")) and choice != "none"
-            forced = offered and (choice == "required" or isinstance(choice, dict))
+            offered, forced = _tool_mode(params)
             fmt = self._render(messages, params, offered, forced)
             # A template may open the thinking block itself (DeepSeek-R1's), even with thinking off.
             in_reasoning = opens_reasoning(self.family, fmt.prompt)
@@ -467,7 +470,7 @@ class Engine:
                 kwargs["seed"] = seed + index
             # Every choice after a prompt's first reuses that prompt in the context (llama-cpp-python
             # keeps the longest common prefix): a prompt is read once, whatever n is.
-            finish, tokens, note = self._choice(llm, rid, index, prompt, kwargs, params, offered, split,
+            finish, tokens, note = self._choice(llm, rid, index, prompt, kwargs, params, offered, forced, split,
                                                 in_reasoning, cancelled, out)
             completion += tokens
             frame: dict[str, Any] = {"t": "finish" if index < last and finish != "cancelled" else "end",
@@ -487,8 +490,8 @@ class Engine:
                 return
 
     def _choice(self, llm: Any, rid: int, index: int, prompt: list[int], kwargs: dict[str, Any],
-                params: dict[str, Any], offered: bool, split: bool, in_reasoning: bool, cancelled: set[int],
-                out: Output) -> tuple[str, int, str | None]:
+                params: dict[str, Any], offered: bool, forced: bool, split: bool, in_reasoning: bool,
+                cancelled: set[int], out: Output) -> tuple[str, int, str | None]:
         """One choice, streamed as delta frames: its finish reason, its tokens, and a note when a
         tool call it wrote came back as text."""
         parser = None
@@ -496,9 +499,7 @@ class Engine:
             parser = ReplyParser(self.family, tools=offered, reasoning=split,
                                  parallel=params.get("parallel_tool_calls") is not False,
                                  reasoning_inline=params.get("reasoning_format") == "none",
-                                 started_in_reasoning=split and in_reasoning,
-                                 forced=offered and (params.get("tool_choice") == "required"
-                                                     or isinstance(params.get("tool_choice"), dict)))
+                                 started_in_reasoning=split and in_reasoning, forced=forced)
         llm.sampled = 0
         llm.last_token = -1
         llm.record = [] if params.get("return_tokens") else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from anyad.errors import BackendError, InvalidRequest
-from anyad.stream import ChatRequest, Chunk, SamplingParams, Usage
+from anyad.stream import ChatRequest, Chunk, SamplingParams, Usage, content_text
 
 # Chat fields the Responses API has no place for: a 400 naming them, never a reply that
 # ignored them. (temperature, top_p, max_tokens, tools, tool_choice, parallel_tool_calls,
@@ -67,12 +67,6 @@ def _parts(content: Any) -> str | list[dict[str, Any]]:
     return out
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
-    return content or ""
-
-
 def input_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Chat messages → Responses input items, in order."""
     items: list[dict[str, Any]] = []
@@ -80,10 +74,10 @@ def input_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         role = m.get("role")
         if role == "tool":
             items.append({"type": "function_call_output", "call_id": m.get("tool_call_id") or "",
-                          "output": _text(m.get("content"))})
+                          "output": content_text(m.get("content"))})
         elif role == "assistant":
             if m.get("content"):
-                items.append({"type": "message", "role": "assistant", "content": _text(m["content"])})
+                items.append({"type": "message", "role": "assistant", "content": content_text(m["content"])})
             for call in m.get("tool_calls") or []:
                 fn = call.get("function") or {}
                 items.append({"type": "function_call", "call_id": call.get("id") or "", "name": fn.get("name"),
