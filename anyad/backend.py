@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from anyad.config import ModelDefaults, ModelSettings, ProviderSettings
@@ -45,8 +46,10 @@ class Backend(abc.ABC):
 
     @classmethod
     def from_model(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults,
-                   scheduler: "Scheduler") -> "Backend":
+                   scheduler: "Scheduler", *, data_dir: Path | None = None) -> "Backend":
         """Build for one local model file; raise ConfigError for a setting or file that cannot work.
+        ``data_dir``: the daemon's data directory, where a backend may keep files of its own
+        (each in a folder named for the backend).
 
         A backend that holds memory registers its model with ``scheduler`` and asks it
         (``scheduler.use``) before each request, so that loading, unloading and queueing

@@ -131,8 +131,11 @@ class ResponseCache:
         self.store.submit(lambda db: db.conn.execute(
             "UPDATE cache SET last_used = ?, hits = hits + 1 WHERE key = ?", (used, key)))
         data = loads(row["reply"])
+        u = data["usage"]
+        # The usage of the reply as it was made (what its engine reused included).
         return Entry(row["backend"], data["message"], data["finish_reason"],
-                     Usage(data["usage"]["prompt_tokens"], data["usage"]["completion_tokens"]), fresh)
+                     Usage(u["prompt_tokens"], u["completion_tokens"],
+                           (u.get("prompt_tokens_details") or {}).get("cached_tokens")), fresh)
 
     def _read(self, key: str) -> Any:
         conn = self.store.read_connection()

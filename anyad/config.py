@@ -174,6 +174,20 @@ class ModelSettings(_Strict):
     # llama.cpp's flash attention: "auto" (llama-server's default: on where the device
     # supports it for the model), "on" or "off". It reads long prompts faster.
     flash_attention: Literal["auto", "on", "off"] = "auto"
+    # The KV cache's element type (llama-server's --cache-type-k/-v): q8_0 halves its
+    # memory, q4_0 quarters it, at some cost in quality; a quantized cache needs flash
+    # attention (not "off").
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
+    # "batched": one llama.cpp context serves all of the model's `parallel` sequences,
+    # decoded together, each conversation kept in its slot (a next turn reads only what is
+    # new); "slots": one context per slot, decoded apart. "auto": batched, except for a model
+    # with a vision projector (images are read into a slot's own context).
+    engine: Literal["auto", "batched", "slots"] = "auto"
+    # The batched engine's prompt cache: the states of conversations pushed out of their
+    # slots, kept in RAM (MiB, counted in the model's memory estimate) and on disk in the
+    # data directory's prompt-cache folder (MiB; it survives unloads and restarts). 0: off.
+    prompt_cache_mib: int = Field(256, ge=0)
+    prompt_cache_disk_mib: int = Field(2048, ge=0)
     # How the model writes tool calls; "auto": recognised from its chat template.
     tool_format: Literal["auto", "hermes", "llama3", "mistral", "generic", "none"] = "auto"
     # Thinking split out of the content as reasoning_content: "auto" where the template has
@@ -188,6 +202,13 @@ class ModelSettings(_Strict):
     queue_timeout_s: float | None = Field(None, gt=0)
     load_timeout_s: float | None = Field(None, gt=0)
     preload: bool | None = None
+
+    @model_validator(mode="after")
+    def _kv_needs_flash_attention(self) -> "ModelSettings":
+        if self.kv_cache_type != "f16" and self.flash_attention == "off":
+            raise ValueError(f"kv_cache_type = {self.kv_cache_type!r} needs flash attention: set flash_attention "
+                             "to \"auto\" or \"on\", or kv_cache_type to \"f16\"")
+        return self
 
     def policy(self, defaults: ModelDefaults) -> ModelPolicy:
         """This model's scheduling policy: its own values over the defaults."""

@@ -73,7 +73,8 @@ class Daemon:
         self.plugins.register("anyad_register_backends", self._register_backend)
         self.scheduler = Scheduler(settings.scheduler, probe)
         self.local: dict[str, Backend] = {
-            model_id: self._backend_class(ms.backend).from_model(model_id, ms, settings.defaults, self.scheduler)
+            model_id: self._backend_class(ms.backend).from_model(model_id, ms, settings.defaults, self.scheduler,
+                                                                data_dir=settings.resolved_data_dir)
             for model_id, ms in settings.models.items()}
         # Where each local model came from: the config, or a discovery source.
         self.sources: dict[str, str] = {model_id: "config" for model_id in self.local}
@@ -127,7 +128,8 @@ class Daemon:
         ConfigError for a file that cannot be served, and for an id already taken."""
         if model_id in self.local:
             raise ConfigError(f"{model_id!r} is already a model id")
-        backend = self._backend_class(ms.backend).from_model(model_id, ms, self.settings.defaults, self.scheduler)
+        backend = self._backend_class(ms.backend).from_model(model_id, ms, self.settings.defaults, self.scheduler,
+                                                                   data_dir=self.settings.resolved_data_dir)
         self.local[model_id] = backend
         self.sources[model_id] = source
         if hasattr(self, "backends"):  # after start-up: closed with the others

@@ -114,6 +114,8 @@ OPENAI: tuple[Field, ...] = (
     Field("top_k", "honoured", "llama.cpp's top-k sampling"),
     Field("min_p", "honoured", "llama.cpp's min-p sampling"),
     Field("repeat_penalty", "honoured", "llama.cpp's repetition penalty"),
+    Field("ignore_eos", "honoured", "generate up to `max_tokens`, past the end-of-turn token (llama.cpp "
+                                    "server's and vLLM's field)"),
     Field("keep_alive", "honoured", "how long the model stays loaded after the request (Ollama's); anyad's "
                                     "own, never sent to a provider"),
     Field("reasoning_format", "honoured", "where the reasoning goes: apart in `reasoning_content`, or inline "

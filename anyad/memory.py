@@ -25,9 +25,15 @@ and 290-380 MiB on an H100 with CUDA 13 (bench/README.md), used as 700 and 380.
 ``R`` is the second copy of the quantized weights that llama.cpp makes on CPUs with
 AMX (``0.9 *`` the repackable bytes, as measured); 0 elsewhere.
 
-``P`` is the model's ``parallel`` setting: each slot is a context of its own.
-On the CPU the weights are memory-mapped once and shared by the contexts; on
-a GPU each context holds its own copy of the offloaded layers.
+``P`` is the model's ``parallel`` setting. With the slots engine each slot is a context
+of its own: on the CPU the weights are memory-mapped once and shared by the contexts;
+on a GPU each context holds its own copy of the offloaded layers. With the batched
+engine (``shared``) one context holds every sequence: the KV cache is still ``P``
+sequences of ``n_ctx`` cells, but there is one compute buffer, sized for attention over
+all ``P * n_ctx`` cells, and one copy of the offloaded layers::
+
+    shared, all on the CPU: RAM  = W_in + Σ W_i + W_out + P * Σ KV_i + compute(P * n_ctx) + R
+    shared, k > 0:          VRAM = W_out + Σ_{i ≥ L-k+1} W_i + P * Σ_{i ≥ L-k+1} KV_i + compute(P * n_ctx) + G_dev
 
 The tensor sizes are exact (read from the tensor table). The compute term follows
 how llama.cpp sizes its compute buffer: it reserves for the worst micro-batch, in
@@ -85,6 +91,11 @@ class Estimate:
     repack: bool = False
     # A vision projector's weights: one copy, on the GPU when the model has layers there.
     projector_bytes: int = 0
+    # One context for every sequence (the batched engine): one compute buffer, one copy of
+    # the offloaded layers.
+    shared: bool = False
+    # The prompt cache's RAM tier, at its cap.
+    prompt_cache_bytes: int = 0
 
     @property
     def n_offload(self) -> int:
@@ -100,8 +111,9 @@ class Estimate:
         if self.repack:
             cpu_share = cpu_blocks / s.n_layer if s.n_layer else 1.0
             ram += int(REPACK_FACTOR * s.repackable_bytes * cpu_share)
-        per_context = cpu_blocks * self.kv_layer_bytes + (self.compute_bytes if k == 0 else SCRATCH)
-        return ram + self.parallel * per_context + (GPU_HOST_OVERHEAD if k else self.projector_bytes)
+        buffers = (self.compute_bytes if k == 0 else SCRATCH) * (1 if self.shared else self.parallel)
+        return ram + self.parallel * cpu_blocks * self.kv_layer_bytes + buffers + self.prompt_cache_bytes + \
+            (GPU_HOST_OVERHEAD if k else self.projector_bytes)
 
     def vram_bytes(self, gpu_layers: int) -> int:
         s = self.shape
@@ -109,8 +121,11 @@ class Estimate:
         if k == 0:
             return 0
         blocks = k - 1
-        vram = sum(s.layer_bytes[s.n_layer - blocks:]) + blocks * self.kv_layer_bytes + s.output_bytes
-        return self.parallel * (vram + self.compute_bytes) + GPU_DEVICE_OVERHEAD + self.projector_bytes
+        weights = sum(s.layer_bytes[s.n_layer - blocks:]) + s.output_bytes
+        kv = blocks * self.kv_layer_bytes
+        if self.shared:
+            return weights + self.parallel * kv + self.compute_bytes + GPU_DEVICE_OVERHEAD + self.projector_bytes
+        return self.parallel * (weights + kv + self.compute_bytes) + GPU_DEVICE_OVERHEAD + self.projector_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -165,13 +180,16 @@ def read_shape(path: Path) -> ModelShape:
 
 
 def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, cache_type: str = "f16",
-             parallel: int = 1, repack: bool = False, projector_bytes: int = 0) -> Estimate:
+             parallel: int = 1, repack: bool = False, projector_bytes: int = 0, shared: bool = False,
+             prompt_cache_bytes: int = 0) -> Estimate:
     per_elem = KV_BYTES[cache_type]
     kv = int(n_ctx * shape.n_head_kv * (shape.key_length + shape.value_length) * per_elem)
-    ub = min(n_ubatch, n_ctx)
+    cells = n_ctx * parallel if shared else n_ctx  # what one micro-batch attends over
+    ub = min(n_ubatch, cells)
     n_embd_kv = shape.n_head_kv * shape.key_length
     logits = ub * (shape.n_vocab + 2 * shape.n_embd)
-    attention = ub * n_ctx * (shape.n_head + 1) + ub * (3 * shape.n_embd + 2 * n_embd_kv)
+    attention = ub * cells * (shape.n_head + 1) + ub * (3 * shape.n_embd + 2 * n_embd_kv)
     compute = 4 * max(logits, attention) + 4 * shape.n_vocab + COMPUTE_ALLOWANCE
     return Estimate(shape=shape, n_ctx=n_ctx, kv_layer_bytes=kv, compute_bytes=compute, parallel=parallel,
-                    repack=repack, projector_bytes=projector_bytes)
+                    repack=repack, projector_bytes=projector_bytes, shared=shared,
+                    prompt_cache_bytes=prompt_cache_bytes)

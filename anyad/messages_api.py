@@ -261,6 +261,14 @@ def _input(arguments: str) -> Any:
     return value if isinstance(value, dict) else {}
 
 
+def anthropic_usage(usage: Usage) -> dict[str, int]:
+    """Usage as Anthropic counts it: ``input_tokens`` are those read afresh, the cache's apart."""
+    out = {"input_tokens": usage.prompt_tokens - (usage.cached_tokens or 0), "output_tokens": usage.completion_tokens}
+    if usage.cached_tokens is not None:
+        out["cache_read_input_tokens"] = usage.cached_tokens
+    return out
+
+
 def _event(kind: str, data: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + dumpb({"type": kind, **data}) + b"\n\n"
 
@@ -333,8 +341,7 @@ class MessagesWriter:
         usage = flow.reply.usage or Usage()
         return b"".join([*self._stop(), _event("message_delta", {
             "delta": {"stop_reason": STOP_REASONS.get(self._finish or "stop", "end_turn"), "stop_sequence": None},
-            "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}}),
-            _event("message_stop", {})])
+            "usage": anthropic_usage(usage)}), _event("message_stop", {})])
 
     def error(self, exc: AnyadError) -> bytes:
         return b"event: error\ndata: " + dumpb(anthropic_error_body(exc)) + b"\n\n"
@@ -355,4 +362,4 @@ class MessagesWriter:
                       "content": content,
                       "stop_reason": STOP_REASONS.get(reply.finish_reason or "stop", "end_turn"),
                       "stop_sequence": None,
-                      "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}})
+                      "usage": anthropic_usage(usage)})

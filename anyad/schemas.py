@@ -142,6 +142,8 @@ class _Sampling(Open):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    # llama.cpp server's and vLLM's: generate to max_tokens, past the model's end-of-turn token.
+    ignore_eos: bool | None = None
     # Ollama's: how long a local model stays loaded after this request ("5m", 0, -1).
     keep_alive: KeepAlive | None = None
 
@@ -154,7 +156,8 @@ class _Sampling(Open):
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=[s for s in stop if s],
-            logit_bias=self.logit_bias, n=self.n if self.n and self.n > 1 else None, **more)
+            logit_bias=self.logit_bias, n=self.n if self.n and self.n > 1 else None,
+            ignore_eos=self.ignore_eos or None, **more)
 
 
 class ChatCompletionRequest(_Sampling):

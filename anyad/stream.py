@@ -15,14 +15,20 @@ from typing import Any, AsyncGenerator
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of the prompt tokens, those the engine found in its cache and did not read again;
+    # None: the engine does not say.
+    cached_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def as_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.total_tokens}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                               "total_tokens": self.total_tokens}
+        if self.cached_tokens is not None:
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return out
 
 
 @dataclass(slots=True)
@@ -40,6 +46,8 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[str, float] | None = None
+    # Go on to max_tokens past the end-of-turn token (llama.cpp server's and vLLM's field).
+    ignore_eos: bool | None = None
     # Log probabilities of the sampled tokens, each with this many most likely alternatives
     # (OpenAI's ``logprobs: true`` with ``top_logprobs``); None: none asked.
     logprobs: int | None = None

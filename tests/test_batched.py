@@ -413,3 +413,102 @@ def test_a_quantized_kv_cache_and_separate_streams_load_and_generate(make, tmp_p
         make(1, kv_type="q8_0")
     with pytest.raises(ValueError):
         make(1, kv_type="q4_0", flash_attention="off")
+
+
+# ---- the prompt cache: RAM and disk tiers ----
+
+def turn(ctx: BatchedContext, prompt: list[int], max_tokens: int = 8) -> Done:
+    h = ctx.submit(prompt, GenerationParams(temperature=0, max_tokens=max_tokens))
+    drain(ctx)
+    return done(taken(h))
+
+
+def conversation(ctx: BatchedContext, text: str) -> tuple[list[int], list[int]]:
+    """A first turn and the prompt of its second (first prompt + reply + a new question)."""
+    first = ctx.tokenize(chat(text))
+    reply = turn(ctx, first)
+    return first, [*first, *reply.tokens, *ctx.tokenize("<|im_end|>\n" + chat("And then?"), add_special=False)]
+
+
+def test_a_conversation_pushed_out_of_its_slot_comes_back_from_ram(make):
+    ctx = make(1, prompt_cache_bytes=64 << 20)
+    first, second = conversation(ctx, QUESTIONS[2])
+    turn(ctx, ctx.tokenize(chat(QUESTIONS[1] * 4)))  # another conversation takes the only slot
+    back = turn(ctx, second)
+    # Its state came back from the cache: only the new question was read.
+    assert back.usage.cached_tokens >= len(first) and ctx.stats().prompt_cache["hits"] == 1
+    # ... and it answers exactly as reading the whole prompt afresh does.
+    fresh = make(1)
+    assert turn(fresh, second).tokens == back.tokens
+    assert turn(fresh, second).usage.cached_tokens == len(second) - 1  # (its own slot still held it)
+
+
+def test_without_a_cache_the_pushed_out_conversation_is_read_again(make):
+    ctx = make(1)
+    _, second = conversation(ctx, QUESTIONS[2])
+    turn(ctx, ctx.tokenize(chat(QUESTIONS[1] * 4)))
+    assert turn(ctx, second).usage.cached_tokens < 16  # the template's opening at most
+
+
+def test_the_cache_survives_a_reload_from_disk_and_is_refused_for_a_changed_file(make, tmp_path, tiny_model):
+    import shutil
+
+    import ggufmaker
+
+    model = tmp_path / "m.gguf"
+    shutil.copy(tiny_model, model)
+    disk = tmp_path / "kv"
+    ctx = make(1, path=model, prompt_cache_bytes=64 << 20, prompt_cache_dir=str(disk),
+               prompt_cache_disk_bytes=256 << 20)
+    first, second = conversation(ctx, QUESTIONS[2])
+    ctx.close()  # an unload: the slots' conversations go to disk
+    assert list(disk.rglob("*.kv"))
+
+    again = make(1, path=model, prompt_cache_bytes=64 << 20, prompt_cache_dir=str(disk),
+                 prompt_cache_disk_bytes=256 << 20)
+    back = turn(again, second)
+    assert back.usage.cached_tokens >= len(first)
+    assert back.tokens == turn(make(1, path=model), second).tokens
+    again.close()
+
+    # Another model in the same file: nothing saved for the old one is served, and it is removed.
+    ggufmaker.write_model(model, seed=1)
+    other = make(1, path=model, prompt_cache_bytes=64 << 20, prompt_cache_dir=str(disk),
+                 prompt_cache_disk_bytes=256 << 20)
+    assert turn(other, second).usage.cached_tokens == 0
+    assert other.stats().prompt_cache["hits"] == 0
+
+
+def test_the_disk_tier_keeps_to_its_size_least_recently_used_out(make, tmp_path):
+    disk = tmp_path / "kv"
+    probe = make(1)
+    first, _ = conversation(probe, QUESTIONS[2])
+    # Room on disk for about two of these conversations' states (the tiny model's KV is
+    # 256 bytes a token); none in RAM, so each goes to disk when its slot is taken.
+    cap = int(2.5 * 256 * (len(first) + 8))
+    ctx = make(1, prompt_cache_bytes=1, prompt_cache_dir=str(disk), prompt_cache_disk_bytes=cap)
+    seconds = [conversation(ctx, f"{i} {QUESTIONS[2]}")[1] for i in range(4)]
+    turn(ctx, ctx.tokenize(chat("x")))  # the last one out of the slot too
+    files = list(disk.rglob("*.kv"))
+    assert 1 <= len(files) <= 2 and sum(f.stat().st_size for f in files) <= cap + 2 * 4096
+    # The oldest went first: the last conversation is still there, the first is not.
+    assert turn(ctx, seconds[3]).usage.cached_tokens > 16
+    assert turn(ctx, seconds[0]).usage.cached_tokens < 16
+
+
+def test_a_conversation_id_keeps_an_edited_conversation_in_its_slot(make):
+    def second_turn(conversation: str | None) -> int:
+        ctx = make(2)
+        first = ctx.tokenize(chat(QUESTIONS[2] * 2))
+        h = ctx.submit(first, GREEDY, conversation="c1")
+        drain(ctx)
+        done(taken(h))
+        # The client rewrote the end of its history: the prompt shares less than half of what
+        # the slot holds, so without the id an empty slot is taken and the shared part read again.
+        edited = first[:len(first) // 3] + ctx.tokenize("Something else entirely", add_special=False)
+        again = ctx.submit(edited, GREEDY, conversation=conversation)
+        drain(ctx)
+        return done(taken(again)).usage.cached_tokens - len(first) // 3
+
+    assert second_turn(None) < -16
+    assert second_turn("c1") >= -1

@@ -26,7 +26,9 @@ async def test_local_embeddings(client):
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
     assert all(len(v) == 64 for v in vecs)  # the tiny model's embedding width
     assert all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-4 for v in vecs)  # unit length
-    assert vecs[0] == pytest.approx(vecs[2]) and vecs[0] != pytest.approx(vecs[1])
+    # The same text gives the same unit vector (to float32 rounding: a batch's kernels differ
+    # by position on some CPUs); another text a different one.
+    assert vecs[0] == pytest.approx(vecs[2], abs=1e-5) and vecs[0] != pytest.approx(vecs[1], abs=1e-2)
     assert body["usage"]["prompt_tokens"] > 0
 
 

@@ -30,7 +30,7 @@ OPENAI_ASKS: dict[str, Any] = {
     "response_format": {"type": "json_object"}, "safety_identifier": "user-1", "seed": 1, "service_tier": "flex",
     "stop": ["\n"], "store": True, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.5,
     "tool_choice": "none", "tools": [TOOL], "top_p": 0.9, "user": "user-1", "verbosity": "low",
-    "web_search_options": {}, "top_k": 5, "min_p": 0.1, "repeat_penalty": 1.1, "keep_alive": "1m",
+    "web_search_options": {}, "top_k": 5, "min_p": 0.1, "repeat_penalty": 1.1, "ignore_eos": True, "keep_alive": "1m",
     "reasoning_format": "none", "grammar": 'root ::= "a"', "json_schema": {"type": "object"},
 }
 # For each refused field, a value that asks for nothing: it must pass.

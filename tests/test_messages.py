@@ -86,7 +86,7 @@ async def test_the_billing_line_does_not_reach_the_model(claude_for):
         line = f"x-anthropic-billing-header: cc_version=2.1.0.abc; cc_entrypoint=cli; cch={nonce};\n" if nonce else ""
         m = await claude.messages.create(model=MODEL_ID, max_tokens=1, system=line + "You are a helper.",
                                          messages=[{"role": "user", "content": "hi"}])
-        counts.add(m.usage.input_tokens)
+        counts.add(m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0))
     assert len(counts) == 1  # the same prompt, with the line or without
 
 

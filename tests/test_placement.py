@@ -95,6 +95,25 @@ def test_amx_repacking_counts_a_second_copy_of_quantized_weights():
     assert repacked.ram_bytes(25) == plain.ram_bytes(25)  # nothing left on the CPU to repack
 
 
+def test_one_shared_context_costs_one_copy_and_one_buffer_beside_the_kv_of_every_sequence():
+    slots, shared = estimate(SHAPE, 4096, parallel=4), estimate(SHAPE, 4096, parallel=4, shared=True)
+    one = estimate(SHAPE, 4096)
+    kv_all = 24 * one.kv_layer_bytes
+    # On the CPU: the KV of four sequences either way; one compute buffer instead of four,
+    # a larger one (it attends over all 4 × 4096 cells).
+    assert shared.ram_bytes(0) - one.ram_bytes(0) == 3 * kv_all + shared.compute_bytes - one.compute_bytes
+    assert slots.ram_bytes(0) - one.ram_bytes(0) == 3 * (kv_all + one.compute_bytes)
+    assert one.compute_bytes < shared.compute_bytes < 4 * one.compute_bytes
+    # On a GPU: the layers once, not four times.
+    weights = 24 * 15 * MIB + 138 * MIB
+    assert shared.vram_bytes(25) == weights + 4 * kv_all + shared.compute_bytes + GPU_DEVICE_OVERHEAD
+    assert slots.vram_bytes(25) - shared.vram_bytes(25) == 3 * weights + 4 * one.compute_bytes - \
+        shared.compute_bytes
+    # A quantized KV cache: q8_0 takes 34/32 bytes an element where f16 takes 2.
+    q8 = estimate(SHAPE, 4096, cache_type="q8_0")
+    assert q8.kv_layer_bytes == int(one.kv_layer_bytes * 17 / 32)
+
+
 def test_estimate_of_a_real_file(tiny_model):
     shape = read_shape(tiny_model)
     assert (shape.n_layer, shape.n_embd, shape.n_head, shape.n_head_kv) == (2, 64, 4, 2)

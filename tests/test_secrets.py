@@ -193,8 +193,9 @@ targets = ["up/reject", "{MODEL_ID}"]
     assert '"up/ok"' in exported.stdout and '"request"' in audit.stdout
     places = {"log": log_file.read_text(), "replies": "\n".join(replies), "history": exported.stdout,
               "audit": audit.stdout}
-    for f in data.iterdir():  # the database, its WAL, anything else the daemon wrote
-        places[f.name] = f.read_bytes().decode("latin-1")
+    for f in data.rglob("*"):  # the database, its WAL, anything else the daemon wrote
+        if f.is_file():
+            places[str(f.relative_to(data))] = f.read_bytes().decode("latin-1")
     assert "DEBUG anyad.server: request" in places["log"]  # the most talkative level was on
     for secret in (provider_key, client_key):
         for where, text in places.items():

@@ -218,7 +218,8 @@ async def test_sigterm_mid_stream_drains_then_exits_0(tmp_path, tiny_model, how)
                 assert "shutting down" in (await r.json())["error"]["message"]
             assert not stream.done(), "the stream should still be running while the daemon drains"
             n, tail = await asyncio.wait_for(stream, GRACE_S)
-        assert n == LONG and "[DONE]" in tail and f'"completion_tokens":{LONG}' in tail.replace(" ", "")
+        # Every token of the reply (a chunk may carry several: pieces of one UTF-8 character).
+        assert n >= LONG // 2 and "[DONE]" in tail and f'"completion_tokens":{LONG}' in tail.replace(" ", "")
         assert await asyncio.to_thread(serve.wait, GRACE_S) == 0
     finally:
         serve.stop()
@@ -308,7 +309,7 @@ targets = ["two/m", "{MODEL_ID}"]
             await eventually(refused, what="the refusal")
             assert (await post("best")).status == 200
             n, tail = await asyncio.wait_for(stream, GRACE_S)
-            assert n == LONG and "[DONE]" in tail
+            assert n >= LONG // 2 and "[DONE]" in tail and f'"completion_tokens":{LONG}' in tail.replace(" ", "")
         serve.signal(signal.SIGTERM)
         assert await asyncio.to_thread(serve.wait, GRACE_S) == 0
     finally:

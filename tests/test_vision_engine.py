@@ -118,13 +118,17 @@ def test_the_image_reaches_the_model_and_a_resent_one_is_not_encoded_again(llm, 
     other = eye.eval_prompt(llm, text, [STRIPES])
     assert other.n_cached == n_before  # the text before the image, not the other image
     stripes = last_logits(llm)
-    assert not np.allclose(red, stripes, atol=1e-3)
+    apart = float(np.abs(red - stripes).max())
+    assert apart > 1e-2  # another image, other logits
 
     # The next turn of a chat sends the same image again: only the last token is evaluated.
     start = llm.evaluated
     same = eye.eval_prompt(llm, text, [STRIPES])
     assert same.n_cached == same.n_positions - 1 and llm.evaluated - start == 1
-    np.testing.assert_allclose(last_logits(llm), stripes, atol=1e-4)
+    # The same logits, to float32 rounding (one token's kernels are not a whole prompt's on
+    # every CPU): far nearer to them than the other image's.
+    drift = float(np.abs(last_logits(llm) - stripes).max())
+    assert drift < 2e-3 and drift < apart / 10
 
 
 def test_a_text_prompt_never_takes_an_images_positions_for_its_own(llm, eye):

@@ -119,8 +119,15 @@ def chunk_from_message(data: Any) -> Chunk:
                           "function": {"name": block.get("name"), "arguments": dumps(block.get("input", {}))}})
     u = data.get("usage") or {}
     return Chunk(text="".join(texts), finish_reason=FINISH.get(data.get("stop_reason") or "end_turn", "stop"),
-                 tool_calls=tools or None,
-                 usage=Usage(int(u.get("input_tokens") or 0), int(u.get("output_tokens") or 0)))
+                 tool_calls=tools or None, usage=prompt_usage(u, int(u.get("output_tokens") or 0)))
+
+
+def prompt_usage(u: dict[str, Any], output_tokens: int) -> Usage:
+    """Anthropic counts a prompt in three parts (read afresh, read from its cache, written to
+    it); OpenAI's usage counts them all as prompt tokens, the cache's share apart."""
+    fresh, read, written = (int(u.get(k) or 0) for k in ("input_tokens", "cache_read_input_tokens",
+                                                          "cache_creation_input_tokens"))
+    return Usage(fresh + read + written, output_tokens, read if "cache_read_input_tokens" in u else None)
 
 
 class AnthropicBackend(RemoteBackend):
@@ -165,7 +172,7 @@ class AnthropicBackend(RemoteBackend):
                         raise BackendError(f"{self.name}: the reply is not a message ({exc})") from None
                     yield chunk
                     return
-                prompt_tokens = 0
+                opened: dict[str, Any] = {}  # message_start's usage: the prompt's count
                 tool_index: dict[int, int] = {}  # Anthropic block index → OpenAI tool-call index
                 async for event, payload in sse_events(resp.content):
                     try:
@@ -174,7 +181,7 @@ class AnthropicBackend(RemoteBackend):
                         raise BackendError(f"{self.name}: malformed event in the stream") from None
                     kind = ev.get("type") or event
                     if kind == "message_start":
-                        prompt_tokens = int(((ev.get("message") or {}).get("usage") or {}).get("input_tokens") or 0)
+                        opened = dict((ev.get("message") or {}).get("usage") or {})
                     elif kind == "content_block_start":
                         block = ev.get("content_block") or {}
                         if block.get("type") == "tool_use":
@@ -195,7 +202,7 @@ class AnthropicBackend(RemoteBackend):
                         reason = (ev.get("delta") or {}).get("stop_reason")
                         out_tokens = int((ev.get("usage") or {}).get("output_tokens") or 0)
                         yield Chunk(finish_reason=FINISH.get(reason or "end_turn", "stop"),
-                                    usage=Usage(prompt_tokens, out_tokens))
+                                    usage=prompt_usage(opened, out_tokens))
                     elif kind == "message_stop":
                         return
                     elif kind == "error":

@@ -8,17 +8,19 @@ import logging
 import os
 import re
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from anyad.backend import Backend, Embeddings, ModelInfo
+from anyad.backends.llama_cpp.load_options import engine_for
 from anyad.config import ModelDefaults, ModelSettings
 from anyad.errors import BackendError, ConfigError, ContextLengthExceeded, InvalidRequest
 from anyad.fields import check_local
 from anyad.gguf_meta import GGUFInfo, read_gguf_info
 from anyad.integrity import verify
-from anyad.memory import Estimate, ModelShape, estimate, read_shape
+from anyad.memory import MIB, Estimate, ModelShape, estimate, read_shape
 from anyad.placement import Placement
 from anyad.resources import cpu_repacks_weights, worker_env
 from anyad.scheduler import Scheduler
@@ -122,7 +124,7 @@ class LlamaCppBackend(Backend):
     kind = "llama_cpp"
 
     def __init__(self, model_id: str, info: GGUFInfo, shape: ModelShape, settings: ModelSettings,
-                 defaults: ModelDefaults, scheduler: Scheduler) -> None:
+                 defaults: ModelDefaults, scheduler: Scheduler, data_dir: Path | None = None) -> None:
         self.name = self.model_id = model_id
         self.info = info
         self.shape = shape
@@ -134,7 +136,8 @@ class LlamaCppBackend(Backend):
         self._base_load = {"path": str(info.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads,
                            "n_batch": settings.n_batch, "tool_format": settings.tool_format,
                            "reasoning": settings.reasoning, "repack": settings.repack,
-                           "flash_attention": settings.flash_attention}
+                           "flash_attention": settings.flash_attention,
+                           "kv_cache_type": settings.kv_cache_type, "engine": settings.engine}
         self.mmproj = settings.mmproj
         self._projector_bytes = 0
         if self.mmproj is not None:
@@ -147,6 +150,17 @@ class LlamaCppBackend(Backend):
             except Exception as exc:
                 raise ConfigError(f"models.{model_id}.mmproj: {self.mmproj} is not a GGUF projector: {exc}") from None
             self._base_load["mmproj"] = str(self.mmproj)
+            if settings.engine == "batched":
+                raise ConfigError(f"models.{model_id}: engine = \"batched\" does not read images yet; a model with "
+                                  "a vision projector (mmproj) needs engine = \"slots\" or \"auto\"")
+        self.engine = engine_for(settings.engine, self.mmproj is not None)
+        self._cache_bytes = 0
+        if self.engine == "batched":
+            self._cache_bytes = settings.prompt_cache_mib * MIB
+            self._base_load["prompt_cache_bytes"] = self._cache_bytes
+            if data_dir is not None and settings.prompt_cache_disk_mib:
+                self._base_load["prompt_cache_dir"] = str(data_dir / "prompt-cache")
+                self._base_load["prompt_cache_disk_bytes"] = settings.prompt_cache_disk_mib * MIB
         self.worker = WorkerProcess(model_id, WORKER_MODULE, dict(self._base_load),
                                     load_timeout_s=self.policy.load_timeout_s)
         self.scheduler = scheduler
@@ -156,9 +170,9 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def from_model(cls, model_id: str, settings: ModelSettings, defaults: ModelDefaults,
-                   scheduler: Scheduler) -> "LlamaCppBackend":
+                   scheduler: Scheduler, *, data_dir: Path | None = None) -> "LlamaCppBackend":
         info = read_gguf_info(settings.path)
-        return cls(model_id, info, read_shape(info.path), settings, defaults, scheduler)
+        return cls(model_id, info, read_shape(info.path), settings, defaults, scheduler, data_dir=data_dir)
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(id=self.model_id, owned_by="local", created=self._created,
@@ -187,6 +201,9 @@ class LlamaCppBackend(Backend):
             est = self._estimates[parallel] = estimate(self.shape, self.n_ctx,
                                                        n_ubatch=min(self.settings.n_batch, 512), parallel=parallel,
                                                        repack=cpu_repacks_weights(),
+                                                       shared=self.engine == "batched",
+                                                       cache_type=self.settings.kv_cache_type,
+                                                       prompt_cache_bytes=self._cache_bytes,
                                                        projector_bytes=self._projector_bytes)
         return est
 
@@ -218,11 +235,17 @@ class LlamaCppBackend(Backend):
         if "repacked" in facts:
             out["repacked"] = facts["repacked"]  # the weights laid out for the CPU's matrix units
             out["flash_attention"] = facts["flash_attention"]
+        for key in ("engine", "kv_cache_type"):
+            if key in facts:
+                out[key] = facts[key]
         return out
 
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:
         messages, images = flatten_messages(request.messages, vision=self.mmproj is not None)
         op: dict[str, Any] = {"op": "chat", "messages": messages, "params": request.params.as_dict()}
+        if request.route_key and request.route_key.startswith("conversation:"):
+            # The client's conversation id: the engine prefers the slot that served it last.
+            op["params"]["conversation"] = request.route_key.removeprefix("conversation:")
         if images:
             op["images"] = images
         if request.raw:
@@ -243,7 +266,8 @@ class LlamaCppBackend(Backend):
                             log.info("model %s: a tool call was returned as text: %s", self.model_id, note)
                         yield Chunk(index=frame.get("index", 0), finish_reason=frame["finish_reason"], note=note,
                                     usage=None if u is None else Usage(u.get("prompt_tokens", 0),
-                                                                       u.get("completion_tokens", 0)),
+                                                                       u.get("completion_tokens", 0),
+                                                                       u.get("cached_tokens")),
                                     tokens=frame.get("tokens"))
                     elif t == "error":
                         self._raise(frame)

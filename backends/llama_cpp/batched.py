@@ -42,9 +42,12 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import numpy as np
+
+from anyad.backends.llama_cpp.prompt_cache import PromptCache, model_identity, shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,11 @@ class ContextSettings:
     # A slot holding another conversation is taken for its shared prefix only from
     # this many tokens on: below it, a chat template's opening is all they share.
     min_prefix: int = 16
+    # The prompt cache (prompt_cache.py): bytes of saved conversation states kept in RAM,
+    # and on disk under this folder (None or 0 bytes: no disk tier).
+    prompt_cache_bytes: int = 0
+    prompt_cache_dir: str | None = None
+    prompt_cache_disk_bytes: int = 0
     verbose: bool = False
 
 
@@ -179,6 +187,8 @@ class ContextStats:
     prompt_tokens_read: int
     prompt_tokens_reused: int
     tokens_generated: int
+    # The prompt cache's entries, bytes, hits and misses per tier (empty without one).
+    prompt_cache: Mapping[str, int] = field(default_factory=dict)
 
 
 class Handle:
@@ -207,6 +217,7 @@ class _Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # what this sequence's KV cells hold, in order
     last_used: int = 0
+    conversation: str | None = None  # the client's conversation id of the last request here
     seq: _Sequence | None = None
 
 
@@ -219,6 +230,7 @@ class _Sequence:
     sink: EventSink
     on_logits: LogitsObserver | None
     limit: int  # tokens it may sample
+    conversation: str | None = None
     slot: _Slot | None = None
     reused: int = 0
     pending: int | None = None  # sampled, to be decoded next step
@@ -263,6 +275,9 @@ class BatchedContext:
             raise RuntimeError(f"llama.cpp could not load {settings.path}")
         self.vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+
+        if settings.kv_type != "f16":
+            self._check_kv_type(settings.kv_type)
 
         cp = lc.llama_context_default_params()
         cp.n_ctx = settings.n_ctx * settings.parallel
@@ -309,6 +324,15 @@ class BatchedContext:
         b.logits = self._want.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
         self._batch = b
 
+        self._cache: PromptCache | None = None
+        if settings.prompt_cache_bytes or (settings.prompt_cache_dir and settings.prompt_cache_disk_bytes):
+            import llama_cpp
+
+            self._cache = PromptCache(
+                settings.prompt_cache_bytes, model_identity(settings.path, settings.kv_type, llama_cpp.__version__),
+                Path(settings.prompt_cache_dir) if settings.prompt_cache_dir else None,
+                settings.prompt_cache_disk_bytes)
+
         self._pieces: dict[int, bytes] = {}
         self._slots = [_Slot(i) for i in range(settings.parallel)]
         self._waiting: deque[_Sequence] = deque()
@@ -325,6 +349,22 @@ class BatchedContext:
         self._thread: threading.Thread | None = None
         self._steps = self._decoded = self._read = self._reused = self._generated = 0
         self._publish()
+
+    def _check_kv_type(self, kv_type: str) -> None:
+        """A quantized KV cache stores a head's values in blocks of 32: llama.cpp refuses it
+        for narrower heads, with only a log line to say why."""
+        meta = self.metadata()
+        arch = meta.get("general.architecture", "")
+        n_head = int(meta.get(f"{arch}.attention.head_count", "1") or 1)
+        n_embd = int(meta.get(f"{arch}.embedding_length", "0") or 0)
+        widths = {int(meta.get(f"{arch}.attention.{k}_length", "0") or 0) or n_embd // max(n_head, 1)
+                  for k in ("key", "value")}
+        if any(w % 32 for w in widths):
+            lc = self._lc
+            lc.llama_model_free(self._model)
+            self._model = None
+            raise RuntimeError(f"kv_cache_type {kv_type!r} needs attention heads a multiple of 32 wide; this "
+                               f"model's are {min(widths)}: use kv_cache_type = \"f16\"")
 
     # ---- the vocabulary (any thread) ----
 
@@ -380,10 +420,13 @@ class BatchedContext:
     # ---- requests (any thread) ----
 
     def submit(self, tokens: Sequence[int], params: GenerationParams | None = None, *,
-               on_event: EventSink | None = None, on_logits: LogitsObserver | None = None) -> Handle:
+               on_event: EventSink | None = None, on_logits: LogitsObserver | None = None,
+               conversation: str | None = None) -> Handle:
         """Queue a request; it joins the batch at the next step. Its events go to
         ``on_event`` (called on the stepping thread: it must not block, and must not
-        call back into ``step``) or, without one, to the handle's queue. Raises
+        call back into ``step``) or, without one, to the handle's queue. ``conversation``: the
+        client's id for the conversation (a hint: its slot is preferred even where the prompt
+        has changed more than a next turn does). Raises
         :class:`RequestRejected` for a prompt or parameters this context cannot take."""
         params = params or GenerationParams()
         prompt = [int(t) for t in tokens]
@@ -404,7 +447,8 @@ class BatchedContext:
                 self._lc.llama_sampler_free(chain)
                 raise RuntimeError("this context is closed")
             handle = Handle(next(self._ids), len(prompt))
-            seq = _Sequence(handle, prompt, params, chain, on_event or handle.events.put, on_logits, limit)
+            seq = _Sequence(handle, prompt, params, chain, on_event or handle.events.put, on_logits, limit,
+                            conversation=conversation)
             self._inbox.append(seq)
             self._wake.notify()
         return handle
@@ -463,6 +507,14 @@ class BatchedContext:
                 for seq in [*inbox, *self._waiting, *(s.seq for s in self._slots if s.seq is not None)]:
                     self._finish(seq, "cancelled")
                 self._waiting.clear()
+                if self._cache is not None:  # every conversation the slots hold, kept for the next load
+                    try:
+                        for slot in self._slots:
+                            if len(slot.cached) >= self.settings.min_prefix:
+                                self._save(slot)
+                        self._cache.flush()
+                    except Exception:
+                        log.exception("batched context: the prompt cache could not be saved")
                 lc.llama_free(self._ctx)
                 self._ctx = None
             if self._model is not None:
@@ -527,9 +579,17 @@ class BatchedContext:
             if not free:
                 return
             seq = self._waiting.popleft()
-            slot, shared = self._choose(free, seq.prompt)
+            slot, shared = self._choose(free, seq.prompt, seq.conversation)
+            min_prefix = self.settings.min_prefix
+            hit = self._cache.best(seq.prompt, shared + min_prefix) if self._cache is not None else None
             # The last prompt token is always decoded again: its logits are the first draw's.
             keep = min(shared, len(seq.prompt) - 1)
+            if self._cache is not None and len(slot.cached) - max(keep, 0) >= min_prefix and \
+                    (hit is not None or keep < len(slot.cached)):
+                self._save(slot)  # the conversation this slot held, before it is cut or replaced
+            if hit is not None and self._restore(slot, hit[0]):
+                shared = hit[1]
+                keep = min(shared, len(seq.prompt) - 1)
             if keep < len(slot.cached):
                 if not self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
                     # A memory that cannot cut a sequence's tail (a recurrent model's) starts over.
@@ -538,25 +598,58 @@ class BatchedContext:
                 del slot.cached[keep:]
             seq.slot, seq.reused = slot, keep
             slot.seq = seq
+            slot.conversation = seq.conversation
             slot.last_used = next(self._clock)
             self._reused += keep
 
-    def _choose(self, free: list[_Slot], prompt: list[int]) -> tuple[_Slot, int]:
+    def _save(self, slot: _Slot) -> None:
+        """The slot's conversation into the prompt cache."""
+        assert self._cache is not None
+        lc = self._lc
+        n = lc.llama_state_seq_get_size(self._ctx, slot.seq_id)
+        buf = (ctypes.c_uint8 * n)()
+        got = lc.llama_state_seq_get_data(self._ctx, buf, n, slot.seq_id)
+        if got:
+            self._cache.put(slot.cached, ctypes.string_at(buf, got))
+
+    def _restore(self, slot: _Slot, entry: Any) -> bool:
+        """A saved conversation into the slot, in place of what it held."""
+        assert self._cache is not None
+        data = self._cache.load(entry)
+        if data is None:
+            return False
+        lc = self._lc
+        lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        slot.cached.clear()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if not lc.llama_state_seq_set_data(self._ctx, buf, len(data), slot.seq_id):
+            log.warning("batched context: a saved state did not load; reading the prompt instead")
+            lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            return False
+        slot.cached.extend(entry.tokens)
+        return True
+
+    def _choose(self, free: list[_Slot], prompt: list[int], conversation: str | None = None) -> tuple[_Slot, int]:
         """The slot for a prompt, and how many of its cached tokens the prompt shares:
-        the one whose cache the prompt continues (the next turn of its conversation);
-        else an empty one, so that no other conversation is lost; else the one sharing
-        the longest prefix; else the least recently used."""
-        scored = [(_shared(s.cached, prompt), s) for s in free]
+        the one whose cache the prompt continues (the next turn of its conversation), or
+        that last served the same conversation id; else an empty one, so that no other
+        conversation is lost; else the one sharing the longest prefix; else the least
+        recently used."""
+        scored = [(shared_prefix(s.cached, prompt), s) for s in free]
         best, slot = max(scored, key=lambda x: (x[0], -x[1].last_used))
         if best >= self.settings.min_prefix and 2 * best >= len(slot.cached):
             return slot, best
+        if conversation is not None:
+            for n, s in scored:
+                if s.conversation == conversation and n >= self.settings.min_prefix:
+                    return s, n
         empty = [s for s in free if not s.cached]
         if empty:
             return empty[0], 0
         if best >= self.settings.min_prefix:
             return slot, best
         slot = min(free, key=lambda s: s.last_used)
-        return slot, _shared(slot.cached, prompt)
+        return slot, shared_prefix(slot.cached, prompt)
 
     def _fill_batch(self, active: list[_Sequence]) -> int:
         """This step's tokens: the generating sequences' first, then prompt chunks in the
@@ -694,7 +787,8 @@ class BatchedContext:
         self._snapshot = ContextStats(
             parallel=len(self._slots), n_ctx=self.n_ctx, active=sum(s.busy for s in slots),
             waiting=len(self._waiting), slots=slots, steps=self._steps, tokens_decoded=self._decoded,
-            prompt_tokens_read=self._read, prompt_tokens_reused=self._reused, tokens_generated=self._generated)
+            prompt_tokens_read=self._read, prompt_tokens_reused=self._reused, tokens_generated=self._generated,
+            prompt_cache=self._cache.stats() if self._cache is not None else {})
 
     # ---- sampler chains ----
 
@@ -747,15 +841,6 @@ class BatchedContext:
             lc.llama_sampler_free(chain)
             raise
         return chain
-
-
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the common prefix."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -1,5 +1,6 @@
 """What a model load needs that ``llama_cpp.Llama`` takes no argument for: keeping the
-weights as filed (no repacking), and flash attention's "auto".
+weights as filed (no repacking), and flash attention's "auto"; and which engine a model
+gets.
 
 Repacking. On CPUs with AMX (``amx_tile`` in /proc/cpuinfo: Intel's Xeons since Sapphire Rapids)
 the llama.cpp this package ships repacks Q4_0/Q8_0 weights for AMX, and its AMX kernels
@@ -56,3 +57,12 @@ def flash_attention_auto(llama_cpp: Any) -> Iterator[None]:
         yield
     finally:
         llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED = disabled
+
+
+def engine_for(setting: str, vision: bool) -> str:
+    """The engine a model's ``engine`` setting gives: "batched" (one context, every sequence
+    in it) or "slots" (one context per slot). "auto" is batched, except with a vision
+    projector: images are evaluated into a slot's own context."""
+    if setting == "auto":
+        return "slots" if vision else "batched"
+    return setting

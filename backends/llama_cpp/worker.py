@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import queue
 import signal
@@ -25,6 +26,15 @@ from typing import IO, TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from anyad import protocol
 from anyad.backends.llama_cpp import load_options
+from anyad.backends.llama_cpp.batched import (
+    BatchedContext,
+    ContextSettings,
+    Delta,
+    GenerationParams,
+    Handle,
+    RequestRejected,
+)
+from anyad.backends.llama_cpp.batched import Event as BatchedEvent
 from anyad.backends.llama_cpp.logprobs import TokenLogprobs, piece_reader
 from anyad.errors import InvalidRequest
 from anyad.toolcalls import Event, Family, ReplyParser, family_of, forced_call_grammar, opens_reasoning
@@ -160,14 +170,30 @@ class Engine:
         self.load = load
         repack = load.get("repack") or "auto"
         self.repacked = repack == "on" or (repack == "auto" and not load_options.advertises_amx())
-        # One context per parallel slot. On the CPU they share the memory-mapped weights.
-        with self._loading():
-            self.llms = self._open(CountingLlama, load)
+        self.kind = engine_kind(load)
+        self.ctx: BatchedContext | None = None
+        # Requests in the batched context, by the daemon's request id (for cancel).
+        self._handles: dict[int, Handle] = {}
+        self._handles_lock = threading.Lock()
+        self._eog: list[int] | None = None
+        if self.kind == "batched":
+            # One context for every sequence of the model (see batched.py).
+            self.ctx = BatchedContext(context_settings(load))
+            self.llms: list[Any] = [ContextView(self.ctx) for _ in range(self.ctx.settings.parallel)]
+            self.vocab = self.ctx.vocab
+            self.metadata = self.ctx.metadata()
+            self.repacked = self.ctx.repacked
+            self.ctx.start()
+        else:
+            # One context per parallel slot. On the CPU they share the memory-mapped weights.
+            with self._loading():
+                self.llms = self._open(CountingLlama, load)
+            self.vocab = self.llms[0]._model.vocab
+            self.metadata = self.llms[0].metadata
         self.llm = self.llms[0]
         self.load_s = time.monotonic() - t0
-        eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
-        model = self.llm._model
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        eos_id, bos_id = llama_cpp.llama_vocab_eos(self.vocab), llama_cpp.llama_vocab_bos(self.vocab)
+        template = self.metadata.get("tokenizer.chat_template")
         self.template_source = "model" if template else "fallback-chatml"
         override = load.get("tool_format") or "auto"
         self.family = family_of(template, None if override == "auto" else override)
@@ -176,8 +202,8 @@ class Engine:
             self.family = dataclasses.replace(self.family, reasoning=("<think>", "</think>"))
         self.formatter = llama_chat_format.Jinja2ChatFormatter(
             template=template or FALLBACK_TEMPLATE,
-            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+            eos_token=self._token_text(eos_id) if eos_id != -1 else "",
+            bos_token=self._token_text(bos_id) if bos_id != -1 else "",
             stop_token_ids=[eos_id] if eos_id != -1 else None,
         )
         # One projector for every slot (it takes one image encoding at a time).
@@ -195,19 +221,61 @@ class Engine:
         self._embedder: llama_cpp.Llama | None = None
         self._embed_lock = threading.Lock()
 
+    def eog_tokens(self) -> list[int]:
+        """The vocabulary's end-of-generation tokens (read once: it takes a pass over the vocabulary)."""
+        if self._eog is None:
+            lc = self.llama_cpp
+            self._eog = [t for t in range(lc.llama_vocab_n_tokens(self.vocab)) if lc.llama_vocab_is_eog(self.vocab, t)]
+        return self._eog
+
+    def _token_text(self, token: int) -> str:
+        return self.llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="ignore")
+
     def _warm_up(self) -> None:
         """One short generation per context, so the first request does not pay for
         first-touch page faults and graph allocation."""
         t0 = time.monotonic()
         fmt = self.formatter(messages=[{"role": "user", "content": "Hi"}])
-        for llm in self.llms:
-            prompt = llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
-            llm.create_completion(prompt, max_tokens=1, temperature=0.0)
+        prompt = self.llm.tokenize(fmt.prompt.encode("utf-8"), add_bos=not fmt.added_special, special=True)
+        if self.ctx is not None:
+            for _ in self.ctx.submit(prompt, GenerationParams(temperature=0.0, max_tokens=1)):
+                pass
+        else:
+            for llm in self.llms:
+                llm.create_completion(prompt, max_tokens=1, temperature=0.0)
         self.warm_up_s = time.monotonic() - t0
 
     @property
     def tokens_generated(self) -> int:
+        if self.ctx is not None:
+            return self.ctx.stats().tokens_generated
         return sum(llm.sampled_total for llm in self.llms)
+
+    def stats(self) -> dict[str, Any]:
+        """What a ``stats`` frame adds to busy/active: the engine's counters."""
+        out: dict[str, Any] = {"tokens_generated": self.tokens_generated}
+        if self.ctx is not None:
+            st = self.ctx.stats()
+            out.update(waiting=st.waiting, steps=st.steps, tokens_decoded=st.tokens_decoded,
+                       prompt_tokens_read=st.prompt_tokens_read,
+                       prompt_tokens_reused=st.prompt_tokens_reused, prompt_cache=dict(st.prompt_cache),
+                       slots_cached_tokens=[s.cached_tokens
+                                                                                       for s in st.slots])
+        return out
+
+    def close(self) -> None:
+        """At a normal stop: the batched context saves its slots' conversations to the prompt
+        cache's disk tier (for the next load), then frees its memory."""
+        if self.ctx is not None:
+            self.ctx.close()
+
+    def cancel(self, rid: int) -> None:
+        """Stop request ``rid`` within a token (the caller has put it in ``cancelled``)."""
+        if self.ctx is not None:
+            with self._handles_lock:
+                handle = self._handles.get(rid)
+            if handle is not None:
+                self.ctx.cancel(handle)
 
     def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
         """Unit-length vectors, one per input, from a second context in embedding mode.
@@ -221,9 +289,9 @@ class Engine:
     def _embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
         llama_cpp = self.llama_cpp
         if self._embedder is None:
-            arch = self.llm.metadata.get("general.architecture", "")
+            arch = self.metadata.get("general.architecture", "")
             # Models that declare their pooling (embedding models) keep it; decoders get mean pooling.
-            pooling = (llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if f"{arch}.pooling_type" in self.llm.metadata
+            pooling = (llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if f"{arch}.pooling_type" in self.metadata
                        else llama_cpp.LLAMA_POOLING_TYPE_MEAN)
             with self._loading():
                 self._embedder = llama_cpp.Llama(
@@ -262,11 +330,13 @@ class Engine:
                 for _ in range(max(1, int(load.get("parallel", 1))))]
 
     def facts(self) -> dict[str, Any]:
-        return {"n_ctx": self.llm.n_ctx(), "n_threads": self.llm.n_threads, "load_s": round(self.load_s, 3),
+        return {"n_ctx": self.llm.n_ctx(), "n_threads": self.load["n_threads"], "load_s": round(self.load_s, 3),
+                "engine": self.kind,
                 "warm_up_s": round(self.warm_up_s, 3), "parallel": len(self.llms),
                 "n_gpu_layers": self.load.get("n_gpu_layers", 0), "chat_template": self.template_source,
                 "tool_format": self.family.name, "reasoning": self._reasoning_split, "repacked": self.repacked,
-                "flash_attention": self.load.get("flash_attention") or "auto"}
+                "flash_attention": self.load.get("flash_attention") or "auto",
+                "kv_cache_type": self.load.get("kv_cache_type") or "f16"}
 
     @property
     def _reasoning_split(self) -> bool:
@@ -351,7 +421,7 @@ class Engine:
         model's fill-in-the-middle form (prefix, suffix, then the middle to write)."""
         if suffix is None:
             return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        vocab = llm._model.vocab
+        vocab = self.vocab
         lc = self.llama_cpp
         pre, suf, mid = lc.llama_vocab_fim_pre(vocab), lc.llama_vocab_fim_suf(vocab), lc.llama_vocab_fim_mid(vocab)
         if -1 in (pre, suf, mid):
@@ -458,64 +528,93 @@ class Engine:
                 kwargs[theirs] = params[ours]
         if params.get("logit_bias"):
             kwargs["logit_bias"] = self._logit_bias(llm, params["logit_bias"])
+        if params.get("ignore_eos"):  # as llama.cpp's server: every end-of-generation token barred
+            kwargs["logit_bias"] = {**kwargs.get("logit_bias", {}), **dict.fromkeys(self.eog_tokens(), -math.inf)}
 
         n = int(params.get("n") or 1)
         seed = params.get("seed")
         completion = 0
+        cached: int | None = None
         last = len(prompts) * n - 1
         split = self._reasoning_split and not raw
+        choose = self._choice if self.ctx is None else self._choice_batched
         for index in range(last + 1):
             prompt = prompts[index // n]
             if seed is not None:  # the same seed for every choice would give n copies of one
                 kwargs["seed"] = seed + index
-            # Every choice after a prompt's first reuses that prompt in the context (llama-cpp-python
+            # Every choice after a prompt's first reuses that prompt in the context (llama.cpp
             # keeps the longest common prefix): a prompt is read once, whatever n is.
-            finish, tokens, note = self._choice(llm, rid, index, prompt, kwargs, params, offered, forced, split,
-                                                in_reasoning, cancelled, out)
-            completion += tokens
-            frame: dict[str, Any] = {"t": "finish" if index < last and finish != "cancelled" else "end",
-                                     "id": rid, "finish_reason": finish}
+            result = choose(llm, rid, index, prompt, kwargs, params, offered, forced, split, in_reasoning,
+                            cancelled, out)
+            completion += result.completion
+            if result.cached is not None and index % n == 0:  # a prompt's first read says what it reused
+                cached = (cached or 0) + result.cached
+            frame: dict[str, Any] = {"t": "finish" if index < last and result.finish != "cancelled" else "end",
+                                     "id": rid, "finish_reason": result.finish}
             if index:
                 frame["index"] = index
-            if note:
-                frame["note"] = note
+            if result.note:
+                frame["note"] = result.note
             if frame["t"] == "end":
                 frame["usage"] = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": completion}
-                if llm.record is not None and len(prompts) == 1:  # the prompt's and the reply's, end token aside
-                    reply = llm.record[:tokens]
-                    frame["tokens"] = [*prompt, *reply]
-            llm.record = None
+                if cached is not None:
+                    frame["usage"]["cached_tokens"] = cached
+                if params.get("return_tokens") and len(prompts) == 1:  # the prompt's and the reply's
+                    frame["tokens"] = [*prompt, *result.tokens]
             out.write(frame)
             if frame["t"] == "end":
                 return
 
+    def _parser(self, params: dict[str, Any], offered: bool, forced: bool, split: bool,
+                in_reasoning: bool) -> ReplyParser | None:
+        if not (offered or split):
+            return None
+        return ReplyParser(self.family, tools=offered, reasoning=split,
+                           parallel=params.get("parallel_tool_calls") is not False,
+                           reasoning_inline=params.get("reasoning_format") == "none",
+                           started_in_reasoning=split and in_reasoning, forced=forced)
+
+    def _sender(self, out: Output, index: int, logprobs: TokenLogprobs | None) -> Callable[..., None]:
+        def send(frame: dict[str, Any], entries: list[dict[str, Any]] | None = None) -> None:
+            # A token's log probability goes with the first piece of the reply after it; the
+            # tokens of a stop sequence never reach the client, nor do theirs.
+            if entries is None and logprobs is not None:
+                entries = logprobs.take()
+            if entries:
+                frame["logprobs"] = entries
+            if index:
+                frame["index"] = index
+            out.write(frame)
+        return send
+
+    @staticmethod
+    def _closed(parser: ReplyParser | None, finish: str, rid: int, send: Callable[..., None],
+                entries: list[dict[str, Any]] | None = None) -> tuple[str, str | None]:
+        """The parser's last events sent (the first with ``entries``, the log probabilities
+        of what the parser held); the finish reason (tool_calls where it kept calls) and a
+        note when a call it wrote came back as text."""
+        note = None
+        if parser is not None and finish != "cancelled":
+            events, note = parser.close()
+            for frame in delta_frames(rid, events):
+                send(frame, entries)
+                entries = []
+            if parser.calls and finish == "stop":  # calls the parser kept count, even beside a malformed one
+                finish = "tool_calls"
+        return finish, note
+
     def _choice(self, llm: Any, rid: int, index: int, prompt: list[int], kwargs: dict[str, Any],
                 params: dict[str, Any], offered: bool, forced: bool, split: bool, in_reasoning: bool,
-                cancelled: set[int], out: Output) -> tuple[str, int, str | None]:
-        """One choice, streamed as delta frames: its finish reason, its tokens, and a note when a
-        tool call it wrote came back as text."""
-        parser = None
-        if offered or split:
-            parser = ReplyParser(self.family, tools=offered, reasoning=split,
-                                 parallel=params.get("parallel_tool_calls") is not False,
-                                 reasoning_inline=params.get("reasoning_format") == "none",
-                                 started_in_reasoning=split and in_reasoning, forced=forced)
+                cancelled: set[int], out: Output) -> Choice:
+        """One choice on a slot's own context (``Llama``), streamed as delta frames."""
+        parser = self._parser(params, offered, forced, split, in_reasoning)
         llm.sampled = 0
         llm.last_token = -1
         llm.record = [] if params.get("return_tokens") else None
         top = params.get("logprobs")
         logprobs = llm.logprobs = None if top is None else TokenLogprobs(
-            int(top), piece_reader(self.llama_cpp, llm._model.vocab))
-
-        def send(frame: dict[str, Any]) -> None:
-            # A token's log probability goes with the first piece of the reply after it; the
-            # tokens of a stop sequence never reach the client, nor do theirs.
-            if logprobs is not None and logprobs.pending:
-                frame["logprobs"] = logprobs.take()
-            if index:
-                frame["index"] = index
-            out.write(frame)
-
+            int(top), piece_reader(self.llama_cpp, self.vocab))
+        send = self._sender(out, index, logprobs)
         finish = "stop"
         try:
             for chunk in llm.create_completion(prompt, **kwargs):
@@ -533,18 +632,128 @@ class Engine:
                     finish = choice["finish_reason"]
         finally:
             llm.logprobs = None
-        note = None
-        if parser is not None and finish != "cancelled":
-            events, note = parser.close()
-            for frame in delta_frames(rid, events):
-                send(frame)
-            if parser.calls and finish == "stop":  # calls the parser kept count, even beside a malformed one
-                finish = "tool_calls"
+        finish, note = self._closed(parser, finish, rid, send)
         completion = llm.sampled
         if completion and finish in ("stop", "tool_calls") and \
-                self.llama_cpp.llama_vocab_is_eog(llm._model.vocab, llm.last_token):
+                self.llama_cpp.llama_vocab_is_eog(self.vocab, llm.last_token):
             completion -= 1  # the end-of-turn token is not part of the reply
-        return finish, completion, note
+        reply = (llm.record or [])[:completion]
+        llm.record = None
+        return Choice(finish, completion, note, reply, None)
+
+    def _choice_batched(self, llm: Any, rid: int, index: int, prompt: list[int], kwargs: dict[str, Any],
+                        params: dict[str, Any], offered: bool, forced: bool, split: bool, in_reasoning: bool,
+                        cancelled: set[int], out: Output) -> Choice:
+        """One choice as a sequence of the shared context, streamed as delta frames."""
+        ctx = self.ctx
+        assert ctx is not None
+        if rid in cancelled:
+            return Choice("cancelled", 0, None, [], 0)
+        parser = self._parser(params, offered, forced, split, in_reasoning)
+        top = params.get("logprobs")
+        logprobs = None if top is None else TokenLogprobs(int(top), piece_reader(self.llama_cpp, self.vocab))
+        events: queue.SimpleQueue[tuple[BatchedEvent, list[dict[str, Any]]]] = queue.SimpleQueue()
+
+        def sink(ev: BatchedEvent) -> None:
+            # On the stepping thread, right after the logits of the tokens in ``ev`` were
+            # observed: the entries taken here are exactly this piece's.
+            events.put((ev, logprobs.take() if logprobs is not None and isinstance(ev, Delta) else []))
+
+        def observe(row: Any, token: int) -> None:
+            if logprobs is not None and not ctx.is_eog(token):
+                logprobs.add(row, token)
+
+        try:
+            handle = ctx.submit(prompt, generation_params(kwargs), on_event=sink,
+                                on_logits=observe if logprobs is not None else None,
+                                conversation=params.get("conversation"))
+        except RequestRejected as exc:
+            param = ("tools" if forced else "response_format") if exc.param == "grammar" else exc.param
+            raise RequestError(exc.code, exc.message, param) from None
+        with self._handles_lock:
+            self._handles[rid] = handle
+        if rid in cancelled:  # a cancel that came before the handle was known
+            ctx.cancel(handle)
+        send = self._sender(out, index, None)
+        held: list[dict[str, Any]] = []  # entries of text the parser holds for now: they wait with it
+        try:
+            while True:
+                ev, entries = events.get()
+                if isinstance(ev, Delta):
+                    entries = held + entries
+                    held = []
+                    if parser is None:
+                        send({"t": "delta", "id": rid, "text": ev.text}, entries)
+                    else:
+                        frames = delta_frames(rid, parser.feed(ev.text))
+                        for frame in frames:
+                            send(frame, entries)
+                            entries = []
+                        held = entries
+                    continue
+                if ev.reason == "error":
+                    raise RuntimeError(ev.error or "the batched context failed")
+                finish, note = self._closed(parser, ev.reason, rid, send, held)
+                return Choice(finish, ev.usage.completion_tokens, note, list(ev.tokens), ev.usage.cached_tokens)
+        finally:
+            with self._handles_lock:
+                self._handles.pop(rid, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """How one choice ended."""
+
+    finish: str
+    completion: int  # tokens of the reply, the end-of-turn one aside
+    note: str | None  # a tool call it wrote came back as text
+    tokens: list[int]  # the reply's token ids (for return_tokens)
+    cached: int | None  # prompt tokens found in the KV cache and not read again; None: not known
+
+
+def engine_kind(load: dict[str, Any]) -> str:
+    return load_options.engine_for(load.get("engine") or "auto", bool(load.get("mmproj")))
+
+
+def context_settings(load: dict[str, Any]) -> ContextSettings:
+    return ContextSettings(
+        path=load["path"], n_ctx=int(load["n_ctx"]), parallel=max(1, int(load.get("parallel", 1))),
+        n_batch=int(load.get("n_batch", 512)), n_ubatch=int(load.get("n_batch", 512)),
+        n_threads=load.get("n_threads"), n_gpu_layers=int(load.get("n_gpu_layers", 0)),
+        main_gpu=int(load.get("main_gpu", 0)), repack=load.get("repack") or "auto",
+        kv_type=load.get("kv_cache_type") or "f16", flash_attention=load.get("flash_attention") or "auto",
+        prompt_cache_bytes=int(load.get("prompt_cache_bytes") or 0), prompt_cache_dir=load.get("prompt_cache_dir"),
+        prompt_cache_disk_bytes=int(load.get("prompt_cache_disk_bytes") or 0),
+        verbose=bool(load.get("verbose", False)))
+
+
+def generation_params(kwargs: dict[str, Any]) -> GenerationParams:
+    """``create_completion``'s keyword arguments, as the batched context takes them."""
+    fields = {k: kwargs[k] for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+                                     "presence_penalty", "frequency_penalty", "seed") if k in kwargs}
+    grammar = kwargs.get("grammar")
+    return GenerationParams(**fields, logit_bias=dict(kwargs.get("logit_bias") or {}),
+                            grammar=grammar._grammar if grammar is not None else None,
+                            max_tokens=kwargs.get("max_tokens"), stop=tuple(kwargs.get("stop") or ()))
+
+
+class ContextView:
+    """The shared context as the prompt-building code reads a ``Llama``: its tokenizer and sizes."""
+
+    def __init__(self, ctx: BatchedContext) -> None:
+        self.ctx = ctx
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.ctx.tokenize(text, add_special=add_bos, parse_special=special)
+
+    def n_ctx(self) -> int:
+        return self.ctx.n_ctx
+
+    def n_vocab(self) -> int:
+        return self.ctx.n_vocab
+
+    def token_bos(self) -> int:
+        return int(self.ctx._lc.llama_vocab_bos(self.ctx.vocab))
 
 
 class Output:
@@ -565,6 +774,8 @@ def _reader(inp: IO[bytes], ops: "queue.Queue[dict[str, Any]]", cancelled: set[i
         frame = protocol.read_frame_sync(inp)
         if frame is None or frame.get("op") == "shutdown":
             cancelled.update(busy)  # stop running generations at the next token
+            for rid in list(busy):
+                engine.cancel(rid)
             for _ in engine.llms:
                 ops.put({"op": "shutdown"})
             if frame is None:
@@ -573,10 +784,11 @@ def _reader(inp: IO[bytes], ops: "queue.Queue[dict[str, Any]]", cancelled: set[i
             return
         if frame.get("op") == "cancel":
             cancelled.add(frame["id"])
+            engine.cancel(frame["id"])
         elif frame.get("op") == "stats":
             # Answered here, not queued: stats must not wait behind a generation.
             out.write({"t": "stats", "id": frame["id"], "busy": bool(busy), "active": len(busy),
-                       "tokens_generated": engine.tokens_generated})
+                       **engine.stats()})
         else:
             ops.put(frame)
 
@@ -644,6 +856,7 @@ def main() -> int:
     _serve(engine, engine.llm, ops, cancelled, out, busy)
     for t in slots:
         t.join()
+    engine.close()
     return 0
 
 

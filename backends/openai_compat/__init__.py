@@ -24,7 +24,10 @@ _TEXT_DELTA = {"role", "content"}
 def _usage(obj: dict[str, Any] | None) -> Usage | None:
     if not isinstance(obj, dict):
         return None
-    return Usage(int(obj.get("prompt_tokens") or 0), int(obj.get("completion_tokens") or 0))
+    details = obj.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(int(obj.get("prompt_tokens") or 0), int(obj.get("completion_tokens") or 0),
+                 int(cached) if isinstance(cached, int) else None)
 
 
 def _text(value: Any) -> str:
