@@ -45,6 +45,8 @@ buffer is the larger of the two, since the allocator reuses memory between them.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,27 @@ class Estimate:
         if self.shared:
             return weights + self.parallel * kv + self.compute_bytes + GPU_DEVICE_OVERHEAD + self.projector_bytes
         return self.parallel * (weights + kv + self.compute_bytes) + GPU_DEVICE_OVERHEAD + self.projector_bytes
+
+    def vram_split(self, shares: Sequence[float]) -> list[int]:
+        """VRAM on each GPU for the whole model split over them by layers, as llama.cpp's
+        ``tensor_split`` splits it: block ``i`` on the GPU whose running share first passes
+        ``(i + ½) / L``, the output layer on the last; each GPU pays its own compute buffer
+        and CUDA context."""
+        s = self.shape
+        total = sum(shares)
+        bounds = list(itertools.accumulate(x / total for x in shares))
+        out = [0] * len(shares)
+        for i in range(s.n_layer):
+            j = next((d for d, b in enumerate(bounds) if (i + 0.5) / s.n_layer < b), len(shares) - 1)
+            copies = 1 if self.shared else self.parallel
+            out[j] += copies * s.layer_bytes[i] + self.parallel * self.kv_layer_bytes
+        out[-1] += (1 if self.shared else self.parallel) * s.output_bytes
+        return [b + self.device_fixed_bytes + (self.projector_bytes if d == 0 else 0) for d, b in enumerate(out)]
+
+    @property
+    def device_fixed_bytes(self) -> int:
+        """What each GPU that holds layers pays whatever its share: compute buffers, CUDA context."""
+        return self.compute_bytes * (1 if self.shared else self.parallel) + GPU_DEVICE_OVERHEAD
 
     @property
     def total_bytes(self) -> int:

@@ -1,4 +1,4 @@
-"""Where a model goes: all on one GPU, partly offloaded, or on the CPU.
+"""Where a model goes: all on one GPU, split over several, partly offloaded, or on the CPU.
 
 A pure function of the model's memory estimate, a device snapshot and the
 model's ``gpu`` setting, so every decision can be tested against recorded
@@ -8,7 +8,7 @@ this module only says what fits now, or why nothing does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from anyad.config import GpuSetting
 from anyad.errors import Unavailable
@@ -25,12 +25,24 @@ class Placement:
     vram_bytes: int
     ram_bytes: int
     reason: str
+    # Split over several GPUs by layers (llama.cpp's tensor_split): (GPU index, share of the
+    # layers, VRAM it takes), the main GPU (``gpu_index``) first; empty: one GPU or none.
+    split: tuple[tuple[int, float, int], ...] = field(default=())
 
     @property
     def kind(self) -> str:
         if self.gpu_layers == 0:
             return "cpu"
+        if self.split:
+            return "split"
         return "partial" if self.reason.startswith("partial") else "gpu"
+
+    @property
+    def gpus(self) -> tuple[int, ...]:
+        """The GPUs the worker sees, in the order its tensor_split names them."""
+        if self.split:
+            return tuple(g for g, _, _ in self.split)
+        return () if self.gpu_layers == 0 or self.gpu_index is None else (self.gpu_index,)
 
 
 class InsufficientMemory(Unavailable):
@@ -66,10 +78,30 @@ def plan(est: Estimate, snap: Snapshot, gpu: GpuSetting = "auto", *, vram_reserv
     def fits(k: int) -> bool:
         return est.vram_bytes(k) <= vram_free and est.ram_bytes(k) <= ram_free
 
+    def split() -> Placement | None:
+        """All layers over the fewest GPUs that hold them, each a share by its free memory."""
+        for n in range(2, len(gpus) + 1):
+            chosen = gpus[:n]
+            free = [max(0, g.free_bytes - vram_reserve) for g in chosen]
+            # The layers fill what each GPU has left after its fixed costs, in proportion.
+            room = [max(0, f - est.device_fixed_bytes) for f in free]
+            if not all(room):
+                return None
+            shares = [r / sum(room) for r in room]
+            need = est.vram_split(shares)
+            if all(v <= f for v, f in zip(need, free)) and est.ram_bytes(n_layer) <= ram_free:
+                parts = ", ".join(f"GPU {g.index} {round(100 * s)} %" for g, s in zip(chosen, shares))
+                return Placement(n_layer, chosen[0].index, sum(need), est.ram_bytes(n_layer),
+                                 f"split: all {n_layer} layers over {n} GPUs ({parts}); none holds them alone",
+                                 split=tuple((g.index, round(s, 4), v) for g, s, v in zip(chosen, shares, need)))
+        return None
+
     if gpu == "full" or isinstance(gpu, int) and not isinstance(gpu, bool):
         k = n_layer if gpu == "full" else max(0, min(int(gpu), n_layer))
         if k == 0:
             return on_cpu("gpu = 0 layers")
+        if not fits(k) and k == n_layer and (over := split()) is not None:
+            return over
         if not fits(k):
             raise InsufficientMemory(
                 f"{k} layers on GPU {best.index} ({best.name}) need {_gib(est.vram_bytes(k))} of VRAM and "
@@ -80,6 +112,9 @@ def plan(est: Estimate, snap: Snapshot, gpu: GpuSetting = "auto", *, vram_reserv
     if fits(n_layer):
         return Placement(n_layer, best.index, est.vram_bytes(n_layer), est.ram_bytes(n_layer),
                          "all layers on the GPU")
+    over = split()
+    if over is not None:
+        return over
     k = n_layer - 1
     while k > 0 and not fits(k):
         k -= 1

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -95,14 +96,15 @@ def visible_gpus() -> set[int] | None:
         return None
 
 
-def worker_env(gpu_index: int | None) -> dict[str, str]:
-    """Environment for a model's worker: only the GPU it was placed on, or none at all.
+def worker_env(gpus: Sequence[int]) -> dict[str, str]:
+    """Environment for a model's worker: only the GPUs it was placed on (in its
+    tensor_split's order: CUDA numbers them as listed), or none at all.
 
     Without this, llama.cpp spreads layers over every visible GPU, and a model placed on
     the CPU would still put buffers on a GPU. PCI bus order makes CUDA's numbering agree
     with NVML's.
     """
-    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "" if gpu_index is None else str(gpu_index)}
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
 
 
 class DeviceProbe:

@@ -410,9 +410,10 @@ class Scheduler:
         p = victim.placement
         if p is None or p.gpu_index is None:
             return None  # RAM comes back when the process has exited, which unload waits for
+        held = p.split[0][2] if p.split else p.vram_bytes  # what the main GPU gets back
         for g in snap.gpus:
             if g.index == p.gpu_index:
-                return g.index, g.free_bytes + int(0.8 * p.vram_bytes)
+                return g.index, g.free_bytes + int(0.8 * held)
         return None
 
     @staticmethod
@@ -520,7 +521,9 @@ class Scheduler:
             "state": v.state,
             "placement": None if p is None else {
                 "kind": p.kind, "gpu_layers": p.gpu_layers, "n_layers": v.n_layers, "gpu": p.gpu_index,
-                "reason": p.reason},
+                "reason": p.reason,
+                **({"split": [{"gpu": g, "share": s, "estimated_vram_bytes": b} for g, s, b in p.split]}
+                   if p.split else {})},
             "memory": {
                 "estimated_ram_bytes": v.estimated_ram_bytes,
                 "estimated_vram_bytes": v.estimated_vram_bytes,

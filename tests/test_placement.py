@@ -147,3 +147,33 @@ def test_real_probe_on_this_machine_never_raises():
     assert snap.ram_available_bytes > 0
     if not snap.gpus:
         assert snap.notes
+
+
+# About an 8B model at Q4: 24 blocks of 180 MiB.
+BIG = estimate(ModelShape(**{**{f: getattr(SHAPE, f) for f in SHAPE.__slots__}, "layer_bytes": (180 * MIB,) * 24}),
+               4096)
+
+
+def test_a_model_no_gpu_holds_alone_is_split_over_the_fewest_that_hold_it():
+    need = BIG.vram_bytes(BIG.n_offload)
+    # Two GPUs with 75 % and 60 % of what the whole model needs free, a third with 40 %.
+    snap = machine((0.75 * need / GIB, 16), (0.6 * need / GIB, 16), (0.4 * need / GIB, 16))
+    p = plan(BIG, snap, vram_reserve=0)
+    assert p.kind == "split" and p.gpu_layers == BIG.n_offload and p.gpu_index == 0
+    assert p.gpus == (0, 1)  # two are enough: the third is left alone
+    (g0, s0, v0), (g1, s1, v1) = p.split
+    assert s0 > s1 and abs(s0 + s1 - 1) < 1e-3  # shares by free memory, the roomier GPU first
+    assert v0 <= 0.75 * need and v1 <= 0.6 * need and p.vram_bytes == v0 + v1
+    assert "over 2 GPUs" in p.reason
+    # Each GPU pays its own CUDA context and compute buffer: the split costs that much more.
+    assert v0 + v1 == need + BIG.device_fixed_bytes
+
+
+def test_a_model_that_fits_on_one_gpu_is_not_split_and_a_split_must_fit():
+    need = BIG.vram_bytes(BIG.n_offload)
+    assert plan(BIG, machine((1.1 * need / GIB, 16), (1.1 * need / GIB, 16)), vram_reserve=0).kind == "gpu"
+    # Together too small for the whole model: part on one GPU, the rest on the CPU, as before.
+    p = plan(BIG, machine((0.45 * need / GIB, 16), (0.45 * need / GIB, 16)), vram_reserve=0)
+    assert p.kind == "partial" and not p.split
+    # gpu = "full" takes a split where one GPU is not enough.
+    assert plan(BIG, machine((0.7 * need / GIB, 16), (0.7 * need / GIB, 16)), "full", vram_reserve=0).kind == "split"

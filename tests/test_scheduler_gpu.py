@@ -135,3 +135,61 @@ async def test_auto_uses_part_of_a_gpu_before_unloading_anything():
     await sched.load("b")
     assert eng["a"].loaded and eng["b"].loaded
     assert 0 < eng["b"].loads[0][1].gpu_layers < ALL
+
+
+class SimulatedGPUs(RecordedNVML):
+    """Several GPUs; an engine's placement holds its share on each."""
+
+    def __init__(self, *totals: int) -> None:
+        super().__init__([{"name": f"Simulated GPU {i}", "total": t, "free": t, "util": 0, "i": i}
+                          for i, t in enumerate(totals)])
+        self.held: dict[tuple[str, int], int] = {}
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        used = sum(b for (_, i), b in self.held.items() if i == h["i"])
+        return SimpleNamespace(total=h["total"], free=h["total"] - used, used=used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return []
+
+
+class SplitEngine(Engine):
+    def __init__(self, name: str, gpus: SimulatedGPUs, est) -> None:
+        self.name, self.gpus, self.est = name, gpus, est
+        self.loaded, self.pid, self.loads = False, None, []
+
+    def estimate(self, parallel: int):
+        return self.est
+
+    async def load(self, placement: Placement, *, parallel: int, warm_up: bool) -> None:
+        for gpu, _, vram in placement.split or ((placement.gpu_index, 1.0, placement.vram_bytes),):
+            self.gpus.held[(self.name, gpu)] = vram
+        self.loads.append((time.monotonic(), placement))
+        self.loaded = True
+
+    async def unload(self) -> None:
+        for key in [k for k in self.gpus.held if k[0] == self.name]:
+            del self.gpus.held[key]
+        self.loaded = False
+
+
+async def test_a_model_too_big_for_any_one_gpu_is_split_and_status_shows_how():
+    from anyad.resources import worker_env
+    from test_placement import BIG
+
+    need = BIG.vram_bytes(BIG.n_offload)
+    gpus = SimulatedGPUs(int(0.5 * need), int(0.8 * need))
+    sched = Scheduler(SchedulerSettings(max_loaded_models=0, gpu_reserve_mib=0), DeviceProbe(gpus, gpu_offload=True))
+    engine = SplitEngine("big", gpus, BIG)
+    sched.register(engine, ModelPolicy())
+    await sched.load("big")
+    (_, placement), = engine.loads
+    # The roomier GPU (1) is the main one and takes the larger share; every layer is on a GPU.
+    assert placement.kind == "split" and placement.gpus == (1, 0) and placement.gpu_layers == BIG.n_offload
+    assert worker_env(placement.gpus)["CUDA_VISIBLE_DEVICES"] == "1,0"
+    status = sched.status("big")["placement"]
+    assert status["kind"] == "split" and [s["gpu"] for s in status["split"]] == [1, 0]
+    assert status["split"][0]["share"] > status["split"][1]["share"]
+    # What each GPU was asked for fits in it.
+    assert all(gpus.held[("big", s["gpu"])] <= g["total"] for s in status["split"]
+               for g in gpus.gpus if g["i"] == s["gpu"])

@@ -211,9 +211,11 @@ class LlamaCppBackend(Backend):
         if self.settings.sha256:  # before any load; remembered, so only a changed file is hashed again
             await asyncio.to_thread(verify, self.model_id, self.info.path, self.settings.sha256)
         # The worker sees only the GPU it was placed on (as device 0), or none.
-        self.worker.env = worker_env(placement.gpu_index if placement.gpu_layers else None)
+        self.worker.env = worker_env(placement.gpus)
         self.worker.load = {**self._base_load, "n_gpu_layers": placement.gpu_layers, "main_gpu": 0,
                             "parallel": parallel, "warm_up": warm_up}
+        if placement.split:  # the shares, in the order the worker sees the GPUs
+            self.worker.load["tensor_split"] = [share for _, share, _ in placement.split]
         await self.worker.ensure_started()
 
     async def unload(self) -> None:

@@ -85,6 +85,8 @@ class ContextSettings:
     n_threads_batch: int | None = None  # None: as n_threads
     n_gpu_layers: int = 0
     main_gpu: int = 0
+    # The layers' shares over the visible GPUs (llama.cpp's tensor_split); empty: main_gpu's.
+    tensor_split: tuple[float, ...] = ()
     # Whether llama.cpp may repack the weights for the CPU's matrix units; "auto": not
     # where AMX is advertised, whose kernels crash this llama.cpp (see load_options).
     repack: Repack = "auto"
@@ -266,6 +268,10 @@ class BatchedContext:
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = settings.n_gpu_layers
         mp.main_gpu = settings.main_gpu
+        if settings.tensor_split:
+            # llama.cpp reads one float per device it may use; kept alive with the context.
+            self._split = (ctypes.c_float * lc.LLAMA_MAX_DEVICES)(*settings.tensor_split)
+            mp.tensor_split = ctypes.cast(self._split, ctypes.POINTER(ctypes.c_float))
         # llama-server's --no-repack (see load_options.without_repacking for why).
         mp.use_extra_bufts = settings.repack == "on" or (settings.repack == "auto"
                                                          and not load_options.advertises_amx())

@@ -299,7 +299,8 @@ class Engine:
                                                                                          self.load["n_ctx"]),
                     n_ubatch=max(self.load.get("n_batch", 512), self.load["n_ctx"]), n_threads=self.load["n_threads"],
                     n_threads_batch=self.load["n_threads"], n_gpu_layers=self.load.get("n_gpu_layers", 0),
-                    main_gpu=self.load.get("main_gpu", 0), embedding=True, pooling_type=pooling, verbose=False)
+                    main_gpu=self.load.get("main_gpu", 0), tensor_split=self.load.get("tensor_split") or None,
+                    embedding=True, pooling_type=pooling, verbose=False)
         n_ctx = self._embedder.n_ctx()
         for i, text in enumerate(inputs):
             n = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False))
@@ -326,6 +327,7 @@ class Engine:
                     flash_attn=load.get("flash_attention") == "on",
                     n_threads_batch=load["n_threads"], n_batch=load.get("n_batch", 512),
                     n_gpu_layers=load.get("n_gpu_layers", 0), main_gpu=load.get("main_gpu", 0), logits_all=False,
+                    tensor_split=load.get("tensor_split") or None,
                     verbose=bool(load.get("verbose", False)))
                 for _ in range(max(1, int(load.get("parallel", 1))))]
 
@@ -720,7 +722,8 @@ def context_settings(load: dict[str, Any]) -> ContextSettings:
         path=load["path"], n_ctx=int(load["n_ctx"]), parallel=max(1, int(load.get("parallel", 1))),
         n_batch=int(load.get("n_batch", 512)), n_ubatch=int(load.get("n_batch", 512)),
         n_threads=load.get("n_threads"), n_gpu_layers=int(load.get("n_gpu_layers", 0)),
-        main_gpu=int(load.get("main_gpu", 0)), repack=load.get("repack") or "auto",
+        main_gpu=int(load.get("main_gpu", 0)), tensor_split=tuple(load.get("tensor_split") or ()),
+        repack=load.get("repack") or "auto",
         kv_type=load.get("kv_cache_type") or "f16", flash_attention=load.get("flash_attention") or "auto",
         prompt_cache_bytes=int(load.get("prompt_cache_bytes") or 0), prompt_cache_dir=load.get("prompt_cache_dir"),
         prompt_cache_disk_bytes=int(load.get("prompt_cache_disk_bytes") or 0),
