@@ -99,6 +99,17 @@ def admit(request: web.Request, model: str, quotas: "Quotas | None" = None) -> I
     return ident
 
 
+def admit_unnamed(request: web.Request, doing: str) -> Identity:
+    """The request's key, if it may do what names no model (upload or look up a blob, make a
+    model of a file): no model pattern can admit that, so only a key held to none may (else
+    403 ``model_not_allowed``). ``doing``: what is refused, for the message."""
+    ident = identity(request)
+    if ident.models:
+        raise errors.ModelNotAllowed(f"the key {ident.name!r} is held to some models; {doing} names no model its "
+                                     "patterns could admit, so it needs a key that is held to none")
+    return ident
+
+
 def host_name(host_header: str) -> str:
     """The name in a Host header, without its port or an IPv6 address's brackets."""
     h = host_header.strip().lower()

@@ -142,6 +142,7 @@ class ChatFlow:
         self.opened: Opened | Replayed | None = None
         self.cached: str | None = None
         self.conversation_id: str | None = None
+        self.exchange: Exchange | None = None  # the history's record of it, once queued (``finish``)
         self.decision: Decision | None = None
         self.targets: list[Target] = []
         self.started = time.time()
@@ -156,11 +157,16 @@ class ChatFlow:
         """Everything up to the reply's first chunk; raises the AnyadError to answer with."""
         daemon, request = self.daemon, self.request
         check_caps(self.chat, daemon.settings.server)
+        # Access first: a request the key may not make (its model, its quota) is refused before
+        # any plugin sees it; then the model a plugin's rewrite asks for is held to the same rule.
+        admit(request, self.chat.model, daemon.quotas)
         if daemon.plugins.before_request:
+            asked = self.chat.model
             self.chat = await daemon.plugins.guard("anyad_before_request", self.chat, "request",
                                                    endpoint=request.path, daemon=daemon)
             request[MODEL] = self.chat.model
-        admit(request, self.chat.model, daemon.quotas)
+            if self.chat.model != asked:
+                admit(request, self.chat.model)
         check_keep_alive(daemon, request, self.chat.model, self.chat.keep_alive)
         if daemon.history is not None:
             self.conversation_id = self.continues or await writable_conversation(daemon.history, request)
@@ -326,7 +332,7 @@ class ChatFlow:
         history = daemon.history
         # The conversation was chosen in open() when the history was on (a reload may turn it on since).
         if history is not None and self.conversation_id is not None:
-            history.record(Exchange(
+            history.record(exchange := Exchange(
                 conversation_id=self.conversation_id, request_id=self.request[REQUEST_ID], model=chat.model,
                 backend=opened.name, stream=chat.stream, cache=cached, messages=chat.messages,
                 reply=reply.message(), finish_reason=outcome,
@@ -334,6 +340,7 @@ class ChatFlow:
                 completion_tokens=usage.completion_tokens if usage else None,
                 started=self.started, latency_ms=latency_ms, ttft_ms=self.ttft_ms,
                 owner=identity(self.request).name, any_conversation=identity(self.request).admin))
+            self.exchange = exchange
         if daemon.plugins.after_reply:
             record = ExchangeRecord(chat, self.request.path, self.request[REQUEST_ID], opened.name,
                                     reply.message(), outcome, usage, cached, self.conversation_id,

@@ -132,8 +132,10 @@ def anyad_register_backends(register: Callable[[str, type], None]) -> None:
 
 @hookspec
 def anyad_before_request(request: "ChatRequest", endpoint: str, daemon: "DaemonSurface") -> "ChatRequest | None":
-    """Before a chat request is routed. Return a changed request (or None to keep it);
-    raise an ``AnyadError`` to refuse it. ``endpoint``: the path it came in on."""
+    """Before a chat request is routed, once the access layer admitted it (a request the key
+    may not make, for its model or its quota, never gets here). Return a changed request (or
+    None to keep it; a model changed is held to the key's model patterns too); raise an
+    ``AnyadError`` to refuse it. ``endpoint``: the path it came in on."""
 
 
 @hookspec

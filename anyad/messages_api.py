@@ -263,9 +263,10 @@ def _input(arguments: str) -> Any:
 
 def anthropic_usage(usage: Usage) -> dict[str, int]:
     """Usage as Anthropic counts it: ``input_tokens`` are those read afresh, the cache's apart."""
-    out = {"input_tokens": usage.prompt_tokens - (usage.cached_tokens or 0), "output_tokens": usage.completion_tokens}
+    cached = min(usage.cached_tokens or 0, usage.prompt_tokens)
+    out = {"input_tokens": usage.prompt_tokens - cached, "output_tokens": usage.completion_tokens}
     if usage.cached_tokens is not None:
-        out["cache_read_input_tokens"] = usage.cached_tokens
+        out["cache_read_input_tokens"] = cached
     return out
 
 

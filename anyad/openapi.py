@@ -126,6 +126,14 @@ class Response(_Reply):
     output: list[dict[str, Any]]
 
 
+class ResponseItemList(_Reply):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class ResponseDeleted(_Reply):
     id: str
     object: Literal["response"]
@@ -134,7 +142,8 @@ class ResponseDeleted(_Reply):
 
 _MODELS: list[type[BaseModel]] = [
     ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, MessagesRequest, CountTokensRequest, ResponsesRequest,
-    ChatCompletion, TextCompletion, EmbeddingsResponse, Message, TokenCount, Response, ResponseDeleted,
+    ChatCompletion, TextCompletion, EmbeddingsResponse, Message, TokenCount, Response, ResponseItemList,
+    ResponseDeleted,
     ErrorResponse, AnthropicError, Model, ModelList, Health, Readiness, ConversationPage, Conversation]
 # One server-sent event, as OpenAPI 3.2 describes a text/event-stream item: its data is a
 # chunk's JSON, or [DONE].
@@ -228,6 +237,14 @@ def document() -> dict[str, Any]:
                 **_get("A stored response (404 if it is not this key's)", Response),
                 "delete": {"summary": "Delete a stored response", "responses": _responses(
                     {"description": "deleted", "content": _json(ResponseDeleted)}, READ_ERRORS)}},
+            "/v1/responses/{id}/input_items": {
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                **_get("The items a stored response was made from, a page at a time (404 if it is not this key's)",
+                       ResponseItemList, (400, *READ_ERRORS), parameters=[
+                           {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                       "maximum": 100}},
+                           {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+                           {"name": "after", "in": "query", "schema": {"type": "string"}}])},
             "/v1/embeddings": {"post": {"summary": "Embeddings", "requestBody": _body(EmbeddingsRequest),
                                         "responses": _responses({"description": "OK",
                                                                  "content": _json(EmbeddingsResponse)},

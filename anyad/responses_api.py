@@ -190,7 +190,7 @@ def parse_responses_request(body: dict[str, Any], prior: list[dict[str, Any]]) -
 
 def _usage(usage: Usage | None) -> dict[str, Any]:
     u = usage or Usage()
-    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens or 0},
             "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": u.total_tokens}
 
@@ -352,6 +352,31 @@ class ResponsesWriter:
                            "name": tc["function"]["name"], "arguments": tc["function"]["arguments"],
                            "status": "completed"})
         return dumpb(self._done(flow, output))
+
+
+ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def stored_items(items: Any, taken: set[str]) -> list[dict[str, Any]]:
+    """A request's ``input`` (valid: ``input_messages`` took it) as the items a stored
+    response lists, OpenAI's way: each with an id (the one it came with, unless ``taken``
+    has it already: ids in ``taken`` and those given out here are unique), a status, and
+    a message's text as a content part. ``taken`` grows by the ids given out."""
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    out = []
+    for item in items:
+        kind = item.get("type", "message")
+        given = item.get("id")
+        fresh = not isinstance(given, str) or not given or given in taken
+        iid = new_id(ITEM_PREFIX.get(kind, "item")) if fresh else given
+        taken.add(iid)
+        entry = {**item, "id": iid, "type": kind, "status": item.get("status") or "completed"}
+        if kind == "message" and isinstance(item.get("content"), str):
+            entry["content"] = [{"type": "output_text", "text": item["content"], "annotations": []}
+                                if item.get("role") == "assistant" else {"type": "input_text", "text": item["content"]}]
+        out.append(entry)
+    return out
 
 
 def output_messages(response: dict[str, Any]) -> list[dict[str, Any]]:

@@ -578,7 +578,8 @@ async def anyad_startup(daemon: Any, config: dict[str, Any]) -> None:
 
 @anyad.hookimpl
 def anyad_before_request(request: Any, daemon: Any) -> Any:
-    """Ollama's names and a store model's Modelfile defaults, on every door."""
+    """Ollama's names and a store model's Modelfile defaults, on every door (after the
+    access check: ``ChatFlow.open`` admits the request first)."""
     return ollama_models.before_request(request, daemon)
 
 

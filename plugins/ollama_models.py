@@ -15,9 +15,10 @@ chatted with without a restart. Only models in the store can be deleted, copied 
 replaced: a model from the config file or another folder is refused by name.
 
 Changing the store is an admin's operation: the access layer's ``ADMIN_PATHS`` refuse the
-paths to other keys, and ``admit`` holds each model name to the key's model patterns; a
-create that imports files (uploaded blobs, a FROM path) needs an admin key with no model
-patterns at all (the files are no model's, so no pattern can admit them).
+paths to other keys, and ``admit`` holds each model name to the key's model patterns; what
+names no model (uploading or looking up a blob, a create that imports files: uploaded blobs,
+a FROM path) needs an admin key with no model patterns at all (``admit_unnamed``: the files
+are no model's, so no pattern can admit them).
 
 What changes the store does so under the door's lock, and what is begun under it runs to
 its end there even when the client goes away (the lock is held until it has). A name
@@ -57,12 +58,12 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from anyad import errors
-from anyad.access import admit
+from anyad.access import admit, admit_unnamed
 from anyad.chatflow import check_caps
 from anyad.config import ModelSettings
 from anyad.daemon import DAEMON
 from anyad.discovery import NOT_LANGUAGE_MODELS, ollama_name, ollama_root
-from anyad.errors import ConfigError, Forbidden, InvalidRequest, NotFound
+from anyad.errors import ConfigError, InvalidRequest, NotFound
 from anyad.gguf_meta import GGUFInfo, read_gguf_info
 from anyad.jsoncodec import dumpb
 from anyad.ollama_store import (
@@ -89,7 +90,7 @@ from anyad.ollama_store import (
 )
 from anyad.plugins import ollama_modelfile as modelfile
 from anyad.plugins.ollama_registry import fetch_manifest, pull_blobs, registry_host
-from anyad.request_context import actor, identity, read_json
+from anyad.request_context import actor, read_json
 from anyad.stream import ChatRequest
 
 log = logging.getLogger("anyad.ollama")
@@ -900,11 +901,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     if mf.from_ is None and not files:
         raise InvalidRequest("FROM is required: a model name, or the absolute path to a GGUF file on this machine "
                              "(`from`, a Modelfile's FROM, or uploaded `files`)", param="from")
-    ident = identity(request)
-    if ident.models and (files or (mf.from_ or "").startswith(PATH_PREFIXES)):
-        raise Forbidden(f"the key {ident.name!r} is held to some models; creating a model from "
-                        f"{'uploaded blobs' if files else 'a file on this machine'} needs an admin key that is held "
-                        "to none", code="model_not_allowed")
+    if files or (mf.from_ or "").startswith(PATH_PREFIXES):
+        admit_unnamed(request, f"creating a model from {'uploaded blobs' if files else 'a file on this machine'}")
     base = await _base(door, request, mf, files)
     defaults = _merge(base.defaults, mf)
     modelfile.check_parameters(defaults.params)
@@ -1014,6 +1012,7 @@ def _blob(door: Door, request: web.Request) -> tuple[str, Path]:
 
 
 async def blob_head(request: web.Request) -> web.Response:
+    admit_unnamed(request, "looking up a blob")  # which files the store holds: no model's either
     _, path = _blob(door_of(request), request)
     if not path.is_file():
         raise NotFound("blob not found")
@@ -1021,6 +1020,7 @@ async def blob_head(request: web.Request) -> web.Response:
 
 
 async def blob_upload(request: web.Request) -> web.Response:
+    admit_unnamed(request, "uploading a blob")
     door = door_of(request)
     digest, final = _blob(door, request)
     store = door.store

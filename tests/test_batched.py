@@ -489,6 +489,7 @@ def test_the_disk_tier_keeps_to_its_size_least_recently_used_out(make, tmp_path)
     ctx = make(1, prompt_cache_bytes=1, prompt_cache_dir=str(disk), prompt_cache_disk_bytes=cap)
     seconds = [conversation(ctx, f"{i} {QUESTIONS[2]}")[1] for i in range(4)]
     turn(ctx, ctx.tokenize(chat("x")))  # the last one out of the slot too
+    assert ctx.prompt_cache is not None and ctx.prompt_cache.written(60)  # (files are written on a thread)
     files = list(disk.rglob("*.kv"))
     assert 1 <= len(files) <= 2 and sum(f.stat().st_size for f in files) <= cap + 2 * 4096
     # The oldest went first: the last conversation is still there, the first is not.
@@ -512,3 +513,34 @@ def test_a_conversation_id_keeps_an_edited_conversation_in_its_slot(make):
 
     assert second_turn(None) < -16
     assert second_turn("c1") >= -1
+
+
+def test_a_hostile_or_broken_cache_folder_never_stops_the_model_nor_lies_about_reuse(make, tmp_path):
+    import json as _json
+    import struct
+
+    disk = tmp_path / "kv"
+    settings = {"prompt_cache_bytes": 1, "prompt_cache_dir": str(disk), "prompt_cache_disk_bytes": 64 << 20}
+    ctx = make(1, **settings)
+    first, second = conversation(ctx, QUESTIONS[2])
+    ctx.close()
+    (saved,) = disk.rglob("*.kv")
+    folder = saved.parent
+    # A state whose payload was cut short (its header intact), beside junk of every kind.
+    saved.write_bytes(saved.read_bytes()[:-200])
+    (folder / "dir.kv").mkdir()
+    (folder / "dir.tmp").mkdir()
+    header = _json.dumps([1, 2]).encode()
+    (folder / "list.kv").write_bytes(b"ANYADKV1" + struct.pack("<I", len(header)) + header)
+    header = _json.dumps({"identity": "x", "n_tokens": 10 ** 12}).encode()
+    (folder / "huge.kv").write_bytes(b"ANYADKV1" + struct.pack("<I", len(header)) + header)
+
+    again = make(1, **settings)
+    before = again.stats().prompt_tokens_read
+    h = again.submit(second, GenerationParams(temperature=0, max_tokens=4))
+    drain(again)
+    usage = done(taken(h)).usage
+    # llama.cpp refused the cut state: the prompt was read, and the usage says so.
+    assert again.stats().prompt_tokens_read - before == usage.prompt_tokens - usage.cached_tokens
+    assert usage.cached_tokens == 0 and again.stats().prompt_cache["misses"] == 1
+    assert not saved.exists()  # never offered again

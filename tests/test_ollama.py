@@ -127,3 +127,57 @@ async def test_a_keys_model_patterns_hold_on_the_ollama_api_too(make_client, tin
     with pytest.raises(ollama.ResponseError) as err:
         await nokey.list()
     assert err.value.status_code == 401
+
+
+async def test_a_request_access_refuses_never_reaches_the_request_hook(make_client, tiny_model, tmp_path,
+                                                                       monkeypatch):
+    """The plugin's ``anyad_before_request`` (Ollama's names and Modelfile defaults) runs after
+    the access check, on every door; the model it rewrites a request to is checked too."""
+    from anyad.plugins import ollama_models
+
+    seen: list[str] = []
+    real = ollama_models.before_request
+
+    def spy(chat, daemon):
+        seen.append(chat.model)
+        return real(chat, daemon)
+
+    monkeypatch.setattr(ollama_models, "before_request", spy)
+    for name, key in (("U_KEY", "user-key-Hook1"), ("Q_KEY", "quota-key-Hook2"), ("L_KEY", "latest-key-Hook3")):
+        monkeypatch.setenv(name, key)
+    c = await make_client(parse_settings({
+        "data_dir": str(tmp_path / "data"), "cache": {"enabled": False},
+        "models": {MODEL_ID: {"path": str(tiny_model)}, "other": {"path": str(tiny_model)}},
+        "keys": {"u": {"key": "env:U_KEY", "models": [MODEL_ID]},
+                 "q": {"key": "env:Q_KEY", "tokens_per_day": 1},
+                 "l": {"key": "env:L_KEY", "models": ["*:latest"]}},
+        "plugins": {"enabled": ["ollama"], "ollama": {"port": 0}}}))
+    host, port = ollama_plugin.address(c.daemon)
+    hi = [{"role": "user", "content": "hi"}]
+
+    async def status(key: str, model: str, door: str) -> int:
+        headers = {"Authorization": f"Bearer {key}"}
+        if door == "ollama":
+            r = await c.session.post(f"http://{host}:{port}/api/chat", headers=headers, json={
+                "model": model, "messages": hi, "stream": False, "options": {"num_predict": 1}})
+        elif door == "responses":
+            r = await c.post("/v1/responses", headers=headers, json={"model": model, "input": "hi",
+                                                                     "max_output_tokens": 1})
+        else:
+            r = await c.post("/v1/chat/completions", headers=headers, json={"model": model, "messages": hi,
+                                                                            "max_tokens": 1})
+        await r.read()
+        return r.status
+
+    doors = ("ollama", "chat", "responses")
+    assert [await status("user-key-Hook1", "other", d) for d in doors] == [403, 403, 403]
+    assert seen == []  # a model the key may not use: refused before the hook
+    assert await status("quota-key-Hook2", MODEL_ID, "chat") == 200  # the day's one token, and more
+    assert seen == [MODEL_ID]
+    assert [await status("quota-key-Hook2", MODEL_ID, d) for d in doors] == [429, 429, 429]
+    assert seen == [MODEL_ID]  # over its quota: refused before the hook
+    # The hook takes "other:latest" for the configured "other", which "*:latest" does not admit.
+    assert await status("latest-key-Hook3", "other:latest", "chat") == 403
+    assert seen == [MODEL_ID, "other:latest"]
+    assert [await status("user-key-Hook1", MODEL_ID, d) for d in doors] == [200, 200, 200]
+    assert seen[2:] == [MODEL_ID] * 3

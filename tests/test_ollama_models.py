@@ -330,7 +330,45 @@ async def test_only_an_admin_key_changes_the_store(start_door, registry, tiny_mo
     digest = await root.create_blob(tiny_model)
     assert "held to none" in await refused(lambda: some.create(model="tinyblob", files={"t.gguf": digest}), 403)
     assert (await some.create(model="tinyderived", from_="tinyllama", system="Hi.")).status == "success"
+    # A model's name is held to the key's patterns, whatever it is made from.
+    assert "may not use" in await refused(lambda: some.create(model="other", from_="tinyllama"), 403)
     assert (await root.create(model="tinyfile", from_=str(tiny_model))).status == "success"
+
+
+async def test_blobs_are_no_models_so_only_a_key_held_to_none_uploads_them(start_door, tiny_model, store,
+                                                                        monkeypatch):
+    """Uploading a blob (and asking whether the store has one) names no model: a key's model
+    patterns cannot admit it, so an admin key held to some models may not, as for a create
+    from files; an admin key held to none may, a user key not at all."""
+    for name, key in (("ROOT_KEY", "root-key-Blob1"), ("SOME_KEY", "some-key-Blob2"), ("USER_KEY", "user-key-Blob3")):
+        monkeypatch.setenv(name, key)
+    c = await start_door(keys={"root": {"key": "env:ROOT_KEY", "role": "admin"},
+                               "some": {"key": "env:SOME_KEY", "role": "admin", "models": ["tiny*"]},
+                               "u": {"key": "env:USER_KEY", "role": "user"}})
+    data = b"GGUF, or any bytes at all"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with aiohttp.ClientSession(c.ollama_url) as s:
+
+        async def upload(key: str) -> tuple[int, str]:
+            async with s.post(f"/api/blobs/{digest}", data=data, headers={"Authorization": f"Bearer {key}"}) as r:
+                return r.status, (await r.text())
+
+        async def head(key: str) -> int:
+            async with s.head(f"/api/blobs/{digest}", headers={"Authorization": f"Bearer {key}"}) as r:
+                return r.status
+
+        status, text = await upload("some-key-Blob2")
+        assert status == 403 and "held to none" in json.loads(text)["error"]
+        assert await head("some-key-Blob2") == 403
+        assert (await upload("user-key-Blob3"))[0] == 403 and await head("user-key-Blob3") == 403
+        assert not blob(store, digest).exists()
+        assert await head("root-key-Blob1") == 404
+        assert (await upload("root-key-Blob1"))[0] == 201 and blob(store, digest).read_bytes() == data
+        assert await head("root-key-Blob1") == 200
+        assert await head("some-key-Blob2") == 403  # there now, and still not its to ask about
+    # The official client's upload (what `ollama create` does with a local file), refused the same way.
+    some = ollama.AsyncClient(host=c.ollama_url, headers={"Authorization": "Bearer some-key-Blob2"})
+    assert "held to none" in await refused(lambda: some.create_blob(tiny_model), 403)
 
 
 async def test_generate_raw_suffix_and_context(start_door, tmp_path):

@@ -111,3 +111,109 @@ async def test_structured_output(sdk):
     r = await sdk.responses.create(model=MODEL_ID, input="a number", max_output_tokens=60, text={
         "format": {"type": "json_schema", "name": "n", "schema": schema, "strict": True}})
     assert isinstance(json.loads(r.output_text)["n"], int)
+
+
+async def test_input_items_list_what_a_stored_response_was_made_from(sdk):
+    first = await sdk.responses.create(model=MODEL_ID, input="hello", instructions="Be brief.", max_output_tokens=3)
+    # Listed at once (until the writer commits its row, from the memory copy), by the SDK's own pages.
+    (item,) = [i async for i in sdk.responses.input_items.list(first.id)]
+    assert (item.type, item.role, item.content[0].type, item.content[0].text) == ("message", "user", "input_text",
+                                                                                  "hello")
+    assert item.id.startswith("msg_")  # the instructions are no item: they are not carried on
+    await settle(sdk)
+    nxt = await sdk.responses.create(model=MODEL_ID, previous_response_id=first.id, max_output_tokens=2, input=[
+        {"role": "user", "content": "one"}, {"role": "user", "content": [{"type": "input_text", "text": "two"}]}])
+    await settle(sdk)
+    asc = await sdk.responses.input_items.list(nxt.id, order="asc")
+    # The earlier response's input and output, then its own input: each with its id.
+    assert [i.id for i in asc.data][:1 + len(first.output)] == [item.id, *[o.id for o in first.output]]
+    assert [i.content[0].text for i in asc.data[-2:]] == ["one", "two"]
+    assert not asc.has_more and asc.first_id == asc.data[0].id and asc.last_id == asc.data[-1].id
+    assert len({i.id for i in asc.data}) == len(asc.data)
+    # Newest first by default; a page of one, and the SDK walking the pages with `after`.
+    desc = await sdk.responses.input_items.list(nxt.id, limit=1)
+    assert desc.has_more and desc.data[0].content[0].text == "two" and desc.first_id == desc.last_id
+    assert [i.id async for i in sdk.responses.input_items.list(nxt.id, limit=1)] == [i.id for i in asc.data[::-1]]
+    rest = await sdk.responses.input_items.list(nxt.id, order="asc", after=asc.data[0].id, limit=100)
+    assert [i.id for i in rest.data] == [i.id for i in asc.data[1:]]
+    for bad, param in (({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"after": "msg_nope"}, "after")):
+        with pytest.raises(openai.BadRequestError) as e:
+            await sdk.responses.input_items.list(nxt.id, **bad)
+        assert e.value.param == param
+    r = await sdk.anyad.get(f"/v1/responses/{nxt.id}/input_items?order=sideways")
+    assert r.status == 400 and (await r.json())["error"]["param"] == "order"
+    with pytest.raises(openai.NotFoundError):
+        await sdk.responses.input_items.list("resp_nope")
+    gone = await sdk.responses.create(model=MODEL_ID, input="hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        await sdk.responses.input_items.list(gone.id)
+
+
+async def test_a_keys_responses_and_their_items_are_its_own(make_client, tmp_path, tiny_model, monkeypatch):
+    for name, key in (("ALICE_KEY", "alice-key-Resp4Qm1"), ("BOB_KEY", "bob-key-Resp8Zt2"),
+                      ("ROOT_KEY", "root-key-Resp2Kd7")):
+        monkeypatch.setenv(name, key)
+    c = await make_client(settings_for(tmp_path, {MODEL_ID: tiny_model}, keys={
+        "alice": {"key": "env:ALICE_KEY"}, "bob": {"key": "env:BOB_KEY"},
+        "root": {"key": "env:ROOT_KEY", "role": "admin"}}))
+
+    def client(key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key=key, max_retries=0)
+
+    alice, bob, root = client("alice-key-Resp4Qm1"), client("bob-key-Resp8Zt2"), client("root-key-Resp2Kd7")
+    try:
+        r = await alice.responses.create(model=MODEL_ID, input="mine", max_output_tokens=2)
+        await asyncio.to_thread(c.daemon.store.flush)
+        assert [i.content[0].text async for i in alice.responses.input_items.list(r.id)] == ["mine"]
+        # Another key's response is not there for bob (as GET says), whatever he asks of it.
+        for call in (lambda: bob.responses.input_items.list(r.id), lambda: bob.responses.retrieve(r.id)):
+            with pytest.raises(openai.NotFoundError) as e:
+                await call()
+            assert e.value.code == "response_not_found"
+        assert (await root.responses.input_items.list(r.id)).data[0].content[0].text == "mine"  # an admin's: any
+        nokey = await c.get(f"/v1/responses/{r.id}/input_items")
+        assert nokey.status == 401
+    finally:
+        for s in (alice, bob, root):
+            await s.close()
+
+
+def test_the_writer_keeps_responses_in_their_exchanges_batch(tmp_path):
+    """A stored response goes with its exchange's batch (after it: its conversation exists),
+    into the conversation the writer gave the exchange; a delete queued after it takes it."""
+    import sqlite3
+
+    from anyad.store import Exchange, Store
+    from anyad.store import responses as response_store
+
+    store = Store(tmp_path / "anyad.db", batch_interval_s=0.5)  # everything below in one batch
+
+    def ex(owner: str, text: str) -> Exchange:
+        return Exchange("conv-7", f"r-{text}", MODEL_ID, MODEL_ID, False, None, [{"role": "user", "content": text}],
+                        {"role": "assistant", "content": "ok"}, "stop", 1, 1, 0.0, 1.0, 1.0, owner,
+                        any_conversation=False)
+
+    def kept(rid: str, owner: str, exchange: Exchange) -> None:
+        body = {"id": rid, "object": "response", "output": []}
+        response_store.put(store, response_store.StoredResponse(
+            rid, "conv-7", owner, body, exchange.messages, [{"id": f"msg_{rid}", "type": "message"}]), exchange)
+
+    try:
+        mine, intruder = ex("bob", "mine"), ex("carol", "intruder")
+        for rid, e in (("resp_1", mine), ("resp_2", intruder), ("resp_3", ex("bob", "gone"))):
+            store.record(e)
+            kept(rid, e.owner, e)
+        assert response_store.get(store, "resp_1").items == [{"id": "msg_resp_1", "type": "message"}]  # in memory
+        assert response_store.delete(store, "resp_3", "bob").result(10) is True  # queued after its INSERT
+        store.flush()
+        conn = sqlite3.connect(store.path)
+        rows = dict(conn.execute("SELECT id, conversation_id FROM responses").fetchall())
+        conn.close()
+        # Carol's exchange went into a conversation of her own, and her response with it.
+        assert rows == {"resp_1": "conv-7", "resp_2": intruder.conversation_id}
+        assert intruder.conversation_id.startswith("conv-7.")
+        got = response_store.get(store, "resp_2", "carol")
+        assert got.conversation_id == intruder.conversation_id and got.items[0]["id"] == "msg_resp_2"
+        assert response_store.get(store, "resp_2", "bob") is None
+    finally:
+        store.close()

@@ -20,6 +20,7 @@ def register_v1_routes(app: web.Application) -> None:
     app.router.add_post("/v1/messages/count_tokens", messages.count_tokens)
     app.router.add_post("/v1/responses", responses.create)
     app.router.add_get("/v1/responses/{id}", responses.get)
+    app.router.add_get("/v1/responses/{id}/input_items", responses.input_items)
     app.router.add_delete("/v1/responses/{id}", responses.delete)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)
     app.router.add_get("/v1/models", system.list_models)

@@ -12,7 +12,7 @@ of their own (``connection.read_only``), which WAL lets run beside the writer.
 - ``connection``: ``connect`` (the writing connection, migrated), ``read_only``,
   ``check_integrity``
 - ``migrations``: the schema, as ordered named migrations
-- ``rows``: what the writer is handed (``Exchange``, ``AuditRow``, ``UsageRow``)
+- ``rows``: what the writer is handed (``Exchange``, ``ResponseRow``, ``AuditRow``, ``UsageRow``)
 - ``writer``: ``Store``, the one writer thread (and a reader)
 - ``history``: ``HistoryReader``, reading conversations
 - ``search``: the full-text index of the messages

@@ -176,6 +176,13 @@ def m006_responses(db: Database) -> None:
     """)
 
 
+@migration
+def m007_response_items(db: Database) -> None:
+    """The items a stored response was made from, each with an id (``GET
+    /v1/responses/{id}/input_items``); NULL for a response kept before."""
+    db.execute("ALTER TABLE responses ADD COLUMN items TEXT")
+
+
 def migrate(db: Database) -> list[str]:
     """Apply the migrations this database lacks; returns their names."""
     if "_migrations" not in db.table_names():

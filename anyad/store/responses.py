@@ -1,8 +1,11 @@
 """Stored responses (the Responses API's ``store``), in the history's database.
 
-A response is written by the store's one writer after its exchange (so its conversation
-row exists), and goes with its conversation: deleting the conversation, or the history's
-retention, deletes it too. A key reads and deletes only its own (admin keys any).
+A response is written by the store's one writer in the batch of its exchange, after it
+(so its conversation row exists, and is the one the writer gave the exchange), its JSON
+made in the writer's thread; it goes with its conversation: deleting the conversation, or
+the history's retention, deletes it too. A key reads and deletes only its own (admin keys
+any). Besides the response object it keeps the conversation through it (chat messages,
+for ``previous_response_id``) and the items it was made from (for ``input_items``).
 
 Until its commit, a response is also kept in memory: a client that continues it at once
 (``previous_response_id`` a moment after the reply) must find it, not a 404.
@@ -13,37 +16,29 @@ from __future__ import annotations
 import concurrent.futures
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
-from anyad.jsoncodec import dumps, loads
+from anyad.jsoncodec import loads
 from anyad.store.history import HistoryReader
+from anyad.store.rows import Exchange, ResponseRow, StoredResponse
 from anyad.store.writer import Store
 
-
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
-    id: str
-    conversation_id: str
-    owner: str | None
-    body: dict[str, Any]  # the response object
-    messages: list[dict[str, Any]]  # the conversation through this response (chat messages)
-
+__all__ = ["StoredResponse", "delete", "get", "put"]
 
 # Per store: the responses written but not yet committed, by id.
 _pending: "weakref.WeakKeyDictionary[Any, dict[str, StoredResponse]]" = weakref.WeakKeyDictionary()
 
 
-def put(store: Store, r: StoredResponse) -> concurrent.futures.Future[Any]:
-    row = (r.id, r.conversation_id, r.owner, time.time(), dumps(r.body), dumps(r.messages))
+def put(store: Store, r: StoredResponse, exchange: Exchange | None = None) -> None:
+    """Keep ``r`` (after ``exchange``, the history's record of its reply, whose conversation
+    it goes into): in memory at once, in the database with the writer's next batch."""
     pending = _pending.setdefault(store, {})
     pending[r.id] = r
-    done = store.submit(lambda db: db.conn.execute(
-        "INSERT OR REPLACE INTO responses (id, conversation_id, owner, created, body, messages) "
-        "VALUES (?, ?, ?, ?, ?, ?)", row))
-    # From the writer's thread; dict operations on one key are atomic under the GIL.
-    done.add_done_callback(lambda _: pending.pop(r.id, None))
-    return done
+
+    def written() -> None:  # from the writer's thread; dict operations on one key are atomic under the GIL
+        pending.pop(r.id, None)
+
+    store.keep_response(ResponseRow(r, time.time(), exchange, written))
 
 
 def get(reader: HistoryReader, response_id: str, owner: str | None = None) -> StoredResponse | None:
@@ -58,8 +53,9 @@ def get(reader: HistoryReader, response_id: str, owner: str | None = None) -> St
         conn.close()
     if row is None or (owner is not None and row["owner"] != owner):
         return None
+    # A response kept before its items were (NULL): none to list.
     return StoredResponse(row["id"], row["conversation_id"], row["owner"], loads(row["body"]),
-                          loads(row["messages"]))
+                          loads(row["messages"]), loads(row["items"]) if row["items"] is not None else [])
 
 
 def delete(store: Store, response_id: str, owner: str | None = None) -> concurrent.futures.Future[bool]:

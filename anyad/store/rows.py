@@ -1,10 +1,11 @@
-"""The rows the daemon hands the store's writer: an exchange for the history, an audit or
-usage row (plain tuples in their tables' column order, queued as they are)."""
+"""The rows the daemon hands the store's writer: an exchange for the history, a stored
+response, an audit or usage row (plain tuples in their tables' column order, queued as
+they are)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(slots=True)
@@ -28,6 +29,37 @@ class Exchange:
     owner: str | None = None  # the API key's name; the history shows a key only its own
     # Whether the exchange may go into another key's conversation (an admin key's may).
     any_conversation: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response kept for the Responses API (``store``)."""
+
+    id: str
+    conversation_id: str
+    owner: str | None
+    body: dict[str, Any]  # the response object
+    messages: list[dict[str, Any]]  # the conversation through this response (chat messages)
+    # The items it was made from (the earlier responses' input and output, then its own input),
+    # each with an id: what ``GET /v1/responses/{id}/input_items`` lists.
+    items: list[dict[str, Any]]
+
+
+@dataclass(slots=True)
+class ResponseRow:
+    """A stored response on its way to the writer, which turns it into JSON (off the event
+    loop) and writes it with the exchanges of its batch, after them."""
+
+    response: StoredResponse
+    created: float
+    # The exchange it is the reply of (queued before it): its conversation as the writer
+    # settled it, which may be a new one (see ``Store._write_exchanges``).
+    exchange: Exchange | None
+    done: Callable[[], None] | None = None  # once written (or failed): the writer thread calls it
+
+
+RESPONSE_INSERT = ("INSERT OR REPLACE INTO responses (id, conversation_id, owner, created, body, messages, items) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
 class AuditRow(tuple):

@@ -24,7 +24,7 @@ from sqlite_utils import Database
 from anyad.jsoncodec import dumps
 from anyad.store.connection import connect
 from anyad.store.history import HistoryReader
-from anyad.store.rows import AUDIT_INSERT, USAGE_INSERT, AuditRow, Exchange, UsageRow
+from anyad.store.rows import AUDIT_INSERT, RESPONSE_INSERT, USAGE_INSERT, AuditRow, Exchange, ResponseRow, UsageRow
 from anyad.store.search import SEARCH_INDEX_STEP, index_pending
 from anyad.stream import content_text
 
@@ -78,6 +78,13 @@ def _message_row(m: dict[str, Any]) -> tuple[str, str | None, str | None]:
     return str(m.get("role", "")), text, (dumps(extra) if extra else None)
 
 
+def _response_row(r: ResponseRow) -> tuple[Any, ...]:
+    """A stored response's row; its conversation its exchange's, as written."""
+    resp = r.response
+    cid = r.exchange.conversation_id if r.exchange is not None else resp.conversation_id
+    return (resp.id, cid, resp.owner, r.created, dumps(resp.body), dumps(resp.messages), dumps(resp.items))
+
+
 class Store(HistoryReader):
     """The history's one writer (a thread), and its reader."""
 
@@ -120,6 +127,19 @@ class Store(HistoryReader):
         """Queue an audit or usage row for the next batch; never blocks."""
         if not self._closed:
             self._queue.put(row)
+
+    def keep_response(self, row: ResponseRow) -> None:
+        """Queue a stored response for the next batch, after its exchange; never blocks.
+
+        Its JSON is made in the writer thread, and it is written with the batch's exchanges
+        (a job between them would cut their run in two, and cost each its own queries).
+        ``row.done`` is called once it is written, or could not be.
+        """
+        if self._closed:
+            if row.done is not None:
+                row.done()
+            return
+        self._queue.put(row)
 
     def submit(self, fn: Callable[[Database], Any]) -> concurrent.futures.Future[Any]:
         """Run ``fn`` in the writer thread, after what is already queued."""
@@ -174,19 +194,30 @@ class Store(HistoryReader):
             item = batch[0]
             if isinstance(item, _Job) and (item.future.running() or item.future.set_running_or_notify_cancel()):
                 item.future.set_exception(RuntimeError("the history database refused the write; see the log"))
+            elif isinstance(item, ResponseRow) and item.done is not None:
+                item.done()
             return
         for item, result in done:
-            item.future.set_result(result)
+            if isinstance(item, ResponseRow):
+                if item.done is not None:
+                    item.done()
+            else:
+                item.future.set_result(result)
 
-    def _apply(self, batch: list[Any]) -> list[tuple[_Job, Any]]:
-        """Runs of exchanges are written together; jobs in their place between them."""
-        done: list[tuple[_Job, Any]] = []
+    def _apply(self, batch: list[Any]) -> list[tuple[_Job | ResponseRow, Any]]:
+        """Runs of exchanges (and the responses that go with them, after them) are written
+        together; jobs in their place between them."""
+        done: list[tuple[_Job | ResponseRow, Any]] = []
         run: list[_Prepared] = []
+        responses: list[ResponseRow] = []
         audit: list[AuditRow] = []
         usage: list[UsageRow] = []
         for item in batch:
             if isinstance(item, _Prepared):
                 run.append(item)
+                continue
+            if isinstance(item, ResponseRow):
+                responses.append(item)
                 continue
             if isinstance(item, AuditRow):
                 audit.append(item)
@@ -194,13 +225,13 @@ class Store(HistoryReader):
             if isinstance(item, UsageRow):
                 usage.append(item)
                 continue
-            if run:
-                self._write_exchanges(self._db.conn, run)
-                run = []
+            if run or responses:
+                self._write_run(run, responses, done)
+                run, responses = [], []
             if item.future.running() or item.future.set_running_or_notify_cancel():  # False: its caller gave up
                 done.append((item, item.fn(self._db)))
-        if run:
-            self._write_exchanges(self._db.conn, run)
+        if run or responses:
+            self._write_run(run, responses, done)
         # Rows of one fixed shape: one prepared statement, reused (a multi-row VALUES list
         # would be parsed anew for every batch size).
         if audit:
@@ -208,6 +239,15 @@ class Store(HistoryReader):
         if usage:
             self._db.conn.executemany(USAGE_INSERT, usage)
         return done
+
+    def _write_run(self, run: list[_Prepared], responses: list[ResponseRow],
+                   done: list[tuple[_Job | ResponseRow, Any]]) -> None:
+        c = self._db.conn
+        if run:
+            self._write_exchanges(c, run)
+        if responses:
+            c.executemany(RESPONSE_INSERT, [_response_row(r) for r in responses])
+            done += [(r, None) for r in responses]
 
     @staticmethod
     def _write_exchanges(c: sqlite3.Connection, batch: list[_Prepared]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ import psutil
 from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.backends.llama_cpp.load_options import engine_for
 from anyad.config import ModelDefaults, ModelSettings
-from anyad.errors import BackendError, ConfigError, ContextLengthExceeded, InvalidRequest
+from anyad.errors import BackendError, ConfigError, ContextLengthExceeded, InvalidRequest, Unavailable
 from anyad.fields import check_local
 from anyad.gguf_meta import GGUFInfo, read_gguf_info
 from anyad.integrity import verify
@@ -159,7 +160,9 @@ class LlamaCppBackend(Backend):
             self._cache_bytes = settings.prompt_cache_mib * MIB
             self._base_load["prompt_cache_bytes"] = self._cache_bytes
             if data_dir is not None and settings.prompt_cache_disk_mib:
-                self._base_load["prompt_cache_dir"] = str(data_dir / "prompt-cache")
+                # A folder per model id: two ids on one file are two caches, each with its own cap.
+                folder = hashlib.sha256(model_id.encode()).hexdigest()[:16]
+                self._base_load["prompt_cache_dir"] = str(data_dir / "prompt-cache" / folder)
                 self._base_load["prompt_cache_disk_bytes"] = settings.prompt_cache_disk_mib * MIB
         self.worker = WorkerProcess(model_id, WORKER_MODULE, dict(self._base_load),
                                     load_timeout_s=self.policy.load_timeout_s)
@@ -219,7 +222,12 @@ class LlamaCppBackend(Backend):
         await self.worker.ensure_started()
 
     async def unload(self) -> None:
-        await self.worker.stop()
+        await self.worker.stop(grace_s=self._stop_grace_s)
+
+    @property
+    def _stop_grace_s(self) -> float:
+        # A worker with a prompt cache on disk writes its slots there as it stops: give it time.
+        return 60.0 if "prompt_cache_dir" in self._base_load else 5.0
 
     # The Backend interface.
 
@@ -261,6 +269,11 @@ class LlamaCppBackend(Backend):
                     if t == "delta":
                         yield delta_chunk(frame)
                     elif t in ("finish", "end"):  # a choice's end; "end" is the last one's, with the usage
+                        if frame["finish_reason"] == "cancelled":
+                            # Stopped by the worker's own shutdown while this reply was still read: the
+                            # client must not take the cut reply for a whole one.
+                            raise Unavailable(f"model {self.model_id!r}: the reply was cut off (the model was "
+                                              "unloaded or the daemon is stopping); ask again")
                         u = frame.get("usage")
                         note = frame.get("note")
                         if note:
@@ -307,4 +320,4 @@ class LlamaCppBackend(Backend):
         raise BackendError(f"model {self.model_id!r}: {msg}")
 
     async def close(self) -> None:
-        await self.worker.stop()
+        await self.worker.stop(grace_s=self._stop_grace_s)

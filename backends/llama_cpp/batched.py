@@ -334,10 +334,15 @@ class BatchedContext:
         if settings.prompt_cache_bytes or (settings.prompt_cache_dir and settings.prompt_cache_disk_bytes):
             import llama_cpp
 
-            self._cache = PromptCache(
-                settings.prompt_cache_bytes, model_identity(settings.path, settings.kv_type, llama_cpp.__version__),
-                Path(settings.prompt_cache_dir) if settings.prompt_cache_dir else None,
-                settings.prompt_cache_disk_bytes)
+            try:
+                identity = model_identity(settings.path, settings.kv_type, llama_cpp.__version__,
+                                          settings.flash_attention)
+                self._cache = PromptCache(settings.prompt_cache_bytes, identity,
+                                          Path(settings.prompt_cache_dir) if settings.prompt_cache_dir else None,
+                                          settings.prompt_cache_disk_bytes)
+            except Exception:  # the model serves without a cache rather than not at all
+                log.exception("batched context: no prompt cache for %s", settings.path)
+                self._cache = None
 
         self._pieces: dict[int, bytes] = {}
         self._slots = [_Slot(i) for i in range(settings.parallel)]
@@ -422,6 +427,10 @@ class BatchedContext:
         for i in range(lc.llama_model_meta_count(self._model)):
             out[read(lc.llama_model_meta_key_by_index, i)] = read(lc.llama_model_meta_val_str_by_index, i)
         return out
+
+    @property
+    def prompt_cache(self) -> PromptCache | None:
+        return self._cache
 
     # ---- requests (any thread) ----
 
@@ -588,14 +597,16 @@ class BatchedContext:
             slot, shared = self._choose(free, seq.prompt, seq.conversation)
             min_prefix = self.settings.min_prefix
             hit = self._cache.best(seq.prompt, shared + min_prefix) if self._cache is not None else None
+            if hit is not None:
+                if len(slot.cached) >= min_prefix:
+                    self._save(slot)  # the conversation this slot held, before it is replaced
+                restored = self._restore(slot, hit[0])
+                if restored is not None:  # loaded, or the slot was emptied trying
+                    shared = hit[1] if restored else 0
+            elif self._cache is not None and len(slot.cached) - min(shared, len(seq.prompt) - 1) >= min_prefix:
+                self._save(slot)  # the conversation this slot held, before its tail is cut
             # The last prompt token is always decoded again: its logits are the first draw's.
             keep = min(shared, len(seq.prompt) - 1)
-            if self._cache is not None and len(slot.cached) - max(keep, 0) >= min_prefix and \
-                    (hit is not None or keep < len(slot.cached)):
-                self._save(slot)  # the conversation this slot held, before it is cut or replaced
-            if hit is not None and self._restore(slot, hit[0]):
-                shared = hit[1]
-                keep = min(shared, len(seq.prompt) - 1)
             if keep < len(slot.cached):
                 if not self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
                     # A memory that cannot cut a sequence's tail (a recurrent model's) starts over.
@@ -618,20 +629,25 @@ class BatchedContext:
         if got:
             self._cache.put(slot.cached, ctypes.string_at(buf, got))
 
-    def _restore(self, slot: _Slot, entry: Any) -> bool:
-        """A saved conversation into the slot, in place of what it held."""
+    def _restore(self, slot: _Slot, entry: Any) -> bool | None:
+        """A saved conversation into the slot, in place of what it held: True; False when
+        llama.cpp refused it (the slot is empty then); None when the state could not be read
+        (the slot is as it was). A refused or unreadable state is forgotten."""
         assert self._cache is not None
         data = self._cache.load(entry)
         if data is None:
-            return False
+            return None
         lc = self._lc
         lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
         slot.cached.clear()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if not lc.llama_state_seq_set_data(self._ctx, buf, len(data), slot.seq_id):
+        del data
+        if not lc.llama_state_seq_set_data(self._ctx, buf, len(buf), slot.seq_id):
             log.warning("batched context: a saved state did not load; reading the prompt instead")
             lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            self._cache.refused(entry)
             return False
+        self._cache.served(entry)
         slot.cached.extend(entry.tokens)
         return True
 

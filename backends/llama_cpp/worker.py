@@ -27,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, TypeVar, cast
 from anyad import protocol
 from anyad.backends.llama_cpp import load_options
 from anyad.backends.llama_cpp.batched import (
+    KV_TYPES,
     BatchedContext,
     ContextSettings,
     Delta,
@@ -323,7 +324,8 @@ class Engine:
 
     @staticmethod
     def _open(cls: Any, load: dict[str, Any]) -> list[Any]:
-        return [cls(model_path=load["path"], n_ctx=load["n_ctx"], n_threads=load["n_threads"],
+        kv = KV_TYPES[load.get("kv_cache_type") or "f16"]
+        return [cls(model_path=load["path"], n_ctx=load["n_ctx"], n_threads=load["n_threads"], type_k=kv, type_v=kv,
                     flash_attn=load.get("flash_attention") == "on",
                     n_threads_batch=load["n_threads"], n_batch=load.get("n_batch", 512),
                     n_gpu_layers=load.get("n_gpu_layers", 0), main_gpu=load.get("main_gpu", 0), logits_all=False,
@@ -677,6 +679,7 @@ class Engine:
         if rid in cancelled:  # a cancel that came before the handle was known
             ctx.cancel(handle)
         send = self._sender(out, index, None)
+        ended = False
         held: list[dict[str, Any]] = []  # entries of text the parser holds for now: they wait with it
         try:
             while True:
@@ -693,6 +696,7 @@ class Engine:
                             entries = []
                         held = entries
                     continue
+                ended = True
                 if ev.reason == "error":
                     raise RuntimeError(ev.error or "the batched context failed")
                 finish, note = self._closed(parser, ev.reason, rid, send, held)
@@ -700,6 +704,8 @@ class Engine:
         finally:
             with self._handles_lock:
                 self._handles.pop(rid, None)
+            if not ended:  # this thread failed mid-reply: the sequence must not go on without a reader
+                ctx.cancel(handle)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -720,7 +726,8 @@ def engine_kind(load: dict[str, Any]) -> str:
 def context_settings(load: dict[str, Any]) -> ContextSettings:
     return ContextSettings(
         path=load["path"], n_ctx=int(load["n_ctx"]), parallel=max(1, int(load.get("parallel", 1))),
-        n_batch=int(load.get("n_batch", 512)), n_ubatch=int(load.get("n_batch", 512)),
+        # Micro-batches of at most 512, as Llama's default (and what the memory estimate counts).
+        n_batch=int(load.get("n_batch", 512)), n_ubatch=min(int(load.get("n_batch", 512)), 512),
         n_threads=load.get("n_threads"), n_gpu_layers=int(load.get("n_gpu_layers", 0)),
         main_gpu=int(load.get("main_gpu", 0)), tensor_split=tuple(load.get("tensor_split") or ()),
         repack=load.get("repack") or "auto",
