@@ -14,9 +14,11 @@ Series:
   first token per turn. Run as 4 × 4 on one slot and on four, and 8 conversations on two
   slots. Then each server is restarted and every conversation asked once more
   (``after restart``): llama-server loses its cache, anyad reads its disk tier.
-- ``decode``: N streams at once (N = 1, 2, 4, 8, each server with N slots), the
-  aggregate tokens/s of their replies (tokens after each stream's first, over the time
-  from the first stream's first token to the last stream's last).
+- ``decode``: N streams sent at once (N = 1, 2, 4, 8, each server with N slots), 64
+  tokens each: ``decode`` is the aggregate decode speed, the sum over the streams of each
+  one's tokens after its first over its own first-to-last time (what decoding them
+  together gives, whenever each joined); ``wall`` is all the tokens over the time from
+  sending to the last token (prompt reads and arrival order included).
 - ``rss``: the resident memory of the process holding the model (anyad's worker,
   llama-server) after the 4-slot series.
 
@@ -150,16 +152,14 @@ async def after_restart(server: Server, convs: list[list[dict]]) -> list[float]:
     return out
 
 
-async def decode(server: Server, n: int, tag: str) -> float:
-    """Aggregate tokens/s of n streams at once."""
+async def decode(server: Server, n: int, tag: str) -> tuple[float, float]:
+    """(aggregate decode tokens/s, wall tokens/s) of n streams sent at once."""
     msgs = [[{"role": "user", "content": f"[{tag}-{i}] Tell me a story."}] for i in range(n)]
-    # Each stream its own clock; the aggregate: tokens after each first, over first-first → last-last.
-    starts = time.perf_counter()
+    start = time.perf_counter()
     results = await asyncio.gather(*(server.ask(m, 64) for m in msgs))
-    firsts = [starts + r[0] for r in results]
-    lasts = [r[2] for r in results]
-    tokens = sum(max(r[3] - 1, 0) for r in results)
-    return tokens / (max(lasts) - min(firsts))
+    rates = [(r[3] - 1) / (r[2] - (start + r[0])) for r in results if r[3] > 1 and r[2] > start + r[0]]
+    wall = sum(r[3] for r in results) / (max(r[2] for r in results) - start)
+    return sum(rates), wall
 
 
 def median_ms(xs: list[float]) -> float:
@@ -223,7 +223,9 @@ async def main() -> None:
                     speeds = [await decode(server, n, f"d{r}") for r in range(3)]
                 finally:
                     await server.stop()
-                out["decode"][n][server.name.split(" -np")[0]] = round(statistics.median(speeds), 1)
+                out["decode"][n][server.name.split(" -np")[0]] = {
+                    "decode": round(statistics.median(s[0] for s in speeds), 1),
+                    "wall": round(statistics.median(s[1] for s in speeds), 1)}
             print("decode", n, out["decode"][n], flush=True)
 
     print(json.dumps(out, indent=2))
