@@ -113,7 +113,7 @@ class Estimate:
         if self.repack:
             cpu_share = cpu_blocks / s.n_layer if s.n_layer else 1.0
             ram += int(REPACK_FACTOR * s.repackable_bytes * cpu_share)
-        buffers = (self.compute_bytes if k == 0 else SCRATCH) * (1 if self.shared else self.parallel)
+        buffers = (self.compute_bytes if k == 0 else SCRATCH) * self.contexts
         return ram + self.parallel * cpu_blocks * self.kv_layer_bytes + buffers + self.prompt_cache_bytes + \
             (GPU_HOST_OVERHEAD if k else self.projector_bytes)
 
@@ -125,9 +125,8 @@ class Estimate:
         blocks = k - 1
         weights = sum(s.layer_bytes[s.n_layer - blocks:]) + s.output_bytes
         kv = blocks * self.kv_layer_bytes
-        if self.shared:
-            return weights + self.parallel * kv + self.compute_bytes + GPU_DEVICE_OVERHEAD + self.projector_bytes
-        return self.parallel * (weights + kv + self.compute_bytes) + GPU_DEVICE_OVERHEAD + self.projector_bytes
+        return self.contexts * (weights + self.compute_bytes) + self.parallel * kv + GPU_DEVICE_OVERHEAD + \
+            self.projector_bytes
 
     def vram_split(self, shares: Sequence[float]) -> list[int]:
         """VRAM on each GPU for the whole model split over them by layers, as llama.cpp's
@@ -140,15 +139,20 @@ class Estimate:
         out = [0] * len(shares)
         for i in range(s.n_layer):
             j = next((d for d, b in enumerate(bounds) if (i + 0.5) / s.n_layer < b), len(shares) - 1)
-            copies = 1 if self.shared else self.parallel
-            out[j] += copies * s.layer_bytes[i] + self.parallel * self.kv_layer_bytes
-        out[-1] += (1 if self.shared else self.parallel) * s.output_bytes
+            out[j] += self.contexts * s.layer_bytes[i] + self.parallel * self.kv_layer_bytes
+        out[-1] += self.contexts * s.output_bytes
         return [b + self.device_fixed_bytes + (self.projector_bytes if d == 0 else 0) for d, b in enumerate(out)]
+
+    @property
+    def contexts(self) -> int:
+        """llama.cpp contexts, each with its own compute buffer (and on a GPU its own copy of
+        the offloaded layers): one shared, or one per slot."""
+        return 1 if self.shared else self.parallel
 
     @property
     def device_fixed_bytes(self) -> int:
         """What each GPU that holds layers pays whatever its share: compute buffers, CUDA context."""
-        return self.compute_bytes * (1 if self.shared else self.parallel) + GPU_DEVICE_OVERHEAD
+        return self.compute_bytes * self.contexts + GPU_DEVICE_OVERHEAD
 
     @property
     def total_bytes(self) -> int:

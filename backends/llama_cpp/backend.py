@@ -138,7 +138,7 @@ class LlamaCppBackend(Backend):
                            "n_batch": settings.n_batch, "tool_format": settings.tool_format,
                            "reasoning": settings.reasoning, "repack": settings.repack,
                            "flash_attention": settings.flash_attention,
-                           "kv_cache_type": settings.kv_cache_type, "engine": settings.engine}
+                           "kv_cache_type": settings.kv_cache_type}
         self.mmproj = settings.mmproj
         self._projector_bytes = 0
         if self.mmproj is not None:
@@ -155,6 +155,7 @@ class LlamaCppBackend(Backend):
                 raise ConfigError(f"models.{model_id}: engine = \"batched\" does not read images yet; a model with "
                                   "a vision projector (mmproj) needs engine = \"slots\" or \"auto\"")
         self.engine = engine_for(settings.engine, self.mmproj is not None)
+        self._base_load["engine"] = self.engine  # decided here, once: the estimate depends on it
         self._cache_bytes = 0
         if self.engine == "batched":
             self._cache_bytes = settings.prompt_cache_mib * MIB

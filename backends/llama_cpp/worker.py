@@ -193,7 +193,8 @@ class Engine:
             self.metadata = self.llms[0].metadata
         self.llm = self.llms[0]
         self.load_s = time.monotonic() - t0
-        eos_id, bos_id = llama_cpp.llama_vocab_eos(self.vocab), llama_cpp.llama_vocab_bos(self.vocab)
+        eos_id = llama_cpp.llama_vocab_eos(self.vocab)
+        self.bos_id = bos_id = llama_cpp.llama_vocab_bos(self.vocab)
         template = self.metadata.get("tokenizer.chat_template")
         self.template_source = "model" if template else "fallback-chatml"
         override = load.get("tool_format") or "auto"
@@ -260,8 +261,7 @@ class Engine:
             out.update(waiting=st.waiting, steps=st.steps, tokens_decoded=st.tokens_decoded,
                        prompt_tokens_read=st.prompt_tokens_read,
                        prompt_tokens_reused=st.prompt_tokens_reused, prompt_cache=dict(st.prompt_cache),
-                       slots_cached_tokens=[s.cached_tokens
-                                                                                       for s in st.slots])
+                       slots_cached_tokens=[s.cached_tokens for s in st.slots])
         return out
 
     def close(self) -> None:
@@ -431,12 +431,11 @@ class Engine:
         if -1 in (pre, suf, mid):
             raise RequestError("invalid_request", "suffix: this model has no fill-in-the-middle tokens (a code "
                                "model's); send the prompt alone", "suffix")
-        bos = [llm.token_bos()] if lc.llama_vocab_get_add_bos(vocab) and llm.token_bos() != -1 else []
+        bos = [self.bos_id] if lc.llama_vocab_get_add_bos(vocab) and self.bos_id != -1 else []
         return (bos + [pre] + llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) + [suf]
                 + llm.tokenize(suffix.encode("utf-8"), add_bos=False, special=False) + [mid])
 
-    @staticmethod
-    def _continued(llm: Any, context: Any, prompt: list[int]) -> list[int]:
+    def _continued(self, llm: Any, context: Any, prompt: list[int]) -> list[int]:
         """``prompt`` going on from the tokens of an earlier prompt and reply (Ollama's
         ``context``): checked against the vocabulary (llama.cpp must never see an id it does
         not have), and without a start-of-sequence token of its own in the middle."""
@@ -444,7 +443,7 @@ class Engine:
         if not isinstance(context, list) or not all(type(t) is int and 0 <= t < n_vocab for t in context):
             raise RequestError("invalid_request", f"context: a list of this model's token ids (0 to {n_vocab - 1})",
                                "context")
-        bos = llm.token_bos()
+        bos = self.bos_id
         if prompt and bos != -1 and prompt[0] == bos:
             prompt = prompt[1:]
         return [*context, *prompt]
@@ -761,9 +760,6 @@ class ContextView:
 
     def n_vocab(self) -> int:
         return self.ctx.n_vocab
-
-    def token_bos(self) -> int:
-        return int(self.ctx._lc.llama_vocab_bos(self.ctx.vocab))
 
 
 class Output:
