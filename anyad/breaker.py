@@ -37,6 +37,10 @@ class Breaker:
         self.probing = True
         return True
 
+    def blocked(self) -> bool:
+        """Open and still cooling down (``allow`` would refuse), without claiming a probe."""
+        return self.state == "open" and self.clock() - self.opened_at < self.cooldown_s
+
     def success(self) -> None:
         self.state, self.failures, self.probing = "closed", 0, False
 

@@ -105,7 +105,8 @@ class ResponseCache:
     def key(chat: ChatRequest, targets: list[Target]) -> str:
         """The request as it changes the answer: what the route's targets are (a replaced model
         file is another model) and every field of the body that is not about delivery."""
-        identity = [t.backend.identity(t.model) for t in targets]
+        # Once each: a pool's replicas are one identity, whichever order they come in.
+        identity = list(dict.fromkeys(t.backend.identity(t.model) for t in targets))
         body = {k: v for k, v in chat.body.items() if k not in DELIVERY_FIELDS}
         return hashlib.sha256(dumpb({"targets": identity, "body": body})).hexdigest()
 

@@ -29,6 +29,7 @@ from anyad.encoders import Reply
 from anyad.errors import AnyadError, BackendError, Forbidden, InvalidRequest
 from anyad.hookspecs import ExchangeRecord
 from anyad.modelops import check_keep_alive
+from anyad.pool import prompt_key
 from anyad.request_context import BACKEND, CONTENT, MODEL, REQUEST_ID, USAGE, identity
 from anyad.router import Opened, Target, fallback_header
 from anyad.store import CONVERSATION_ID, Exchange, Store
@@ -74,10 +75,11 @@ async def writable_conversation(history: Store, request: web.Request) -> str:
     return cid
 
 
-def route_key(request: web.Request) -> str:
+def route_key(request: web.Request, continues: str | None = None) -> str:
     """Who a request is from, for a weighted route's sticky assignment: the conversation it
-    continues, else its API key (as a digest), else the client's address."""
-    cid = request.headers.get(CONVERSATION_HEADER)
+    continues (``continues``: as its door found it), else its API key (as a digest), else
+    the client's address."""
+    cid = continues or request.headers.get(CONVERSATION_HEADER)
     if cid:
         return "conversation:" + cid
     auth = request.headers.get("Authorization")
@@ -170,11 +172,16 @@ class ChatFlow:
         check_keep_alive(daemon, request, self.chat.model, self.chat.keep_alive)
         if daemon.history is not None:
             self.conversation_id = self.continues or await writable_conversation(daemon.history, request)
-        if daemon.router.weighted:
-            self.chat.route_key = route_key(request)
+        pool_key = None
+        if daemon.router.keyed:
+            self.chat.route_key = route_key(request, self.continues)
+            # A pool keeps a conversation where its prefix is cached: one without a name of
+            # its own is known by how it began, not by the address it comes from.
+            pool_key = self.chat.route_key if not self.chat.route_key.startswith("addr:") \
+                else prompt_key(self.chat.messages)
         # Resolved once: the cache key and the walk see the same targets (a weighted route's
-        # pick included).
-        self.targets = daemon.router.resolve(self.chat.model, self.chat.route_key)
+        # pick and a pool's order included).
+        self.targets = daemon.router.resolve(self.chat.model, self.chat.route_key, pool_key)
         if daemon.cache is not None:
             self.decision = daemon.cache.decide(self.chat, request, self.targets)
         # The router waits for a target's first chunk before we answer: until then a

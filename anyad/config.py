@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yarl import URL
 
 from anyad.errors import ConfigError
 
@@ -236,6 +237,12 @@ class ModelPrice(_Strict):
     completion: float = Field(0.0, ge=0)
 
 
+def http_url(v: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", v):
+        raise ValueError("must be an http:// or https:// URL")
+    return v.rstrip("/")
+
+
 class ProviderSettings(_Strict):
     """A remote service; its models are addressed as ``<provider>/<model>``."""
 
@@ -261,12 +268,68 @@ class ProviderSettings(_Strict):
             raise ValueError(f'api = "{self.api}" is for backend "openai" (the provider\'s own API is used)')
         return self
 
-    @field_validator("base_url")
+    _url = field_validator("base_url")(classmethod(lambda cls, v: http_url(v)))
+
+
+class ReplicaSettings(_Strict):
+    """One endpoint of a pool."""
+
+    base_url: str
+    # What X-Anyad-Backend, the status and the metrics call it (default: host:port).
+    name: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:-]+$")
+    api_key: SecretRef | None = None  # default: the pool's
+    headers: dict[str, str] = {}
+    # Its capacity next to the others' (a GPU twice as fast: 2).
+    weight: float = Field(1.0, gt=0)
+
+    _url = field_validator("base_url")(classmethod(lambda cls, v: http_url(v)))
+
+    @property
+    def label(self) -> str:
+        u = URL(self.base_url)
+        return self.name or f"{u.host}:{u.port}"
+
+
+class PoolSettings(_Strict):
+    """Several OpenAI-compatible endpoints (vLLM, SGLang, llama-server, anyad) serving one
+    model, asked for by the pool's name: balanced by outstanding requests, with each
+    conversation kept on the replica that holds its prefix."""
+
+    # The replicas' own name for the model (default: the pool's name).
+    model: str | None = Field(None, min_length=1)
+    # URLs ("http://gpu1:8000/v1"), or tables with a name, a key or a weight of their own.
+    replicas: list[ReplicaSettings] = Field(min_length=1)
+    backend: str = "openai"
+    api_key: SecretRef | None = None
+    headers: dict[str, str] = {}
+    connect_timeout_s: float = Field(2.0, gt=0)
+    first_byte_timeout_s: float = Field(60.0, gt=0)
+    read_timeout_s: float = Field(120.0, gt=0)
+    # "health": GET /health on each replica's origin (vLLM, SGLang, llama-server, anyad);
+    # "models": GET its /models; "off": only the breakers judge.
+    health_check: Literal["health", "models", "off"] = "health"
+    health_interval_s: float = Field(5.0, gt=0)
+    health_timeout_s: float = Field(2.0, gt=0)
+    # How long a replica that comes back takes to reach its full share.
+    slow_start_s: float = Field(30.0, ge=0)
+    # Keep each conversation on one replica (its prefix cache) while it is not much busier...
+    affinity: bool = True
+    # ...than (1 + load_slack) times its share of the requests outstanding.
+    load_slack: float = Field(0.5, ge=0)
+    prices: dict[str, ModelPrice] = {}
+
+    @field_validator("replicas", mode="before")
     @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError("must be an http:// or https:// URL")
-        return v.rstrip("/")
+    def _urls(cls, v: Any) -> Any:
+        return [{"base_url": r} if isinstance(r, str) else r for r in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "PoolSettings":
+        labels = [r.label for r in self.replicas]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"replicas: {', '.join(dup)} appear twice (give each a distinct name)")
+        return self
 
 
 class RouterSettings(_Strict):
@@ -385,6 +448,7 @@ class Settings(_Strict):
     models: dict[str, ModelSettings] = {}
     providers: dict[str, ProviderSettings] = {}
     routes: list[RouteSettings] = []
+    pools: dict[str, PoolSettings] = {}
     router: RouterSettings = RouterSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     history: HistorySettings = HistorySettings()

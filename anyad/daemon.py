@@ -21,6 +21,8 @@ from anyad.keys import KeyRing
 from anyad.limits import RateLimiter
 from anyad.metrics import Metrics
 from anyad.plugin_manager import Plugins
+from anyad.pool import Pool
+from anyad.pool import build as build_pool
 from anyad.quotas import Quotas
 from anyad.resources import DeviceProbe
 from anyad.router import Router
@@ -33,7 +35,7 @@ log = logging.getLogger("anyad")
 RETENTION_INTERVAL_S = 3600.0
 # What a reload (SIGHUP) changes; any other difference in the new config needs a restart.
 RETIRE_AFTER_S = 600.0  # a reload closes replaced providers at the latest this long after
-RELOADABLE = ("providers", "routes", "router", "keys")
+RELOADABLE = ("providers", "pools", "routes", "router", "keys")
 RELOADABLE_SERVER = ("api_keys", "allowed_origins", "allowed_hosts", "rate_limit_per_minute", "max_messages",
                      "max_prompt_chars", "log_level", "shutdown_grace_s", "allow_empty_reload")
 
@@ -83,8 +85,10 @@ class Daemon:
         providers = self._providers(settings)
         self.backends: list[Backend] = [*self.local.values(), *providers.values()]
         self.metrics = Metrics()
+        self.metrics.pool_collector.pools = lambda: self.pools
         self.scheduler.listeners.append(self.metrics.model_event)
-        self.router = self._router(providers, settings)
+        self.pools = self._pools(settings)
+        self.router = self._router(providers, settings, self.pools)
         # Access and limits, read by the middlewares on every request (a reload swaps them).
         self.keys = KeyRing(settings.server.api_keys, settings.keys, settings.resolved_data_dir / DB_NAME)
         self.quotas = Quotas(settings.resolved_data_dir / DB_NAME)
@@ -165,8 +169,17 @@ class Daemon:
             providers[name] = self._backend_class(ps.backend).from_provider(name, ps)
         return providers
 
-    def _router(self, providers: dict[str, Backend], settings: Settings) -> Router:
-        router = Router(self.local, providers, settings.routes, settings.router)
+    def _pools(self, settings: Settings, keep: dict[str, Pool] | None = None) -> dict[str, Pool]:
+        """The pools of ``settings``; one whose settings are unchanged is ``keep``'s (its
+        replicas' health, load, breakers and conversations stay)."""
+        keep = keep or {}
+        old = self.settings.pools if keep else {}
+        return {name: keep[name] if name in keep and old.get(name) == ps
+                else build_pool(name, ps, settings.router, self._backend_class)
+                for name, ps in settings.pools.items()}
+
+    def _router(self, providers: dict[str, Backend], settings: Settings, pools: dict[str, Pool]) -> Router:
+        router = Router(self.local, providers, settings.routes, settings.router, pools)
         router.on_skip = self.metrics.fallback
         if self.plugins.remote_request:
             router.outbound = self._outbound
@@ -297,15 +310,20 @@ class Daemon:
         if (why := emptied(old, new)) is not None:
             raise ConfigError(why)
         providers: dict[str, Backend] = {}
+        pools: dict[str, Pool] = {}
         try:
             providers = self._providers(new)
-            router = self._router(providers, new)
+            pools = self._pools(new, keep=self.pools)
+            router = self._router(providers, new, pools)
             # Still listening where it listens now: dropping the keys there must not open it up.
             check_bind(old.server.model_copy(update={"api_keys": new.server.api_keys}), bool(new.keys))
             keys = KeyRing(new.server.api_keys, new.keys, old.resolved_data_dir / DB_NAME)
         except BaseException:
             for backend in providers.values():
                 self.spawn(backend.close())
+            for pool in pools.values():
+                if pool not in self.pools.values():
+                    self.spawn(pool.close())
             raise
         if new.server.rate_limit_per_minute != old.server.rate_limit_per_minute:
             self.limiter = RateLimiter(new.server.rate_limit_per_minute) if new.server.rate_limit_per_minute \
@@ -323,15 +341,18 @@ class Daemon:
                 router.breakers[name] = breaker
         old_router, old_providers = self.router, [b for b in self.backends if b.remote]
         old_keys = self.keys
-        self.router, self.keys, self.settings = router, keys, merged
+        old_pools = [p for p in self.pools.values() if p not in pools.values()]
+        self.router, self.keys, self.settings, self.pools = router, keys, merged, pools
         old_keys.close()
         self.backends = [*self.local.values(), *providers.values()]
         if merged.server.log_level != old.server.log_level:
             logging.getLogger().setLevel(merged.server.log_level.upper())
         gen, self.generation = self.generation, self.generation + 1
-        self.spawn(self._retire(gen, old_router, old_providers))
+        self.spawn(self._retire(gen, old_router, [*old_providers, *old_pools]))
         for backend in providers.values():
             self.spawn(backend.start())
+        for pool in pools.values():
+            self.spawn(pool.start())
         log.info("config reloaded from %s: %d provider(s), %d route(s)%s", new.source or "settings",
                  len(providers), len(new.routes),
                  f"; needs a restart to apply: {', '.join(restart)}" if restart else "")
@@ -356,7 +377,7 @@ class Daemon:
                 return False
             return True
 
-    async def _retire(self, gen: int, router: Router, providers: list[Backend]) -> None:
+    async def _retire(self, gen: int, router: Router, providers: list[Backend | Pool]) -> None:
         """Close what a reload replaced, once the requests that may still use it are done."""
         await self.settle(RETIRE_AFTER_S, up_to=gen)
         await router.close()
@@ -369,6 +390,8 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _start_all(self) -> None:
+        for pool in self.pools.values():
+            await pool.start()
         for backend in self.backends:
             try:
                 await backend.start()
@@ -400,7 +423,8 @@ class Daemon:
         if self.probe is not None:
             self.probe.close()
         self.keys.close()
-        await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
+        await asyncio.gather(*(b.close() for b in self.backends), *(p.close() for p in self.pools.values()),
+                             return_exceptions=True)
 
 
 # The daemon an application serves, for its handlers and middlewares: ``request.app[DAEMON]``

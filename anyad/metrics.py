@@ -13,11 +13,14 @@ daemon's memory for weeks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from anyad.pool import Pool
     from anyad.resources import Snapshot
     from anyad.scheduler import ModelView
 
@@ -47,9 +50,41 @@ class _Bounded:
         return value
 
 
+class PoolCollector(Collector):
+    """Each pool's replicas as they are at the scrape: their load, health and requests (the
+    counts live on the replicas, which the balancer reads anyway)."""
+
+    def __init__(self) -> None:
+        self.pools: Callable[[], Mapping[str, "Pool"]] = dict
+
+    def collect(self) -> Iterable[Any]:
+        labels = ["pool", "replica"]
+        outstanding = GaugeMetricFamily("anyad_pool_outstanding_requests", "Requests a replica is answering now",
+                                        labels=labels)
+        up = GaugeMetricFamily("anyad_pool_replica_up", "1 while a replica takes requests (healthy, listing "
+                               "the model, breaker not open)", labels=labels)
+        capacity = GaugeMetricFamily("anyad_pool_replica_capacity", "A replica's weight, ramped while it comes "
+                                     "back (slow start)", labels=labels)
+        served = CounterMetricFamily("anyad_pool_requests", "Requests sent to a replica", labels=labels)
+        failed = CounterMetricFamily("anyad_pool_failures", "Requests a replica failed", labels=labels)
+        for name, pool in self.pools().items():
+            status = pool.status()["replicas"]
+            for label, r in status.items():
+                values = [name, label]
+                outstanding.add_metric(values, r["outstanding"])
+                up.add_metric(values, 1 if r["state"] == "up" else 0)
+                capacity.add_metric(values, r["capacity"])
+                served.add_metric(values, r["served"])
+                failed.add_metric(values, r["failed"])
+        return [outstanding, up, capacity, served, failed]
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=False)
+        # The daemon points it at its pools (they change on reload).
+        self.pool_collector = PoolCollector()
+        r.register(self.pool_collector)
         self._model = _Bounded()
         self._backend = _Bounded()
         self.requests = Counter("anyad_requests", "HTTP requests answered",

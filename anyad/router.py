@@ -38,6 +38,7 @@ from anyad.errors import (
     UpstreamError,
 )
 from anyad.offline import Connectivity
+from anyad.pool import Pool
 from anyad.stream import ChatRequest, Chunk, ChunkStream
 
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
@@ -50,6 +51,8 @@ class Target:
     name: str  # what clients ask for, and what X-Anyad-Backend reports
     backend: Backend
     model: str  # the backend's own name for it
+    # A pool's replica: on the LAN, so not part of offline detection.
+    pooled: bool = False
 
 
 @dataclass(slots=True)
@@ -111,29 +114,39 @@ def fallback_header(skipped: list[str]) -> str:
 
 class Router:
     def __init__(self, local: dict[str, Backend], providers: dict[str, Backend],
-                 routes: list[RouteSettings] | None = None, settings: RouterSettings | None = None) -> None:
+                 routes: list[RouteSettings] | None = None, settings: RouterSettings | None = None,
+                 pools: dict[str, Pool] | None = None) -> None:
         self.local = local
         self.providers = providers
+        self.pools = pools or {}
         self.settings = settings or RouterSettings()
         self.routes: dict[str, list[RouteTarget]] = {}
+        for name in self.pools:
+            if name in local or name in providers:
+                raise ConfigError(f"pools.{name}: the name is already a model id or a provider's name")
         for i, r in enumerate(routes or []):
-            if r.name in local or r.name in self.routes:
-                raise ConfigError(f"routes[{i}].name: {r.name!r} is already a model or route name")
+            if r.name in local or r.name in self.routes or r.name in self.pools:
+                raise ConfigError(f"routes[{i}].name: {r.name!r} is already a model, pool or route name")
             targets = r.target_list
             for j, t in enumerate(targets):
                 try:
                     self._direct(t.model)
                 except ModelNotFound:
-                    raise ConfigError(f"routes[{i}].targets[{j}]: {t.model!r} is neither a configured model nor "
-                                      "<provider>/<model> of a configured provider") from None
+                    raise ConfigError(f"routes[{i}].targets[{j}]: {t.model!r} is neither a configured model, a "
+                                      "pool, nor <provider>/<model> of a configured provider") from None
             self.routes[r.name] = targets
-        # Whether any route assigns by weight (only then does a request need its route key).
-        self.weighted = any(t.weight > 0 for targets in self.routes.values() for t in targets)
+        # Whether a request needs its route key: a route assigns by weight, or a pool by affinity.
+        self.keyed = bool(self.pools) or any(t.weight > 0 for targets in self.routes.values() for t in targets)
         self.connectivity = Connectivity({name: b.probe_address() for name, b in providers.items()},
                                          self.settings.offline_probe_interval_s)
         self.breakers: dict[str, Breaker] = {}
-        # The breakers' clock (seconds, monotonic); tests set their own to pass cooldowns.
+        # The breakers' clock (seconds, monotonic); tests set their own to pass cooldowns
+        # (the pools' breakers and slow starts read it too).
         self.clock: Callable[[], float] = time.monotonic
+        for pool in self.pools.values():
+            pool.clock = lambda: self.clock()
+            for replica in pool.replicas:
+                self.breakers[replica.name] = replica.breaker
         # Called as on_skip(target, reason) for each target passed over (the metrics listen);
         # reason is one word: offline, circuit_open, timeout, network, busy, unavailable, error.
         self.on_skip: Callable[[str, str], None] | None = None
@@ -146,29 +159,41 @@ class Router:
             self.on_skip(target.name, reason)
 
     def _direct(self, name: str) -> Target:
+        """The target ``name`` names (a pool: its first replica, for validation)."""
+        if name in self.pools:
+            return self._expand(name, None)[0]
         if name in self.local:
             return Target(name, self.local[name], name)
         provider, sep, model = name.partition("/")
         if sep and model and provider in self.providers:
             return Target(name, self.providers[provider], model)
-        known = sorted([*self.local, *self.routes, *(m.id for b in self.providers.values() for m in b.models())])
+        known = sorted([*self.local, *self.routes, *self.pools,
+                        *(m.id for b in self.providers.values() for m in b.models())])
         raise ModelNotFound(f"The model '{name}' does not exist (served here: {', '.join(known) or 'none'}; "
                             f"remote providers take <provider>/<model>: {', '.join(self.providers) or 'none'})",
                             param="model")
 
-    def resolve(self, name: str, route_key: str | None = None) -> list[Target]:
-        """The targets to try, in order. On a weighted route the first is the one assigned
-        to ``route_key`` (the same key, the same target, while the weights stay)."""
-        targets = self.routes.get(name)
-        if targets is None:
+    def _expand(self, name: str, pool_key: str | None) -> list[Target]:
+        pool = self.pools.get(name)
+        if pool is None:
             return [self._direct(name)]
+        return [Target(r.name, r, pool.model, pooled=True) for r in pool.order(pool_key)]
+
+    def resolve(self, name: str, route_key: str | None = None, pool_key: str | None = None) -> list[Target]:
+        """The targets to try, in order. On a weighted route the first is the one assigned
+        to ``route_key`` (the same key, the same target, while the weights stay); a pool
+        becomes its replicas, in the order it gives for ``pool_key`` (else ``route_key``)."""
+        targets = self.routes.get(name)
+        pool_key = pool_key or route_key
+        if targets is None:
+            return self._expand(name, pool_key)
         order = [t.model for t in targets]
         total = sum(t.weight for t in targets)
         if total > 0:
             chosen = assign(name, route_key, targets, total)
             order.remove(chosen)
             order.insert(0, chosen)
-        return [self._direct(m) for m in order]
+        return [t for m in order for t in self._expand(m, pool_key)]
 
     def models(self) -> list[ModelInfo]:
         infos = [m for b in self.local.values() for m in b.models()]
@@ -177,6 +202,7 @@ class Router:
                             meta={"targets": [t.model if not t.weight else {"model": t.model, "weight": t.weight}
                                               for t in targets]})
                   for name, targets in self.routes.items()]
+        infos += [pool.info() for pool in self.pools.values()]
         return infos
 
     def breaker(self, target: Target) -> Breaker:
@@ -216,7 +242,7 @@ class Router:
         last: AnyadError | None = None
         for target in targets:
             remote = target.backend.remote
-            if remote and self.connectivity.offline:
+            if remote and not target.pooled and self.connectivity.offline:
                 self._skip(skipped, target, "offline", "offline")
                 continue
             breaker = self.breaker(target) if remote else None
@@ -242,7 +268,7 @@ class Router:
                         log.info("%s failed (%s); retrying in %.2f s", target.name, exc.message, delay)
                         await asyncio.sleep(delay)
                         continue
-                    if remote:
+                    if remote and not target.pooled:
                         self._network_outcome(target, exc)
                     self._skip(skipped, target, _reason(exc), f"{exc.status} {exc.message}")
                     break
@@ -252,7 +278,7 @@ class Router:
                     raise
                 if breaker is not None:
                     breaker.success()
-                if remote:
+                if remote and not target.pooled:
                     self.connectivity.reached(_provider(target))
                 if skipped:
                     log.info("request for %s answered by %s after: %s", name, target.name, "; ".join(skipped))
@@ -311,7 +337,8 @@ class Router:
     def status(self) -> dict:
         return {"offline": self.connectivity.snapshot(),
                 "breakers": {name: b.snapshot() for name, b in sorted(self.breakers.items())},
-                "providers": {name: b.status() for name, b in sorted(self.providers.items())}}
+                "providers": {name: b.status() for name, b in sorted(self.providers.items())},
+                "pools": {name: pool.status() for name, pool in sorted(self.pools.items())}}
 
     async def close(self) -> None:
         await self.connectivity.close()

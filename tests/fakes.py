@@ -207,6 +207,45 @@ class FakeOpenAI:
         return resp
 
 
+class FakeReplica(FakeOpenAI):
+    """One replica of a pool: FakeOpenAI with ``GET /health`` and ``GET /v1/models``.
+    ``healthy = False``: its health check fails (503); ``listed``: the models it lists;
+    ``hold``: while set to an unset Event, chat requests wait on it (a busy replica); mode
+    ``drop``: the connection closes before any reply."""
+
+    def __init__(self, mode: str = "ok", listed: tuple[str, ...] = ("m",)) -> None:
+        super().__init__(mode)
+        self.healthy = True
+        self.listed = list(listed)
+        self.hold: asyncio.Event | None = None
+        self.waiting = 0
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok" if self.healthy else "loading"}, status=200 if self.healthy else 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.listed]})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        if self.hold is not None:
+            self.waiting += 1
+            try:
+                await self.hold.wait()
+            finally:
+                self.waiting -= 1
+        if self.mode == "drop":  # dies before the reply: the connection just ends
+            await request.read()
+            request.transport.close()
+            return web.Response()
+        return await super().chat(request)
+
+
 class Blackhole:
     """A loopback port where connecting hangs (a listener whose backlog is full), like a dead
     network; ``lift()`` ends that: nothing listens there then, so connecting is refused."""
