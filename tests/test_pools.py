@@ -91,11 +91,12 @@ async def test_a_busy_home_spills_and_the_conversation_comes_back(make_client, t
     home, _ = await send(c, 1, 0)
     fake = reps[int(home[-1])][0]
     fake.hold = asyncio.Event()
-    # While its home holds its requests, more of them go elsewhere instead of queueing there.
+    # While its home is busy with one of its requests and the rest are idle, more of them go
+    # elsewhere instead of queueing there.
     first = asyncio.ensure_future(send(c, 1, 1))
     while fake.waiting < 1:
         await asyncio.sleep(0.01)
-    others = await asyncio.gather(*(send(c, 1, 1) for _ in range(3)))
+    others = [await send(c, 1, 1) for _ in range(3)]
     assert all(b != home for b, _ in others), others
     fake.hold.set()
     assert (await first)[0] == home
