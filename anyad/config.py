@@ -255,6 +255,10 @@ class ProviderSettings(_Strict):
     api_key: SecretRef | None = None
     headers: dict[str, str] = {}
     models: list[str] = []
+    # Also list what the provider's own GET /models lists (a peer anyad, a llama-server, a
+    # vLLM), as <provider>/<id>, read at start and every list_models_every_s.
+    list_models: bool = False
+    list_models_every_s: float = Field(300.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     first_byte_timeout_s: float = Field(60.0, gt=0)
     read_timeout_s: float = Field(120.0, gt=0)

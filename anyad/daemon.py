@@ -15,7 +15,7 @@ from anyad.access import check_bind
 from anyad.audit import AuditLog
 from anyad.backend import Backend, backend_class
 from anyad.cache import ResponseCache
-from anyad.config import ServerSettings, Settings
+from anyad.config import ModelPrice, ServerSettings, Settings
 from anyad.errors import ConfigError
 from anyad.keys import KeyRing
 from anyad.limits import RateLimiter
@@ -223,10 +223,16 @@ class Daemon:
         return self.store if self.settings.usage.enabled else None
 
     def price(self, backend: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-        """What a remote target's tokens cost, where its provider has a price for the model."""
+        """What a remote target's tokens cost, where its provider (or pool: ``POOL@replica``)
+        has a price for the model."""
+        prices: dict[str, ModelPrice] | None = None
         provider, sep, model = backend.partition("/")
-        ps = self.settings.providers.get(provider) if sep else None
-        p = (ps.prices.get(model) or ps.prices.get("*")) if ps is not None else None
+        if sep and provider in self.settings.providers:
+            prices = self.settings.providers[provider].prices
+        pool, at, _ = backend.partition("@")
+        if at and pool in self.settings.pools:
+            prices, model = self.settings.pools[pool].prices, self.settings.pools[pool].model or pool
+        p = (prices.get(model) or prices.get("*")) if prices is not None else None
         if p is None:
             return None
         return (prompt_tokens * p.prompt + completion_tokens * p.completion) / 1e6

@@ -103,6 +103,23 @@ class ProviderClient:
             raise self.redact(err)
         return resp
 
+    async def get(self, url: str, timeout_s: float, headers: dict[str, str] | None) -> tuple[int, bytes]:
+        """A GET (a health check, a model list): its status, and its body when that is 200.
+        Raises what aiohttp raises."""
+        async with self.session().get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            return resp.status, await resp.read() if resp.status == 200 else b""
+
+    async def model_ids(self, timeout_s: float, headers: dict[str, str] | None) -> list[str]:
+        """What the service's ``GET /models`` lists (OpenAI's shape, as vLLM, SGLang,
+        llama-server, Anthropic and anyad answer it)."""
+        status, body = await self.get(self.base_url + "/models", timeout_s, headers)
+        if status != 200:
+            raise ValueError(f"/models answered {status}")
+        rows = loads(body).get("data") if body else None
+        if not isinstance(rows, list):
+            raise ValueError("/models did not answer a list of models")
+        return sorted({str(m["id"]) for m in rows if isinstance(m, dict) and m.get("id")})
+
     def redact(self, err: AnyadError) -> AnyadError:
         """``err`` with the provider's key taken out of its message: some providers quote the
         key they were sent (in an error status, or in-band in a reply that began with 200); it
@@ -168,16 +185,25 @@ class RemoteBackend(Backend):
         self.client = ProviderClient(name, settings)
         self.first_byte_timeout_s = settings.first_byte_timeout_s
         self.max_retries = settings.max_retries
+        self.listed: list[str] = []  # list_models: what its /models last said
+        self.list_error: str | None = None
+        self._lister: asyncio.Task[None] | None = None
 
     @classmethod
     def from_provider(cls, name: str, settings: ProviderSettings) -> "RemoteBackend":
         return cls(name, settings)
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(id=f"{self.name}/{m}", owned_by=self.name, created=0) for m in self.settings.models]
+        return [ModelInfo(id=f"{self.name}/{m}", owned_by=self.name, created=0)
+                for m in dict.fromkeys([*self.settings.models, *self.listed])]
 
     def probe_address(self) -> tuple[str, int] | None:
         return self.client.probe_address()
+
+    async def headers(self) -> dict[str, str] | None:
+        """How a request shows its key (a bearer token, as OpenAI-style services take it)."""
+        key = await self.client.api_key()
+        return {"Authorization": f"Bearer {key}"} if key else None
 
     async def start(self) -> None:
         # Resolve the key once now, so that a missing one shows in the status before a request fails on it.
@@ -185,10 +211,38 @@ class RemoteBackend(Backend):
             await self.client.api_key()
         except Unavailable as exc:
             log.warning("provider %s is misconfigured: %s", self.name, self.client.key_problem or exc.message)
+        if self.settings.list_models and self._lister is None:
+            # In the background: start-up does not wait on a peer that is slow or gone.
+            self._lister = asyncio.create_task(self._list_models(), name=f"{self.name}-models")
+
+    async def _list_models(self) -> None:
+        while True:
+            await self.refresh_models()
+            await asyncio.sleep(self.settings.list_models_every_s)
+
+    async def refresh_models(self) -> None:
+        """Read a peer's models (another anyad, a llama-server, a vLLM) now; the last list
+        stays while the peer cannot be asked, and the status says why."""
+        try:
+            listed = await self.client.model_ids(self.settings.connect_timeout_s + 10, await self.headers())
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError, AnyadError) as exc:
+            why = exc.message if isinstance(exc, AnyadError) else f"{type(exc).__name__}: {exc}"[:200]
+            if self.list_error is None:
+                log.warning("provider %s: cannot list its models: %s", self.name, why)
+            self.list_error = why
+            return
+        if listed != self.listed:
+            log.info("provider %s lists %d models", self.name, len(listed))
+        self.listed, self.list_error = listed, None
 
     def status(self) -> dict[str, Any]:
         problem = self.client.key_problem
-        return {"state": "misconfigured", "problem": problem} if problem else {"state": "ok"}
+        out: dict[str, Any] = {"state": "misconfigured", "problem": problem} if problem else {"state": "ok"}
+        if self.settings.list_models:
+            out["listed_models"] = len(self.listed)
+            if self.list_error:
+                out["list_error"] = self.list_error
+        return out
 
     def identity(self, model: str) -> str:
         return f"{self.kind}:{self.settings.base_url}:{model}"
@@ -201,4 +255,8 @@ class RemoteBackend(Backend):
             raise BackendError(f"{self.name}: the reply is not JSON") from None
 
     async def close(self) -> None:
+        if self._lister is not None:
+            self._lister.cancel()
+            await asyncio.gather(self._lister, return_exceptions=True)
+            self._lister = None
         await self.client.close()

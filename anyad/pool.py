@@ -39,8 +39,7 @@ from anyad.backend import Backend, Embeddings, ModelInfo
 from anyad.breaker import Breaker
 from anyad.config import PoolSettings, ProviderSettings, RouterSettings
 from anyad.errors import AnyadError
-from anyad.http_client import ProviderClient
-from anyad.jsoncodec import loads
+from anyad.http_client import RemoteBackend
 from anyad.stream import ChatRequest, ChunkStream, content_text
 
 log = logging.getLogger("anyad.pool")
@@ -253,22 +252,24 @@ class Pool:
         await asyncio.gather(*(self._check(r, models_too) for r in self.replicas))
 
     async def _check(self, r: Replica, models_too: bool) -> None:
-        client = getattr(r.inner, "client", None)
-        if not isinstance(client, ProviderClient):
+        inner = r.inner
+        if not isinstance(inner, RemoteBackend):
             return
-        s = self.settings
-        base = URL(client.base_url)
+        s, client = self.settings, inner.client
         ok, why = True, None
         try:
+            headers = await inner.headers()
             if s.health_check == "health":
-                status, _ = await self._get(client, str(base.origin() / "health"))
+                status, _ = await client.get(str(URL(client.base_url).origin() / "health"), s.health_timeout_s,
+                                             headers)
                 ok, why = status == 200, f"/health answered {status}"
             if ok and (models_too or s.health_check == "models" or not r.healthy):
-                status, data = await self._get(client, client.base_url + "/models")
-                if s.health_check == "models":
-                    ok, why = status == 200, f"/models answered {status}"
-                if status == 200:
-                    self._read_models(r, data)
+                try:
+                    self._read_models(r, await client.model_ids(s.health_timeout_s, headers))
+                except ValueError as exc:
+                    if s.health_check == "models":
+                        raise
+                    log.debug("pool %s: %s: %s", self.name, r.label, exc)
         except AnyadError as exc:  # its key cannot be read
             ok, why = False, exc.message
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
@@ -280,20 +281,8 @@ class Pool:
             log.warning("pool %s: %s failed its health check: %s", self.name, r.label, why)
         r.healthy, r.health_error = ok, None if ok else why
 
-    async def _get(self, client: ProviderClient, url: str) -> tuple[int, Any]:
-        key = await client.api_key()
-        timeout = aiohttp.ClientTimeout(total=self.settings.health_timeout_s)
-        async with client.session().get(url, headers={"Authorization": f"Bearer {key}"} if key else None,
-                                        timeout=timeout) as resp:
-            if resp.status != 200 or not url.endswith("/models"):
-                return resp.status, None
-            return resp.status, loads(await resp.read())
-
-    def _read_models(self, r: Replica, data: Any) -> None:
-        rows = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(rows, list):
-            return
-        r.listed = sorted(str(m.get("id")) for m in rows if isinstance(m, dict) and m.get("id"))
+    def _read_models(self, r: Replica, listed: list[str]) -> None:
+        r.listed = listed
         had = r.has_model
         r.has_model = self.model in r.listed
         if had is not False and r.has_model is False:

@@ -210,6 +210,7 @@ class FakeOpenAI:
 class FakeReplica(FakeOpenAI):
     """One replica of a pool: FakeOpenAI with ``GET /health`` and ``GET /v1/models``.
     ``healthy = False``: its health check fails (503); ``listed``: the models it lists;
+    ``listed_status``: what its /v1/models answers;
     ``hold``: while set to an unset Event, chat requests wait on it (a busy replica); mode
     ``drop``: the connection closes before any reply."""
 
@@ -219,6 +220,7 @@ class FakeReplica(FakeOpenAI):
         self.listed = list(listed)
         self.hold: asyncio.Event | None = None
         self.waiting = 0
+        self.listed_status = 200
 
     def app(self) -> web.Application:
         app = super().app()
@@ -230,6 +232,8 @@ class FakeReplica(FakeOpenAI):
         return web.json_response({"status": "ok" if self.healthy else "loading"}, status=200 if self.healthy else 503)
 
     async def models(self, request: web.Request) -> web.Response:
+        if self.listed_status != 200:
+            return web.json_response({"error": {"message": "not now"}}, status=self.listed_status)
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.listed]})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:

@@ -10,7 +10,7 @@ import pytest
 
 from anyad.config import (AuditSettings, DiscoverySettings, ModelDefaults, ModelSettings, ProviderSettings, RouterSettings, RouteSettings,
                           CacheSettings, HistorySettings, SchedulerSettings, ServerSettings, Settings, find_config,
-                          load_settings)
+                          load_settings, PoolSettings, ReplicaSettings)
 from anyad.errors import ConfigError
 from conftest import anyad_cmd, clean_env
 
@@ -40,7 +40,8 @@ def test_example_loads_as_it_stands_and_documents_every_key(env):
     text = EXAMPLE.read_text()
     keys = set(Settings.model_fields) - {"source", "discovery"}
     for model in (ServerSettings, ModelDefaults, ModelSettings, ProviderSettings, RouterSettings, RouteSettings,
-                  SchedulerSettings, HistorySettings, CacheSettings, AuditSettings, DiscoverySettings):
+                  SchedulerSettings, HistorySettings, CacheSettings, AuditSettings, DiscoverySettings, PoolSettings,
+                  ReplicaSettings):
         keys |= set(model.model_fields)
     undocumented = [k for k in sorted(keys) if not re.search(rf"^#?\s*(\[+)?{k}\b", text, re.M)]
     assert not undocumented, f"config.example.toml does not document {undocumented}"

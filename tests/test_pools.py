@@ -13,7 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from anyad.config import parse_settings
 from anyad.errors import ConfigError
 from conftest import MODEL_ID
+from eventually import until
 from fakes import FakeReplica
+from test_serve import serving
 
 
 @pytest.fixture
@@ -221,3 +223,67 @@ async def test_pool_config_errors(tmp_path, make_client):
                         "providers": {"up": {"base_url": "http://127.0.0.1:1/v1"}}})
     with pytest.raises(ConfigError, match="pools.up"):
         await make_client(s)
+
+
+async def test_a_peer_lists_its_models_under_its_prefix(make_client, tmp_path, start_replicas):
+    """``list_models``: what a peer's /v1/models says is listed as <provider>/<id> and served;
+    when the peer cannot be asked, the last list stays and the status says why."""
+    [(peer, url)] = await start_replicas(1, listed=("qwen-7b", "llama-3b"))
+    c = await make_client(parse_settings({
+        "data_dir": str(tmp_path / "data"), "cache": {"enabled": False},
+        "providers": {"box": {"base_url": url, "list_models": True, "list_models_every_s": 3600}}}))
+    provider = c.daemon.router.providers["box"]
+    await until(lambda: provider.listed, what="the peer's models")
+    ids = {m["id"] for m in (await (await c.get("/v1/models")).json())["data"]}
+    assert {"box/llama-3b", "box/qwen-7b"} <= ids
+    r = await c.post("/v1/chat/completions", json={"model": "box/qwen-7b", "messages": ask(0, 0), "max_tokens": 4})
+    assert r.status == 200 and peer.requests[-1]["model"] == "qwen-7b"
+    peer.listed = ["qwen-7b", "llama-3b", "phi-4"]
+    await provider.refresh_models()
+    assert "box/phi-4" in {m["id"] for m in (await (await c.get("/v1/models")).json())["data"]}
+    peer.listed_status = 500
+    await provider.refresh_models()
+    status = await (await c.get("/api/status")).json()
+    assert "500" in status["providers"]["box"]["list_error"] and status["providers"]["box"]["listed_models"] == 3
+
+
+async def test_two_real_daemons_as_replicas_and_one_is_killed_mid_load(make_client, tmp_path, tiny_model):
+    """Two ``anyad serve`` processes serving the tiny model, pooled by a third: both take
+    work, and when one is killed (-9) mid-load every non-streamed request is still answered,
+    those it held by the other."""
+    with serving(tmp_path / "a", "--model", str(tiny_model)) as (a, port_a, _), \
+            serving(tmp_path / "b", "--model", str(tiny_model)) as (_, port_b, _):
+        urls = [f"http://127.0.0.1:{p}/v1" for p in (port_a, port_b)]
+        c = await make_client(pool_settings(tmp_path, urls, model=MODEL_ID, health_interval_s=3600))
+        await c.daemon.pools["fleet"].check()
+        done: list[tuple[int, str, str | None]] = []
+        at_kill: list[int] = []
+        sem = asyncio.Semaphore(6)
+
+        async def one(i: int) -> None:
+            async with sem:
+                r = await c.post("/v1/chat/completions", json={
+                    "model": "fleet", "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 8})
+                body = await r.json()
+                done.append((r.status, r.headers.get("X-Anyad-Backend"), r.headers.get("X-Anyad-Fallback")))
+                assert r.status == 200 and body["usage"]["completion_tokens"] >= 1, body
+                if len(done) == 8:
+                    a.kill()  # r0 dies with requests in flight and more on their way
+                    at_kill.extend(r.served for r in c.daemon.pools["fleet"].replicas)
+
+        await asyncio.gather(*(one(i) for i in range(30)))
+    assert [s for s, _, _ in done] == [200] * 30
+    assert all(at_kill), at_kill  # both had taken work (which finished first is the machine's business)
+    assert {b for _, b, _ in done[14:]} == {"fleet@r1"}  # past what was in flight at the kill
+    assert any(f and "fleet@r0" in f for _, _, f in done[8:])
+
+
+async def test_usage_and_cost_count_on_the_pool(make_client, tmp_path, start_replicas):
+    reps = await start_replicas(2)
+    c = await make_client(pool_settings(tmp_path, [u for _, u in reps], health_check="off",
+                                        prices={"m": {"prompt": 2.0, "completion": 4.0}}))
+    for i in range(3):
+        await send(c, i, 0)
+    rows = {r["model"]: r for r in (await (await c.get("/api/usage?group_by=model")).json())["data"]}
+    assert rows["fleet"]["requests"] == 3
+    assert rows["fleet"]["cost"] == pytest.approx(3 * (11 * 2 + 7 * 4) / 1e6)

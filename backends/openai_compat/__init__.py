@@ -120,10 +120,6 @@ _SHAPE_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 class OpenAIBackend(RemoteBackend):
     kind = "openai"
 
-    async def headers(self) -> dict[str, str] | None:
-        key = await self.client.api_key()
-        return {"Authorization": f"Bearer {key}"} if key else None
-
     async def chat(self, request: ChatRequest, model: str) -> ChunkStream:
         if self.settings.api == "responses":
             async for chunk in self._responses(request, model):
