@@ -137,6 +137,22 @@ def start_fake(aiohttp_server):
 
 
 @pytest.fixture
+def start_replicas(aiohttp_server):
+    """Start ``n`` fake replicas of a pool on loopback: [(fake, its base URL)]."""
+    from fakes import FakeReplica
+
+    async def start(n: int, **kw):
+        out = []
+        for _ in range(n):
+            fake = FakeReplica(**kw)
+            server = await aiohttp_server(fake.app())
+            out.append((fake, f"http://127.0.0.1:{server.port}/v1"))
+        return out
+
+    return start
+
+
+@pytest.fixture
 async def gateway(make_client, tiny_model, tmp_path, start_fake):
     """The tiny model, a fake provider "up" serving "gpt-x" and the Ollama listener on a free port.
 

@@ -95,3 +95,23 @@ async def test_the_dashboard_asks_for_the_key_when_one_is_needed(make_client, ti
     assert (await page.locator("#health").text_content()) == "ok"
     # The data behind it still needs the key.
     assert (await c.get("/api/status")).status == 401 and (await c.get("/")).status == 200
+
+
+async def test_the_dashboard_shows_each_pools_replicas(make_client, tmp_path, browser, start_replicas):
+    reps = await start_replicas(2)
+    c = await make_client(parse_settings({
+        "data_dir": str(tmp_path / "data"),
+        "pools": {"fleet": {"model": "m", "replicas": [{"base_url": u, "name": f"r{i}"} for i, (_, u) in enumerate(reps)],
+                            "health_interval_s": 3600}}}))
+    reps[1][0].healthy = False
+    await c.daemon.pools["fleet"].check()
+    for _ in range(3):
+        r = await c.post("/v1/chat/completions", json={"model": "fleet", "max_tokens": 4,
+                                                       "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status == 200
+    page = await browser.new_page()
+    await page.goto(str(c.make_url("/")))
+    up, down = page.locator('#pools tr[data-replica="fleet@r0"]'), page.locator('#pools tr[data-replica="fleet@r1"]')
+    await down.wait_for(timeout=20000)
+    assert [await up.locator("td").nth(i).text_content() for i in (1, 3, 4)] == ["up", "3", "100 %"]
+    assert (await down.locator("td").nth(1).text_content()) == "down: /health answered 503"

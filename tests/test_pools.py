@@ -14,21 +14,7 @@ from anyad.config import parse_settings
 from anyad.errors import ConfigError
 from conftest import MODEL_ID
 from eventually import until
-from fakes import FakeReplica
 from test_serve import serving
-
-
-@pytest.fixture
-def start_replicas(aiohttp_server):
-    async def start(n: int, **kw) -> list[tuple[FakeReplica, str]]:
-        out = []
-        for _ in range(n):
-            fake = FakeReplica(**kw)
-            server = await aiohttp_server(fake.app())
-            out.append((fake, f"http://127.0.0.1:{server.port}/v1"))
-        return out
-
-    return start
 
 
 def pool_settings(tmp_path, urls, tiny_model=None, **pool):

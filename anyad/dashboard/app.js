@@ -86,6 +86,24 @@ function renderModels(status) {
   $("#offline").hidden = !offline.offline;
 }
 
+// Each pool's replicas: how loaded each is, how much of the traffic it took, and why one is down.
+function renderPools(status) {
+  const pools = Object.entries(status.pools || {});
+  $("#pools-section").hidden = !pools.length;
+  const body = $("#pools tbody");
+  body.replaceChildren();
+  for (const [pool, p] of pools) {
+    for (const [label, r] of Object.entries(p.replicas)) {
+      const why = r.health_error || (r.serves_model === false ? `does not list ${p.model}` : "");
+      body.append(el("tr", { "data-replica": `${pool}@${label}` },
+        el("td", {}, `${pool}@${label}`),
+        el("td", { class: r.state === "up" ? "" : "warn", title: why }, r.state + (why ? `: ${why}` : "")),
+        el("td", {}, r.outstanding), el("td", {}, r.served), el("td", {}, `${Math.round(100 * r.share)} %`),
+        el("td", {}, r.capacity), el("td", {}, r.breaker)));
+    }
+  }
+}
+
 async function refreshStatus() {
   try {
     const [health, status] = await Promise.all([api("/health").then((r) => r.json()), api("/api/status").then((r) => r.json())]);
@@ -94,6 +112,7 @@ async function refreshStatus() {
     $("#health").className = `pill ${health.status === "ok" ? "ok" : "warn"}`;
     renderDevices(status.devices);
     renderModels(status);
+    renderPools(status);
   } catch (err) {
     $("#health").textContent = needsKey ? "API key needed" : "unreachable";
     $("#health").className = "pill warn";
