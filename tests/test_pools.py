@@ -273,3 +273,37 @@ async def test_usage_and_cost_count_on_the_pool(make_client, tmp_path, start_rep
     rows = {r["model"]: r for r in (await (await c.get("/api/usage?group_by=model")).json())["data"]}
     assert rows["fleet"]["requests"] == 3
     assert rows["fleet"]["cost"] == pytest.approx(3 * (11 * 2 + 7 * 4) / 1e6)
+
+
+async def test_a_reload_keeps_an_unchanged_pool_and_rebuilds_a_changed_one(make_client, tmp_path, start_replicas):
+    reps = await start_replicas(3)
+    urls = [u for _, u in reps]
+    c = await make_client(pool_settings(tmp_path, urls[:2], health_check="off"))
+    homes = {i: (await send(c, i, 0))[0] for i in range(8)}
+    pool = c.daemon.pools["fleet"]
+    c.daemon.reload(pool_settings(tmp_path, urls[:2], health_check="off"))
+    assert c.daemon.pools["fleet"] is pool  # its conversations, load and breakers stay
+    assert {i: (await send(c, i, 1))[0] for i in homes} == homes
+    c.daemon.reload(pool_settings(tmp_path, urls, health_check="off"))
+    assert c.daemon.pools["fleet"] is not pool
+    got = {(await send(c, i, 0))[0] for i in range(30)}
+    assert got == {"fleet@r0", "fleet@r1", "fleet@r2"}  # the new replica takes work at once
+
+
+async def test_a_weighted_route_over_two_pools(make_client, tmp_path, start_replicas):
+    """A canary between two fleets: each conversation is assigned a pool by weight and keeps
+    it, and within that pool its replica."""
+    reps = await start_replicas(4)
+    urls = [u for _, u in reps]
+    s = parse_settings({
+        "data_dir": str(tmp_path / "data"), "cache": {"enabled": False}, "history": {"enabled": False},
+        "pools": {"old": {"model": "m", "replicas": urls[:2], "health_check": "off"},
+                  "new": {"model": "m", "replicas": urls[2:], "health_check": "off"}},
+        "routes": [{"name": "m", "targets": [{"model": "new", "weight": 30}, {"model": "old", "weight": 70}]}]})
+    c = await make_client(s)
+    first = {i: (await send(c, i, 0, model="m"))[0] for i in range(60)}
+    again = {i: (await send(c, i, 1, model="m"))[0] for i in range(60)}
+    assert again == first
+    to_new = sum(1 for b in first.values() if b.startswith("new@"))
+    assert 8 <= to_new <= 30, to_new
+    assert {b.split("@")[0] for b in first.values()} == {"new", "old"}
