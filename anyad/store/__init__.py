@@ -22,6 +22,18 @@ of their own (``connection.read_only``), which WAL lets run beside the writer.
 
 from __future__ import annotations
 
+import sys
+
+if "numpy" not in sys.modules:
+    # sqlite-utils imports numpy when it can (to map numpy values to column types; anyad
+    # stores none), and numpy, there for llama-cpp-python in the model workers, would add
+    # a sixth of a second to the daemon's start. A later ``import numpy`` works as usual.
+    sys.modules["numpy"] = None  # type: ignore[assignment]
+    try:
+        import sqlite_utils  # noqa: F401
+    finally:
+        del sys.modules["numpy"]
+
 from anyad.store.connection import DB_NAME, check_integrity, connect, read_only
 from anyad.store.history import CONVERSATION_ID, MAX_QUERY_CHARS, HistoryReader
 from anyad.store.rows import AUDIT_COLUMNS, AUDIT_INSERT, USAGE_COLUMNS, USAGE_INSERT, AuditRow, Exchange, UsageRow
