@@ -6,7 +6,7 @@ refused) are always recorded while ``audit.enabled``; each API request too when
 which model; the status), with its messages and reply only when
 ``audit.include_content``. No secret value is ever written: actors are references.
 
-In the daemon rows go through the store's writer thread, batched with the history; the
+In the daemon rows go through the store's writer, batched with the history; the
 CLI (``anyad secrets``) writes its own row straight to the file.
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from anyad.config import AuditSettings
 from anyad.jsoncodec import dumps
-from anyad.store import AUDIT_COLUMNS, DB_NAME, AuditRow, Store, connect, read_only
+from anyad.store import AUDIT_COLUMNS, DB_NAME, AuditRow, Store, connect, jobs, read_only
 
 log = logging.getLogger("anyad.audit")
 
@@ -57,7 +57,7 @@ class AuditLog:
 
     def apply_retention(self) -> Any:
         cutoff = time.time() - self.settings.max_age_days * 86400
-        return self.store.submit(lambda db: db.conn.execute("DELETE FROM audit WHERE at < ?", (cutoff,)).rowcount)
+        return self.store.submit(jobs.audit_retention, cutoff)
 
 
 def record_offline(data_dir: Path, actor: str, action: str, target: str | None = None,

@@ -27,7 +27,7 @@ from aiohttp import web
 from anyad.config import CacheSettings
 from anyad.jsoncodec import dumpb, dumps, loads
 from anyad.router import Target
-from anyad.store import Store
+from anyad.store import Store, jobs
 from anyad.stream import ChatRequest, Chunk, ChunkStream, Usage
 
 # Fields that change how a reply is delivered, not what it says.
@@ -129,8 +129,7 @@ class ResponseCache:
         if not fresh and not stale_ok:
             return None
         used = self.clock()
-        self.store.submit(lambda db: db.conn.execute(
-            "UPDATE cache SET last_used = ?, hits = hits + 1 WHERE key = ?", (used, key)))
+        self.store.submit(jobs.cache_touch, used, key)
         data = loads(row["reply"])
         u = data["usage"]
         # The usage of the reply as it was made (what its engine reused included).
@@ -151,22 +150,4 @@ class ResponseCache:
                        "usage": (usage or Usage()).as_dict()})
         now = self.clock()
         s = self.settings
-
-        def write(db: Any) -> None:
-            c = db.conn
-            c.execute("INSERT OR REPLACE INTO cache (key, model, backend, reply, bytes, created, last_used, expires, "
-                      "hits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                      (key, model, backend, reply, len(reply), now, now, now + s.ttl_s))
-            count, size = c.execute("SELECT count(*), coalesce(sum(bytes), 0) FROM cache").fetchone()
-            if count > s.max_entries or size > s.max_bytes:
-                # Least recently used first, until both caps hold again.
-                drop, freed = 0, 0
-                for (b,) in c.execute("SELECT bytes FROM cache ORDER BY last_used, created"):
-                    if count - drop <= s.max_entries and size - freed <= s.max_bytes:
-                        break
-                    drop += 1
-                    freed += b
-                c.execute("DELETE FROM cache WHERE key IN (SELECT key FROM cache ORDER BY last_used, created "
-                          "LIMIT ?)", (drop,))
-
-        self.store.submit(write)
+        self.store.submit(jobs.cache_put, key, model, backend, reply, now, s.ttl_s, s.max_entries, s.max_bytes)

@@ -4,7 +4,8 @@
 # same fake upstream on 127.0.0.1, direct and through the gateway interleaved.
 #
 #   bench/gateway_overhead.sh [--duration 5] [--reps 3] [--gateways "anyad minproxy litellm"]
-#                             (also: anyad-nostore, anyad with its history and cache off)
+#                             (also: anyad-nostore, anyad with its history and cache off;
+#                             anyad-pool, anyad with a pool of four replicas of the upstream)
 #                             [--concurrency "1 32"] [--modes "nonstream stream"]
 #
 # Needs /tmp/bench-venv (aiohttp uvloop) and /tmp/litellm-venv ('litellm[proxy]' uvloop);
@@ -53,14 +54,19 @@ dirs=()
 for gw in $GATEWAYS; do
   model=bench; key=""; meta=()
   case "$gw" in
-    anyad|anyad-nostore)
+    anyad|anyad-nostore|anyad-pool)
       cfg=/tmp/gwbench/anyad.toml
       printf '[server]\nport = %s\nlog_level = "warning"\n[providers.up]\nbase_url = "http://127.0.0.1:%s/v1"\nmax_retries = 0\n' \
         "$GW_PORT" "$UP_PORT" > "$cfg"
       # anyad-nostore: the same with the history, the cache and the audit log off, to show what they cost.
       [[ $gw == anyad-nostore ]] && printf '[history]\nenabled = false\n[cache]\nenabled = false\n[audit]\nenabled = false\n' >> "$cfg"
+      # anyad-pool: the defaults, the requests spread over four replicas (the same upstream
+      # under four names: what is measured is the pool's own work).
+      [[ $gw == anyad-pool ]] && printf '[pools.fleet]\nmodel = "bench"\nhealth_check = "models"\nreplicas = [%s]\n' \
+        "$(for i in 0 1 2 3; do printf '{ base_url = "http://127.0.0.1:%s/v1", name = "r%s" },' "$UP_PORT" "$i"; done)" >> "$cfg"
       XDG_DATA_HOME=/tmp/gwbench/data setsid "$ANYAD" serve --config "$cfg" > "$LOGS/anyad.log" 2>&1 < /dev/null &
       GW_PID=$!; model=up/bench
+      [[ $gw == anyad-pool ]] && model=fleet
       wait_url "http://127.0.0.1:$GW_PORT/health"
       meta=(--meta "anyad=$("$ROOT/.venv/bin/python" -c 'import anyad; print(anyad.__version__)')");;
     minproxy)

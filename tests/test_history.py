@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 
+import psutil
 import pytest
 
 from anyad.config import parse_settings
@@ -210,8 +211,8 @@ def test_retention_by_age_and_by_count(tmp_path):
         store.record(exchange(f"c{i}"))
     store.flush()
     old = time.time() - 10 * 86400
-    store.submit(lambda db: db.conn.execute("UPDATE conversations SET updated = ? WHERE id IN ('c0', 'c1')",
-                                            (old,))).result()
+    with sqlite3.connect(store.path) as conn:  # beside the writer, as WAL allows
+        conn.execute("UPDATE conversations SET updated = ? WHERE id IN ('c0', 'c1')", (old,))
     assert store.apply_retention(7, 0).result() == 2
     assert store.apply_retention(0, 2).result() == 1
     assert [c["id"] for c in store.conversations()["data"]] == ["c4", "c3"]
@@ -256,10 +257,14 @@ def test_kill_9_mid_load_keeps_the_database_whole_and_every_finished_reply(tiny_
             t.start()
         while len(finished) < 40 or time.monotonic() - finished[0][0] < 1.5:
             time.sleep(0.01)
+        [writer] = [c for c in psutil.Process(proc.pid).children() if "anyad.store.writer" in " ".join(c.cmdline())]
         killed_at = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         stop.set()
+        # The writer commits what it had been handed, and does not outlive the daemon.
+        _, alive = psutil.wait_procs([writer], timeout=30)
+        assert not alive
         for t in threads:
             t.join(30)
     finally:

@@ -17,7 +17,8 @@ from conftest import MODEL_ID, anyad_cmd, clean_env, free_port, wait_http
 
 @contextmanager
 def serving(tmp_path, *args, env_extra=None):
-    """A running ``anyad serve`` with the tiny model loaded: (process, port, its worker processes).
+    """A running ``anyad serve`` with the tiny model loaded: (process, port, its child processes:
+    the model's worker and the store's writer).
     Whatever the test does, the daemon is killed if it is still there at the end."""
     port = free_port()
     proc = start(tmp_path, *args, "--port", str(port), env_extra=env_extra)
@@ -147,7 +148,9 @@ def test_status_command_shows_devices_models_and_queues(tiny_model, tmp_path):
         assert row[1:4] == ["loaded", "gpu", "3/3"] if on_gpu else ["loaded", "cpu", "0/3"]
         j = subprocess.run(anyad_cmd("status", "--port", str(port), "--json"), env=clean_env(tmp_path),
                            capture_output=True, text=True, timeout=30)
-        assert json.loads(j.stdout)["models"][MODEL_ID]["pid"] == workers[0].pid
+        # The model's worker (beside it, the store's writer: anyad.store.writer).
+        [worker] = [w for w in workers if "anyad.store.writer" not in " ".join(w.cmdline())]
+        assert json.loads(j.stdout)["models"][MODEL_ID]["pid"] == worker.pid
     p = subprocess.run(anyad_cmd("status", "--port", str(port)), env=clean_env(tmp_path), capture_output=True,
                        text=True, timeout=30)
     assert p.returncode == 1 and "no daemon answers" in p.stderr and "Traceback" not in p.stderr

@@ -2,7 +2,7 @@
 the response cache (``anyad.cache``), stored responses, audit and usage rows and the
 keys made at run time.
 
-Writes go through a single writer thread that batches them (``writer``): a batch is one
+Writes go through a single writer, a process of its own, that batches them (``writer``): a batch is one
 transaction, committed at most ``batch_interval_s`` after its first item arrived, so a
 reply never waits on the disk and a ``kill -9`` loses at most that interval. WAL
 journaling with ``synchronous = NORMAL`` keeps the file consistent through a crash.
@@ -13,7 +13,9 @@ of their own (``connection.read_only``), which WAL lets run beside the writer.
   ``check_integrity``
 - ``migrations``: the schema, as ordered named migrations
 - ``rows``: what the writer is handed (``Exchange``, ``ResponseRow``, ``AuditRow``, ``UsageRow``)
-- ``writer``: ``Store``, the one writer thread (and a reader)
+- ``handle``: ``Store``, the daemon's reader and its way to the writer
+- ``writer``: the one writer, a process of its own
+- ``jobs``: what else the writer can be asked to do (``Store.submit``)
 - ``history``: ``HistoryReader``, reading conversations
 - ``search``: the full-text index of the messages
 - ``responses``: stored responses (the Responses API's ``store``)
@@ -35,10 +37,10 @@ if "numpy" not in sys.modules:
         del sys.modules["numpy"]
 
 from anyad.store.connection import DB_NAME, check_integrity, connect, read_only
+from anyad.store.handle import Store
 from anyad.store.history import CONVERSATION_ID, MAX_QUERY_CHARS, HistoryReader
 from anyad.store.rows import AUDIT_COLUMNS, AUDIT_INSERT, USAGE_COLUMNS, USAGE_INSERT, AuditRow, Exchange, UsageRow
 from anyad.store.search import fts_query, index_pending
-from anyad.store.writer import Store
 
 __all__ = ["AUDIT_COLUMNS", "AUDIT_INSERT", "CONVERSATION_ID", "DB_NAME", "MAX_QUERY_CHARS", "USAGE_COLUMNS",
            "USAGE_INSERT", "AuditRow", "Exchange", "HistoryReader", "Store", "UsageRow", "check_integrity", "connect",

@@ -2,7 +2,7 @@
 
 A response is written by the store's one writer in the batch of its exchange, after it
 (so its conversation row exists, and is the one the writer gave the exchange), its JSON
-made in the writer's thread; it goes with its conversation: deleting the conversation, or
+made by the writer; it goes with its conversation: deleting the conversation, or
 the history's retention, deletes it too. A key reads and deletes only its own (admin keys
 any). Besides the response object it keeps the conversation through it (chat messages,
 for ``previous_response_id``) and the items it was made from (for ``input_items``).
@@ -19,9 +19,10 @@ import weakref
 from typing import Any
 
 from anyad.jsoncodec import loads
+from anyad.store import jobs
+from anyad.store.handle import Store
 from anyad.store.history import HistoryReader
 from anyad.store.rows import Exchange, ResponseRow, StoredResponse
-from anyad.store.writer import Store
 
 __all__ = ["StoredResponse", "delete", "get", "put"]
 
@@ -35,7 +36,7 @@ def put(store: Store, r: StoredResponse, exchange: Exchange | None = None) -> No
     pending = _pending.setdefault(store, {})
     pending[r.id] = r
 
-    def written() -> None:  # from the writer's thread; dict operations on one key are atomic under the GIL
+    def written() -> None:  # from the store's results thread; dict operations on one key are atomic under the GIL
         pending.pop(r.id, None)
 
     store.keep_response(ResponseRow(r, time.time(), exchange, written))
@@ -63,8 +64,4 @@ def delete(store: Store, response_id: str, owner: str | None = None) -> concurre
     waiting = _pending.get(store, {}).get(response_id)
     if waiting is not None and (owner is None or waiting.owner == owner):
         _pending[store].pop(response_id, None)
-    if owner is None:
-        return store.submit(lambda db: db.conn.execute("DELETE FROM responses WHERE id = ?",
-                                                       (response_id,)).rowcount > 0)
-    return store.submit(lambda db: db.conn.execute("DELETE FROM responses WHERE id = ? AND owner = ?",
-                                                   (response_id, owner)).rowcount > 0)
+    return store.submit(jobs.delete_response, response_id, owner)

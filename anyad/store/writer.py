@@ -1,43 +1,89 @@
-"""The store's one writer: a thread that batches the daemon's writes to ``anyad.db``.
+"""The store's one writer: a process of its own that batches the daemon's writes to ``anyad.db``.
+
+It runs apart from the daemon so that its work (turning exchanges into rows, SQLite)
+never holds the event loop's GIL: beside the event loop, in a thread, it cost a relay a
+third of its peak throughput (``bench/README.md``). The daemon (``anyad.store.handle``)
+sends it pickled items on its standard input: exchanges, audit and usage rows, stored
+responses, and jobs (a function of this package and its arguments, run with the
+database); it answers on its standard output with what the daemon waits for: each job's
+result, and each kept response's token once it is written.
 
 A batch is one transaction, committed at most ``batch_interval_s`` after its first item
-arrived, so a reply never waits on the disk and a ``kill -9`` loses at most that
-interval. ``close()`` drains what is queued.
+arrived, so a reply never waits on the disk. When the daemon stops it sends ``STOP``;
+when the daemon dies (``kill -9``) its standard input ends: either way what was received
+is committed before the writer exits. It ignores SIGINT and SIGTERM (a terminal's Ctrl-C
+and systemd's stop reach the whole process group): it ends when the daemon is done with it.
+
+Started by ``Store`` as ``main([PATH, BATCH_INTERVAL_S, MAX_BATCH, LOG_LEVEL])``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
+import pickle
 import queue
+import signal
 import sqlite3
+import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from sqlite_utils import Database
 
 from anyad.jsoncodec import dumps
 from anyad.store.connection import connect
-from anyad.store.history import HistoryReader
 from anyad.store.rows import AUDIT_INSERT, RESPONSE_INSERT, USAGE_INSERT, AuditRow, Exchange, ResponseRow, UsageRow
 from anyad.store.search import SEARCH_INDEX_STEP, index_pending
 from anyad.stream import content_text
 
 log = logging.getLogger("anyad.store")
 
-MAX_CLAIMS = 10000  # conversation ids claimed but not yet written, kept per daemon
-_STOP = object()
+STOP = "stop"
+MAX_SETTLED = 10000  # exchanges whose conversation a later stored response may need
+HEADER = 4  # each message on the pipes: its length (4 bytes, little-endian), then its pickle
+
+# (token, ok, the job's result or, not ok, why it failed)
+Result = tuple[int, bool, Any]
 
 
 @dataclass(slots=True)
-class _Job:
-    fn: Callable[[Database], Any]
-    future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
+class Job:
+    """``fn(db, *args)`` in the writer, after what is already queued; ``fn`` a function of a
+    module (it travels by name)."""
+
+    token: int
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclass(slots=True)
+class Kept:
+    """A stored response; its token comes back once it is written."""
+
+    token: int
+    row: ResponseRow
+
+
+def frame(item: Any) -> bytes:
+    data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    return len(data).to_bytes(HEADER, "little") + data
+
+
+def read_frame(stream: IO[bytes]) -> Any:
+    """The next item, or STOP at the end of the stream."""
+    head = stream.read(HEADER)
+    if len(head) < HEADER:
+        return STOP
+    size = int.from_bytes(head, "little")
+    data = stream.read(size)
+    if len(data) < size:
+        return STOP
+    return pickle.loads(data)
 
 
 @dataclass(slots=True)
@@ -53,6 +99,7 @@ class _Prepared:
         title = next((text for role, text, _ in messages if role == "user" and text), None)
         return cls(ex, messages, _message_row(ex.reply) if ex.reply is not None else None,
                    (title or "")[:120] or None)
+
 
 
 def _insert(c: sqlite3.Connection, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
@@ -78,145 +125,56 @@ def _message_row(m: dict[str, Any]) -> tuple[str, str | None, str | None]:
     return str(m.get("role", "")), text, (dumps(extra) if extra else None)
 
 
-def _response_row(r: ResponseRow) -> tuple[Any, ...]:
-    """A stored response's row; its conversation its exchange's, as written."""
-    resp = r.response
-    cid = r.exchange.conversation_id if r.exchange is not None else resp.conversation_id
-    return (resp.id, cid, resp.owner, r.created, dumps(resp.body), dumps(resp.messages), dumps(resp.items))
+class Writer:
+    """The batches, written: one transaction each."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = Database(connect(path))
+        # request id -> the conversation its exchange went into
+        self._settled: OrderedDict[str, str] = OrderedDict()
 
-class Store(HistoryReader):
-    """The history's one writer (a thread), and its reader."""
+    def index(self) -> None:
+        """Idle: bring the search index up to date, a step at a time."""
+        self.write([Job(0, index_pending, (SEARCH_INDEX_STEP,))])
 
-    def __init__(self, path: Path, *, batch_interval_s: float = 0.1, max_batch: int = 1000) -> None:
-        super().__init__(path)
-        self.batch_interval_s = batch_interval_s
-        self.max_batch = max_batch
-        # The writer thread's own from here on.
-        self._db = Database(connect(self.path, check_same_thread=False))
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._closed = False
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="anyad-store-writer", daemon=True)
-        self._thread.start()
-        # Conversation ids taken by a key whose first exchange is not written yet (the event
-        # loop's; the least recent go first).
-        self._claims: OrderedDict[str, str | None] = OrderedDict()
-
-    def claim(self, conversation_id: str, owner: str | None) -> str | None:
-        """Take a conversation id for ``owner`` until its first exchange is written; returns
-        whoever holds the claim now (``owner`` unless another key claimed it first)."""
-        holder = self._claims.setdefault(conversation_id, owner)
-        self._claims.move_to_end(conversation_id)
-        while len(self._claims) > MAX_CLAIMS:
-            self._claims.popitem(last=False)
-        return holder
-
-    # -- writing (one thread) --------------------------------------------------------------
-
-    def record(self, exchange: Exchange) -> None:
-        """Queue an exchange for the next batch; never blocks.
-
-        Its rows are prepared here, in the caller's thread, so that the writer thread holds
-        the GIL as little as possible: it runs beside the event loop.
-        """
-        if not self._closed:
-            self._queue.put(_Prepared.of(exchange))
-
-    def audit(self, row: AuditRow | UsageRow) -> None:
-        """Queue an audit or usage row for the next batch; never blocks."""
-        if not self._closed:
-            self._queue.put(row)
-
-    def keep_response(self, row: ResponseRow) -> None:
-        """Queue a stored response for the next batch, after its exchange; never blocks.
-
-        Its JSON is made in the writer thread, and it is written with the batch's exchanges
-        (a job between them would cut their run in two, and cost each its own queries).
-        ``row.done`` is called once it is written, or could not be.
-        """
-        if self._closed:
-            if row.done is not None:
-                row.done()
-            return
-        self._queue.put(row)
-
-    def submit(self, fn: Callable[[Database], Any]) -> concurrent.futures.Future[Any]:
-        """Run ``fn`` in the writer thread, after what is already queued."""
-        job = _Job(fn)
-        if self._closed:
-            job.future.set_exception(RuntimeError("the store is closed"))
-        else:
-            self._queue.put(job)
-        return job.future
-
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything queued so far is committed."""
-        self.submit(lambda db: None).result(timeout)
-
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is _STOP:
-                break
-            # Sleep through the batch interval, then take everything that came meanwhile:
-            # waking for each item would hand the GIL back and forth with the event loop.
-            self._closing.wait(self.batch_interval_s)  # cut short by close()
-            batch = [first]
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(item)
-            for i in range(0, len(batch), self.max_batch):
-                self._write(batch[i:i + self.max_batch])
-            if self._queue.empty():  # idle: bring the search index up to date
-                self._write([_Job(lambda db: index_pending(db, SEARCH_INDEX_STEP))])
+    def close(self) -> None:
         self._db.conn.close()
 
-    def _write(self, batch: list[Any]) -> None:
+    def write(self, batch: list[Any]) -> list[Result]:
         """One transaction for the batch; if it fails, each item in its own, so that one
-        bad item costs only itself."""
+        bad item costs only itself. What the daemon waits for: each job's result, and
+        each kept response's token once it is written (or could not be)."""
         try:
             with self._db.conn:
                 done = self._apply(batch)
         except Exception:
             if len(batch) > 1:
-                for item in batch:
-                    self._write([item])
-                return
+                return [r for item in batch for r in self.write([item])]
             log.exception("could not write to %s", self.path)
             item = batch[0]
-            if isinstance(item, _Job) and (item.future.running() or item.future.set_running_or_notify_cancel()):
-                item.future.set_exception(RuntimeError("the history database refused the write; see the log"))
-            elif isinstance(item, ResponseRow) and item.done is not None:
-                item.done()
-            return
-        for item, result in done:
-            if isinstance(item, ResponseRow):
-                if item.done is not None:
-                    item.done()
-            else:
-                item.future.set_result(result)
+            if isinstance(item, Job):
+                return [(item.token, False, "the history database refused the write; see the log")]
+            if isinstance(item, Kept):
+                return [(item.token, True, None)]
+            return []
+        while len(self._settled) > MAX_SETTLED:
+            self._settled.popitem(last=False)
+        return done
 
-    def _apply(self, batch: list[Any]) -> list[tuple[_Job | ResponseRow, Any]]:
+    def _apply(self, batch: list[Any]) -> list[Result]:
         """Runs of exchanges (and the responses that go with them, after them) are written
         together; jobs in their place between them."""
-        done: list[tuple[_Job | ResponseRow, Any]] = []
+        done: list[Result] = []
         run: list[_Prepared] = []
-        responses: list[ResponseRow] = []
+        responses: list[Kept] = []
         audit: list[AuditRow] = []
         usage: list[UsageRow] = []
         for item in batch:
-            if isinstance(item, _Prepared):
-                run.append(item)
+            if isinstance(item, Exchange):
+                run.append(_Prepared.of(item))
                 continue
-            if isinstance(item, ResponseRow):
+            if isinstance(item, Kept):
                 responses.append(item)
                 continue
             if isinstance(item, AuditRow):
@@ -228,8 +186,7 @@ class Store(HistoryReader):
             if run or responses:
                 self._write_run(run, responses, done)
                 run, responses = [], []
-            if item.future.running() or item.future.set_running_or_notify_cancel():  # False: its caller gave up
-                done.append((item, item.fn(self._db)))
+            done.append((item.token, True, item.fn(self._db, *item.args)))
         if run or responses:
             self._write_run(run, responses, done)
         # Rows of one fixed shape: one prepared statement, reused (a multi-row VALUES list
@@ -240,17 +197,24 @@ class Store(HistoryReader):
             self._db.conn.executemany(USAGE_INSERT, usage)
         return done
 
-    def _write_run(self, run: list[_Prepared], responses: list[ResponseRow],
-                   done: list[tuple[_Job | ResponseRow, Any]]) -> None:
+    def _write_run(self, run: list[_Prepared], responses: list[Kept], done: list[Result]) -> None:
         c = self._db.conn
         if run:
             self._write_exchanges(c, run)
         if responses:
-            c.executemany(RESPONSE_INSERT, [_response_row(r) for r in responses])
-            done += [(r, None) for r in responses]
+            c.executemany(RESPONSE_INSERT, [self._response_row(k.row) for k in responses])
+            done += [(k.token, True, None) for k in responses]
 
-    @staticmethod
-    def _write_exchanges(c: sqlite3.Connection, batch: list[_Prepared]) -> None:
+    def _response_row(self, r: ResponseRow) -> tuple[Any, ...]:
+        """A stored response's row; its conversation its exchange's, as written (which may be
+        a new one: see ``_write_exchanges``)."""
+        resp = r.response
+        cid = resp.conversation_id
+        if r.exchange is not None:
+            cid = self._settled.get(r.exchange.request_id, r.exchange.conversation_id)
+        return (resp.id, cid, resp.owner, r.created, dumps(resp.body), dumps(resp.messages), dumps(resp.items))
+
+    def _write_exchanges(self, c: sqlite3.Connection, batch: list[_Prepared]) -> None:
         now = time.time()
         ids = list({p.ex.conversation_id for p in batch})
         marks = ",".join("?" * len(ids))
@@ -267,6 +231,7 @@ class Store(HistoryReader):
                 log.warning("request %s: conversation %s belongs to another key; its exchange is kept as %s",
                             ex.request_id, cid, fresh)
                 ex.conversation_id = owners[fresh] = fresh
+            self._settled[ex.request_id] = ex.conversation_id
         ids = list({p.ex.conversation_id for p in batch})
         marks = ",".join("?" * len(ids))
         known = {r[0] for r in c.execute(f"SELECT id FROM conversations WHERE id IN ({marks})", ids)}
@@ -314,42 +279,62 @@ class Store(HistoryReader):
                 "completion_tokens, latency_ms, ttft_ms, finish_reason, started, finished", exchanges)
         _insert(c, "messages", "conversation_id, seq, role, content, extra, exchange_id, created", messages)
 
-    def delete(self, conversation_id: str, owner: str | None = None) -> concurrent.futures.Future[bool]:
-        if owner is None:
-            return self.submit(lambda db: db.conn.execute("DELETE FROM conversations WHERE id = ?",
-                                                          (conversation_id,)).rowcount > 0)
-        return self.submit(lambda db: db.conn.execute("DELETE FROM conversations WHERE id = ? AND owner = ?",
-                                                      (conversation_id, owner)).rowcount > 0)
 
-    def purge(self) -> concurrent.futures.Future[int]:
-        return self.submit(lambda db: db.conn.execute("DELETE FROM conversations").rowcount)
 
-    def apply_retention(self, max_age_days: float, max_conversations: int) -> concurrent.futures.Future[int]:
-        """Delete conversations older than ``max_age_days`` and beyond the newest ``max_conversations``
-        (0 turns either off); the future gives how many went."""
+def serve(path: Path, batch_interval_s: float, max_batch: int, inbox: IO[bytes], outbox: IO[bytes]) -> None:
+    """Write what comes on ``inbox`` until STOP or its end; answer on ``outbox``."""
+    writer = Writer(path)
+    items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    ending = threading.Event()
 
-        def run(db: Database) -> int:
-            gone = 0
-            if max_age_days:
-                gone += db.conn.execute("DELETE FROM conversations WHERE updated < ?",
-                                        (time.time() - max_age_days * 86400,)).rowcount
-            if max_conversations:
-                gone += db.conn.execute(
-                    "DELETE FROM conversations WHERE id NOT IN "
-                    "(SELECT id FROM conversations ORDER BY updated DESC LIMIT ?)", (max_conversations,)).rowcount
-            return gone
+    def receive() -> None:  # a thread: the pipe is emptied while a batch is written
+        while True:
+            item = read_frame(inbox)
+            items.put(item)
+            if item == STOP:
+                ending.set()
+                return
 
-        return self.submit(run)
+    threading.Thread(target=receive, name="anyad-store-inbox", daemon=True).start()
+    stop = False
+    while not stop:
+        first = items.get()
+        if first == STOP:
+            break
+        ending.wait(batch_interval_s)  # the batch's window, cut short when the daemon is done
+        batch = [first]
+        while True:
+            try:
+                item = items.get_nowait()
+            except queue.Empty:
+                break
+            if item == STOP:
+                stop = True
+                break
+            batch.append(item)
+        results = [r for i in range(0, len(batch), max_batch) for r in writer.write(batch[i:i + max_batch]) if r[0]]
+        if results:
+            try:
+                outbox.write(frame(results))
+                outbox.flush()
+            except (BrokenPipeError, OSError):  # the daemon is gone; what it sent is still written
+                pass
+        if items.empty():
+            writer.index()
+    writer.close()
 
-    def index_for_search(self) -> None:
-        # In the daemon the writer does it, after what is queued: searches see every reply.
-        self.submit(index_pending).result(30)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Commit what is queued, then stop the writer."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(_STOP)
-        self._closing.set()
-        self._thread.join(timeout)
+def main(argv: list[str]) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    path, interval, max_batch, level = Path(argv[0]), float(argv[1]), int(argv[2]), argv[3]
+    from anyad.logs import setup_logging
+
+    setup_logging(level)
+    try:
+        serve(path, interval, max_batch, sys.stdin.buffer, sys.stdout.buffer)
+    except sqlite3.Error as exc:
+        log.error("the store's writer cannot go on with %s: %s", path, exc)
+        return 1
+    return 0
+

@@ -1,0 +1,292 @@
+"""``Store``: the daemon's side of the store, its reader, and the pipe to its writer process.
+
+The writer (``anyad.store.writer``) is a process of its own, so that what writing costs
+never holds the event loop's GIL. What the daemon hands it (an exchange, an audit or
+usage row, a stored response, a job) is pickled at once, in the caller's thread (a
+mistake, such as a job that cannot travel, raises there), and sent without blocking:
+items queued in one turn of the event loop go in one write, at its end; from any other
+thread at once. The pipe is emptied by the writer continuously, so a write that finds it
+full is rare; the rest then waits in memory for a thread that sends it when the pipe has
+room. Whatever is queued before a ``flush()`` (from any thread) is written before it.
+
+Results (a job's, a kept response's "written") come back on the writer's standard
+output to a thread that waits on it, once per batch at most. If the writer dies
+unexpectedly a new one is started; what the old one had not committed is lost (as on a
+``kill -9`` of the daemon: at most one batch interval), and the jobs waiting on it fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import fcntl
+import itertools
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+from anyad.store import jobs
+from anyad.store.connection import connect
+from anyad.store.history import HistoryReader
+from anyad.store.rows import AuditRow, Exchange, ResponseRow, UsageRow
+from anyad.store.search import index_pending
+from anyad.store.writer import STOP, Job, Kept, frame, read_frame
+
+log = logging.getLogger("anyad.store")
+
+MAX_CLAIMS = 10000  # conversation ids claimed but not yet written, kept per daemon
+MAX_RESTARTS = 5  # writers started again after one died, before the store gives up
+PIPE_BYTES = 1 << 20  # asked of the kernel for the pipe to the writer (it may give less)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# Not ``-m anyad.store.writer``: the package imports that module, and runpy would run a
+# second copy of it, whose classes are not those the items are pickled as.
+WRITER_MAIN = "import sys; from anyad.store.writer import main; sys.exit(main(sys.argv[1:]))"
+
+
+class Store(HistoryReader):
+    """The history's reader, and the way to its one writer (a process)."""
+
+    def __init__(self, path: Path, *, batch_interval_s: float = 0.1, max_batch: int = 1000) -> None:
+        super().__init__(path)
+        self.batch_interval_s = batch_interval_s
+        self.max_batch = max_batch
+        # Created and migrated here, so that a file that cannot be used (damaged, from a newer
+        # anyad) is refused now, by the daemon, and readers find the schema at once.
+        connect(self.path).close()
+        self._lock = threading.Lock()
+        self._queued: list[bytes] = []  # framed items of this turn of the event loop
+        self._scheduled = False
+        self._unsent = bytearray()  # what the pipe had no room for
+        self._room = threading.Event()  # the sender thread's cue
+        self._waiting: dict[int, concurrent.futures.Future[Any] | Callable[[], None]] = {}
+        self._tokens = itertools.count(1)
+        self._closed = False
+        self._restarts = 0
+        self._proc = self._spawn()
+        self._results = threading.Thread(target=self._receive, name="anyad-store-results", daemon=True)
+        self._results.start()
+        self._sender: threading.Thread | None = None
+        # Conversation ids taken by a key whose first exchange is not written yet (the event
+        # loop's; the least recent go first).
+        self._claims: OrderedDict[str, str | None] = OrderedDict()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER_MAIN, str(self.path), str(self.batch_interval_s), str(self.max_batch),
+             str(level)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        assert proc.stdin is not None
+        fd = proc.stdin.fileno()
+        try:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:  # above the system's limit: the default will do
+            pass
+        os.set_blocking(fd, False)
+        return proc
+
+    def claim(self, conversation_id: str, owner: str | None) -> str | None:
+        """Take a conversation id for ``owner`` until its first exchange is written; returns
+        whoever holds the claim now (``owner`` unless another key claimed it first)."""
+        holder = self._claims.setdefault(conversation_id, owner)
+        self._claims.move_to_end(conversation_id)
+        while len(self._claims) > MAX_CLAIMS:
+            self._claims.popitem(last=False)
+        return holder
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def _put(self, item: Any) -> None:
+        data = frame(item)  # here: what cannot be pickled fails its caller
+        with self._lock:
+            if self._closed:
+                return
+            self._queued.append(data)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is None or isinstance(item, Job):  # a job is waited for, maybe in this very turn
+                self._send_locked()
+            elif not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        with self._lock:
+            self._scheduled = False
+            self._send_locked()
+
+    def _send_locked(self) -> None:
+        if self._queued:
+            self._unsent += b"".join(self._queued)
+            self._queued.clear()
+        if not self._unsent:
+            return
+        assert self._proc.stdin is not None
+        try:
+            n = os.write(self._proc.stdin.fileno(), self._unsent)
+        except BlockingIOError:
+            n = 0
+        except (BrokenPipeError, OSError):  # the writer is gone: the results thread starts another
+            return
+        del self._unsent[:n]
+        if self._unsent:  # the pipe is full: a thread waits for room, never the event loop
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_later, name="anyad-store-sender", daemon=True)
+                self._sender.start()
+            self._room.set()
+
+    def _send_later(self) -> None:
+        while True:
+            self._room.wait()
+            with self._lock:
+                self._room.clear()
+                if not self._unsent:
+                    if self._closed:
+                        return
+                    continue
+                fd = self._proc.stdin.fileno() if self._proc.stdin is not None else -1
+            if fd >= 0:
+                select.select([], [fd], [], 1.0)
+            with self._lock:
+                self._send_locked()
+                if self._unsent:
+                    self._room.set()
+
+    def _call(self, item_of: Callable[[int], Any], waiter: concurrent.futures.Future[Any] | Callable[[], None]) -> None:
+        token = next(self._tokens)
+        self._waiting[token] = waiter
+        try:
+            self._put(item_of(token))
+        except BaseException:
+            self._waiting.pop(token, None)
+            raise
+
+    # -- what the daemon writes ---------------------------------------------------------------
+
+    def record(self, exchange: Exchange) -> None:
+        """Queue an exchange for the next batch; never blocks. The writer makes its rows."""
+        self._put(exchange)
+
+    def audit(self, row: AuditRow | UsageRow) -> None:
+        """Queue an audit or usage row for the next batch; never blocks."""
+        self._put(row)
+
+    def keep_response(self, row: ResponseRow) -> None:
+        """Queue a stored response for the next batch, after its exchange; never blocks.
+        ``row.done`` is called (from another thread) once it is written, or could not be."""
+        done = row.done or (lambda: None)
+        if self._closed:
+            done()
+            return
+        kept = ResponseRow(row.response, row.created, row.exchange)
+        self._call(lambda token: Kept(token, kept), done)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        """Run ``fn(db, *args)`` in the writer, after what is already queued: ``fn`` a
+        module's function (see ``anyad.store.jobs``), ``args`` what pickle takes."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        if self._closed:
+            future.set_exception(RuntimeError("the store is closed"))
+            return future
+        self._call(lambda token: Job(token, fn, args), future)
+        return future
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything queued so far is committed."""
+        self.submit(jobs.nothing).result(timeout)
+
+    def delete(self, conversation_id: str, owner: str | None = None) -> concurrent.futures.Future[bool]:
+        return self.submit(jobs.delete_conversation, conversation_id, owner)
+
+    def purge(self) -> concurrent.futures.Future[int]:
+        return self.submit(jobs.purge)
+
+    def apply_retention(self, max_age_days: float, max_conversations: int) -> concurrent.futures.Future[int]:
+        """Delete conversations older than ``max_age_days`` and beyond the newest ``max_conversations``
+        (0 turns either off); the future gives how many went."""
+        return self.submit(jobs.retention, max_age_days, max_conversations)
+
+    def index_for_search(self) -> None:
+        # In the daemon the writer does it, after what is queued: searches see every reply.
+        self.submit(index_pending).result(30)
+
+    # -- results ------------------------------------------------------------------------------
+
+    def _receive(self) -> None:
+        while True:
+            proc = self._proc
+            assert proc.stdout is not None
+            got = read_frame(proc.stdout)
+            if got != STOP:
+                for token, ok, value in got:
+                    self._settle(token, ok, value)
+                continue
+            code = proc.wait()
+            with self._lock:
+                lost, self._waiting = self._waiting, {}
+                if not self._closed:
+                    self._restarts += 1
+                    if self._restarts > MAX_RESTARTS:
+                        log.error("the store's writer exited (code %s) %d times; nothing more is written to %s "
+                                  "until anyad restarts", code, self._restarts, self.path)
+                        self._closed = True
+                    else:
+                        log.error("the store's writer exited unexpectedly (code %s); starting another; what it "
+                                  "had not committed is lost", code)
+                        self._proc = self._spawn()
+                        self._unsent.clear()
+            for token, waiter in lost.items():
+                self._settle_waiter(waiter, False, "the store's writer exited before it was written")
+            if self._closed:
+                return
+
+    def _settle(self, token: int, ok: bool, value: Any) -> None:
+        waiter = self._waiting.pop(token, None)
+        if waiter is not None:
+            self._settle_waiter(waiter, ok, value)
+
+    @staticmethod
+    def _settle_waiter(waiter: concurrent.futures.Future[Any] | Callable[[], None], ok: bool, value: Any) -> None:
+        if not isinstance(waiter, concurrent.futures.Future):
+            waiter()
+        elif waiter.set_running_or_notify_cancel():  # False: its caller gave up
+            if ok:
+                waiter.set_result(value)
+            else:
+                waiter.set_exception(RuntimeError(value))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is queued, let the writer commit it, and wait for it to end."""
+        with self._lock:
+            if self._closed:
+                return
+            self._queued.append(frame(STOP))
+            self._closed = True
+            deadline = timeout
+            self._send_locked()
+        proc = self._proc
+        # What the pipe had no room for yet goes as the writer reads.
+        while self._unsent and proc.poll() is None and deadline > 0:
+            assert proc.stdin is not None
+            select.select([], [proc.stdin.fileno()], [], 0.1)
+            deadline -= 0.1
+            with self._lock:
+                self._send_locked()
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("the store's writer did not finish within %.0f s; stopping it", timeout)
+            proc.kill()
+            proc.wait()
+        self._room.set()
+        self._results.join(timeout)
