@@ -42,6 +42,10 @@ log = logging.getLogger("anyad.store")
 
 MAX_CLAIMS = 10000  # conversation ids claimed but not yet written, kept per daemon
 MAX_RESTARTS = 5  # writers started again after one died, before the store gives up
+# From the event loop, items go to the writer this often at most, together: a writer
+# woken for every request would cost more than its writing (the commit's window is what
+# is left of batch_interval_s).
+SEND_EVERY_S = 0.01
 PIPE_BYTES = 1 << 20  # asked of the kernel for the pipe to the writer (it may give less)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # Not ``-m anyad.store.writer``: the package imports that module, and runpy would run a
@@ -60,7 +64,8 @@ class Store(HistoryReader):
         # anyad) is refused now, by the daemon, and readers find the schema at once.
         connect(self.path).close()
         self._lock = threading.Lock()
-        self._queued: list[bytes] = []  # framed items of this turn of the event loop
+        self._items: list[Any] = []  # plain items not sent yet, pickled together
+        self._queued: list[bytes] = []  # framed, not sent yet
         self._scheduled = False
         self._unsent = bytearray()  # what the pipe had no room for
         self._room = threading.Event()  # the sender thread's cue
@@ -79,8 +84,8 @@ class Store(HistoryReader):
     def _spawn(self) -> subprocess.Popen[bytes]:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER_MAIN, str(self.path), str(self.batch_interval_s), str(self.max_batch),
-             str(level)],
+            [sys.executable, "-c", WRITER_MAIN, str(self.path), str(max(0.0, self.batch_interval_s - SEND_EVERY_S)),
+             str(self.max_batch), str(level)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         assert proc.stdin is not None
         fd = proc.stdin.fileno()
@@ -103,27 +108,51 @@ class Store(HistoryReader):
     # -- sending ------------------------------------------------------------------------------
 
     def _put(self, item: Any) -> None:
-        data = frame(item)  # here: what cannot be pickled fails its caller
+        """Queue a plain item (a tuple of plain values, or a Kept); from the event loop it goes
+        within SEND_EVERY_S with the others queued meanwhile, from any other thread at once."""
         with self._lock:
             if self._closed:
                 return
-            self._queued.append(data)
+            self._items.append(item)
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None
-            if loop is None or isinstance(item, Job):  # a job is waited for, maybe in this very turn
+            if loop is None:
                 self._send_locked()
             elif not self._scheduled:
                 self._scheduled = True
-                loop.call_soon(self._end_of_turn)
+                loop.call_later(SEND_EVERY_S, self._send_queued)
 
-    def _end_of_turn(self) -> None:
+    def _put_job(self, job: Job) -> None:
+        data = frame(job)  # here: a job that cannot travel fails its caller
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            self._pack_locked()  # what was queued before it is written before it
+            self._queued.append(data)
+            self._send_locked()  # at once: it is waited for, maybe in this very turn of the loop
+
+    def _send_queued(self) -> None:
         with self._lock:
             self._scheduled = False
             self._send_locked()
 
+    def _pack_locked(self) -> None:
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        try:
+            self._queued.append(frame(items))
+        except Exception:  # one item that cannot travel (a bug) must not take the others with it
+            for item in items:
+                try:
+                    self._queued.append(frame([item]))
+                except Exception:
+                    log.exception("an item for the store cannot be sent to its writer; it is dropped")
+
     def _send_locked(self) -> None:
+        self._pack_locked()
         if self._queued:
             self._unsent += b"".join(self._queued)
             self._queued.clear()
@@ -160,24 +189,20 @@ class Store(HistoryReader):
                 if self._unsent:
                     self._room.set()
 
-    def _call(self, item_of: Callable[[int], Any], waiter: concurrent.futures.Future[Any] | Callable[[], None]) -> None:
+    def _token(self, waiter: concurrent.futures.Future[Any] | Callable[[], None]) -> int:
         token = next(self._tokens)
         self._waiting[token] = waiter
-        try:
-            self._put(item_of(token))
-        except BaseException:
-            self._waiting.pop(token, None)
-            raise
+        return token
 
     # -- what the daemon writes ---------------------------------------------------------------
 
     def record(self, exchange: Exchange) -> None:
         """Queue an exchange for the next batch; never blocks. The writer makes its rows."""
-        self._put(exchange)
+        self._put(("x", exchange.fields()))
 
     def audit(self, row: AuditRow | UsageRow) -> None:
         """Queue an audit or usage row for the next batch; never blocks."""
-        self._put(row)
+        self._put(("a" if isinstance(row, AuditRow) else "u", tuple(row)))
 
     def keep_response(self, row: ResponseRow) -> None:
         """Queue a stored response for the next batch, after its exchange; never blocks.
@@ -186,8 +211,7 @@ class Store(HistoryReader):
         if self._closed:
             done()
             return
-        kept = ResponseRow(row.response, row.created, row.exchange)
-        self._call(lambda token: Kept(token, kept), done)
+        self._put(Kept(self._token(done), ResponseRow(row.response, row.created, row.exchange)))
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         """Run ``fn(db, *args)`` in the writer, after what is already queued: ``fn`` a
@@ -196,7 +220,12 @@ class Store(HistoryReader):
         if self._closed:
             future.set_exception(RuntimeError("the store is closed"))
             return future
-        self._call(lambda token: Job(token, fn, args), future)
+        token = self._token(future)
+        try:
+            self._put_job(Job(token, fn, args))
+        except BaseException:
+            self._waiting.pop(token, None)
+            raise
         return future
 
     def flush(self, timeout: float = 10.0) -> None:
@@ -268,6 +297,7 @@ class Store(HistoryReader):
         with self._lock:
             if self._closed:
                 return
+            self._pack_locked()
             self._queued.append(frame(STOP))
             self._closed = True
             deadline = timeout

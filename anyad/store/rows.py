@@ -30,6 +30,13 @@ class Exchange:
     # Whether the exchange may go into another key's conversation (an admin key's may).
     any_conversation: bool = True
 
+    def fields(self) -> tuple[Any, ...]:
+        """Its fields in order, as a plain tuple: what travels to the writer (pickling a
+        slotted dataclass runs Python code for each; a tuple of plain values does not)."""
+        return (self.conversation_id, self.request_id, self.model, self.backend, self.stream, self.cache,
+                self.messages, self.reply, self.finish_reason, self.prompt_tokens, self.completion_tokens,
+                self.started, self.latency_ms, self.ttft_ms, self.owner, self.any_conversation)
+
 
 @dataclass(frozen=True, slots=True)
 class StoredResponse:

@@ -281,6 +281,14 @@ class Writer:
 
 
 
+def _item(item: Any) -> Any:
+    """What the daemon sends as plain values, as the writer takes it."""
+    if isinstance(item, tuple):
+        kind, values = item
+        return Exchange(*values) if kind == "x" else AuditRow(values) if kind == "a" else UsageRow(values)
+    return item
+
+
 def serve(path: Path, batch_interval_s: float, max_batch: int, inbox: IO[bytes], outbox: IO[bytes]) -> None:
     """Write what comes on ``inbox`` until STOP or its end; answer on ``outbox``."""
     writer = Writer(path)
@@ -289,9 +297,13 @@ def serve(path: Path, batch_interval_s: float, max_batch: int, inbox: IO[bytes],
 
     def receive() -> None:  # a thread: the pipe is emptied while a batch is written
         while True:
-            item = read_frame(inbox)
-            items.put(item)
-            if item == STOP:
+            got = read_frame(inbox)
+            if isinstance(got, list):  # plain items, sent together
+                for item in got:
+                    items.put(_item(item))
+                continue
+            items.put(got)
+            if got == STOP:
                 ending.set()
                 return
 
