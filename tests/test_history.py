@@ -205,6 +205,33 @@ def test_database_setup_migrations_and_shutdown_drain(tmp_path):
     again.close()
 
 
+def test_a_writer_that_dies_is_replaced_and_a_job_that_cannot_travel_fails_its_caller(tmp_path):
+    """The store's writer is a process: killed, another takes its place (what it had not
+    committed is lost, as on a kill -9 of the daemon; what comes after is written), and the
+    jobs that waited on it fail instead of hanging. A job must be a module's function."""
+    store = Store(tmp_path / "anyad.db")
+    try:
+        store.record(exchange("before"))
+        store.flush()
+        first = psutil.Process(store._proc.pid)
+        first.kill()
+        first.wait(10)
+        for _ in range(500):  # the results thread notices the end of its pipe
+            if store._proc.pid != first.pid:
+                break
+            time.sleep(0.01)
+        assert store._proc.pid != first.pid
+        store.record(exchange("after"))
+        store.flush()
+        assert {c["id"] for c in store.conversations()["data"]} == {"before", "after"}
+        with pytest.raises(Exception, match="pickle"):
+            store.submit(lambda db: None)
+        store.flush()  # and the store goes on
+    finally:
+        store.close()
+    assert not psutil.pid_exists(store._proc.pid) or psutil.Process(store._proc.pid).status() == "zombie"
+
+
 def test_retention_by_age_and_by_count(tmp_path):
     store = Store(tmp_path / "anyad.db")
     for i in range(5):

@@ -2,10 +2,12 @@
 the response cache (``anyad.cache``), stored responses, audit and usage rows and the
 keys made at run time.
 
-Writes go through a single writer, a process of its own, that batches them (``writer``): a batch is one
-transaction, committed at most ``batch_interval_s`` after its first item arrived, so a
-reply never waits on the disk and a ``kill -9`` loses at most that interval. WAL
-journaling with ``synchronous = NORMAL`` keeps the file consistent through a crash.
+Writes go through a single writer, a process of its own (``writer``), that batches
+them: a batch is one transaction, committed at most ``batch_interval_s`` after the item
+was handed over, so a reply never waits on the disk. A ``kill -9`` of the daemon loses
+at most what it had not sent yet (10 ms of items): the writer commits what it received,
+then exits. WAL journaling with ``synchronous = NORMAL`` keeps the file consistent
+through a crash.
 Reads (the history API, the CLI, keys, quotas, usage, audit) use read-only connections
 of their own (``connection.read_only``), which WAL lets run beside the writer.
 
