@@ -11,6 +11,7 @@ every other origin, and foreign Host names on a loopback listener.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import TYPE_CHECKING, Awaitable, Callable
 
@@ -30,6 +31,7 @@ DASHBOARD_PATHS = frozenset({"/", "/ui/app.js", "/ui/style.css"})
 EXPOSED = "X-Request-Id, X-Anyad-Backend, X-Anyad-Cache, X-Anyad-Conversation-Id, X-Anyad-Fallback, Retry-After"
 
 
+@functools.lru_cache(maxsize=256)  # asked twice per request (Host, bind address); parsing is not free
 def is_loopback(host: str) -> bool:
     if host in ("localhost", "localhost.localdomain"):
         return True
