@@ -131,18 +131,23 @@ def accounting_middleware(daemon: Daemon) -> Middleware:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request %s: %s %s model=%s backend=%s -> %d in %.1f ms", request[REQUEST_ID],
                           request.method, request.path, model, backend, status, seconds * 1000)
-            store = daemon.usage
-            if store is not None and model is not None and request.method == "POST":
-                prompt, completion, cache = request.get(USAGE) or (0, 0, None)
-                cost = daemon.price(backend, prompt, completion) if backend and cache not in ("hit", "stale") \
-                    else None
-                store.audit(UsageRow((time.time(), identity(request).name, model, backend, endpoint, status, prompt,
-                                      completion, cache, cost, request[REQUEST_ID])))
             audit = daemon.audit
             # Audited: what uses a model, and what changes something; not the reads a
             # dashboard or a scraper repeats every few seconds.
-            if audit is not None and audit.settings.requests and request.path not in UNACCOUNTED \
-                    and (model is not None or request.method not in ("GET", "HEAD", "OPTIONS")):
+            audited = audit is not None and audit.settings.requests and request.path not in UNACCOUNTED \
+                and (model is not None or request.method not in ("GET", "HEAD", "OPTIONS"))
+            store = daemon.usage
+            if store is not None and model is not None and request.method == "POST":
+                # One row for the request: its usage, and (audited) its line in the audit log.
+                prompt, completion, cache = request.get(USAGE) or (0, 0, None)
+                cost = daemon.price(backend, prompt, completion) if backend and cache not in ("hit", "stale") \
+                    else None
+                who, detail = (actor(request), audit.content(request.get(CONTENT))) if audit is not None and audited \
+                    else (None, None)
+                store.audit(UsageRow((time.time(), identity(request).name, model, backend, endpoint, status, prompt,
+                                      completion, cache, cost, request[REQUEST_ID], who, round(seconds * 1000, 1),
+                                      detail, int(audited))))
+            elif audit is not None and audited:
                 audit.request(actor(request), endpoint, model, backend, status, request[REQUEST_ID], seconds,
                               request.get(CONTENT))
 

@@ -8,6 +8,7 @@ import sqlite3
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from anyad import audit as audit_log
 from anyad.config import parse_settings
 from conftest import MODEL_ID
 
@@ -131,9 +132,8 @@ async def test_audit_log_records_requests_and_admin_actions(make_client, tiny_mo
     await c.get("/health")  # probes are not audited
     assert await c.daemon.scheduler.unload(MODEL_ID)
     await asyncio.to_thread(c.daemon.store.flush)
-    conn = sqlite3.connect(tmp_path / "data" / "anyad.db")
-    conn.row_factory = sqlite3.Row
-    rows = [dict(r) for r in conn.execute("SELECT * FROM audit ORDER BY id")]
+    db = tmp_path / "data" / "anyad.db"
+    rows = list(reversed(list(audit_log.read(db))))  # oldest first
     requests = [r for r in rows if r["action"] == "request"]
     assert [(r["actor"], r["target"], r["status"]) for r in requests] == [
         ("env:ANYAD_TEST_KEY", MODEL_ID, 200), ("addr:127.0.0.1", None, 401)]  # refused before it was read
@@ -145,8 +145,13 @@ async def test_audit_log_records_requests_and_admin_actions(make_client, tiny_mo
     assert ("model.load", MODEL_ID) in actions and ("model.unload", MODEL_ID) in actions
     load = next(json.loads(r["detail"]) for r in rows if r["action"] == "model.load")
     assert load["placement"] == "cpu" and load["seconds"] > 0
-    # The key itself is nowhere in the database.
+    # One row for the request that used the model: its usage row, which the log shows.
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM audit WHERE request_id = ?", (rid,)).fetchone()[0] == 0
+    assert conn.execute("SELECT actor, audited, completion_tokens FROM usage WHERE request_id = ?",
+                        (rid,)).fetchall() == [("env:ANYAD_TEST_KEY", 1, 2)]
     conn.close()
+    # The key itself is nowhere in the database.
     assert b"audit-key-Zq81" not in (tmp_path / "data" / "anyad.db").read_bytes()
 
 
@@ -157,7 +162,14 @@ async def test_audit_keeps_content_only_when_asked(make_client, tiny_model, tmp_
     r = await c.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": MSGS, "max_tokens": 2})
     reply = (await r.json())["choices"][0]["message"]["content"]
     await asyncio.to_thread(c.daemon.store.flush)
-    conn = sqlite3.connect(tmp_path / "data" / "anyad.db")
-    (detail,) = conn.execute("SELECT detail FROM audit WHERE action = 'request'").fetchone()
-    content = json.loads(detail)["content"]
+    db = tmp_path / "data" / "anyad.db"
+    [row] = [r for r in audit_log.read(db) if r["action"] == "request"]
+    content = json.loads(row["detail"])["content"]
     assert content["messages"] == MSGS and content["reply"]["content"] == reply
+    # The audit's retention takes the content and who sent it; the usage stays counted.
+    c.daemon.audit.settings.max_age_days = -1  # everything is older than "in a day's time"
+    await asyncio.wrap_future(c.daemon.audit.apply_retention())
+    assert not [r for r in audit_log.read(db) if r["action"] == "request"]
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*), max(detail), max(actor) FROM usage").fetchone() == (1, None, None)
+    conn.close()

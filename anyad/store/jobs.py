@@ -39,7 +39,12 @@ def retention(db: Database, max_age_days: float, max_conversations: int) -> int:
 
 
 def audit_retention(db: Database, cutoff: float) -> int:
-    return db.conn.execute("DELETE FROM audit WHERE at < ?", (cutoff,)).rowcount
+    """The audit log's rows older than ``cutoff`` go; requests' usage rows stay (quotas and
+    reports count them) without their audit facts: who sent them and their content."""
+    gone = db.conn.execute("DELETE FROM audit WHERE at < ?", (cutoff,)).rowcount
+    gone += db.conn.execute("UPDATE usage SET audited = 0, actor = NULL, detail = NULL WHERE audited = 1 AND at < ?",
+                            (cutoff,)).rowcount
+    return gone
 
 
 def delete_response(db: Database, response_id: str, owner: str | None) -> bool:

@@ -183,6 +183,20 @@ def m007_response_items(db: Database) -> None:
     db.execute("ALTER TABLE responses ADD COLUMN items TEXT")
 
 
+@migration
+def m008_one_row_per_request(db: Database) -> None:
+    """A request that has a usage row keeps its audit facts there too (who, how long, its
+    content when asked for), instead of a second row in ``audit``: ``audited`` says the
+    audit log shows it (the audit's retention clears it, and the content, from old rows)."""
+    db.executescript("""
+        ALTER TABLE usage ADD COLUMN actor TEXT;       -- as audit.actor
+        ALTER TABLE usage ADD COLUMN ms REAL;          -- how long the request took
+        ALTER TABLE usage ADD COLUMN detail TEXT;      -- JSON: the request's content, with include_content
+        ALTER TABLE usage ADD COLUMN audited INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX idx_usage_audited_at ON usage (at) WHERE audited = 1;
+    """)
+
+
 def migrate(db: Database) -> list[str]:
     """Apply the migrations this database lacks; returns their names."""
     if "_migrations" not in db.table_names():

@@ -79,11 +79,14 @@ AUDIT_COLUMNS = "at, actor, action, target, status, request_id, detail"
 
 
 class UsageRow(tuple):
-    """(at, key, model, backend, endpoint, status, prompt_tokens, completion_tokens, cache, cost, request_id)."""
+    """(at, key, model, backend, endpoint, status, prompt_tokens, completion_tokens, cache, cost, request_id,
+    actor, ms, detail JSON, audited): one row per request that used a model, which is also
+    the request's row in the audit log when ``audited`` (1)."""
 
     __slots__ = ()
 
 
-USAGE_COLUMNS = "at, key, model, backend, endpoint, status, prompt_tokens, completion_tokens, cache, cost, request_id"
+USAGE_COLUMNS = ("at, key, model, backend, endpoint, status, prompt_tokens, completion_tokens, cache, cost, "
+                 "request_id, actor, ms, detail, audited")
 AUDIT_INSERT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
-USAGE_INSERT = f"INSERT INTO usage ({USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+USAGE_INSERT = f"INSERT INTO usage ({USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
