@@ -176,8 +176,9 @@ class ChatFlow:
         if daemon.router.keyed:
             self.chat.route_key = route_key(request, self.continues)
             # A pool keeps a conversation where its prefix is cached: one without a name of
-            # its own is known by how it began, not by the address it comes from.
-            pool_key = self.chat.route_key if not self.chat.route_key.startswith("addr:") \
+            # its own is known by how it began (not by its key: one app's key carries all its
+            # conversations, which would all share one home).
+            pool_key = self.chat.route_key if self.chat.route_key.startswith("conversation:") \
                 else prompt_key(self.chat.messages)
         # Resolved once: the cache key and the walk see the same targets (a weighted route's
         # pick and a pool's order included).

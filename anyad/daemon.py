@@ -100,6 +100,8 @@ class Daemon:
         self.preloaded: asyncio.Task[None] | None = None  # done once the models to preload are loaded
         self._reloading = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        # What reloads replaced and are not closed yet (the daemon's close() closes them too).
+        self._retiring: list[Backend | Pool] = []
         self.store: Store | None = None  # opened at start when the history, the cache or the audit is on
         self.cache: ResponseCache | None = None
         self.audit: AuditLog | None = None
@@ -354,6 +356,9 @@ class Daemon:
         if merged.server.log_level != old.server.log_level:
             logging.getLogger().setLevel(merged.server.log_level.upper())
         gen, self.generation = self.generation, self.generation + 1
+        for pool in old_pools:  # its health no longer matters; its requests in flight finish
+            self.spawn(pool.stop_watching())
+        self._retiring.extend([*old_providers, *old_pools])
         self.spawn(self._retire(gen, old_router, [*old_providers, *old_pools]))
         for backend in providers.values():
             self.spawn(backend.start())
@@ -388,6 +393,7 @@ class Daemon:
         await self.settle(RETIRE_AFTER_S, up_to=gen)
         await router.close()
         await asyncio.gather(*(b.close() for b in providers), return_exceptions=True)
+        self._retiring = [b for b in self._retiring if b not in providers]
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` in the background; cancelled when the daemon closes."""
@@ -429,7 +435,7 @@ class Daemon:
         if self.probe is not None:
             self.probe.close()
         self.keys.close()
-        await asyncio.gather(*(b.close() for b in self.backends), *(p.close() for p in self.pools.values()),
+        await asyncio.gather(*(b.close() for b in [*self.backends, *self.pools.values(), *self._retiring]),
                              return_exceptions=True)
 
 

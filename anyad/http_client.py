@@ -115,7 +115,8 @@ class ProviderClient:
         status, body = await self.get(self.base_url + "/models", timeout_s, headers)
         if status != 200:
             raise ValueError(f"/models answered {status}")
-        rows = loads(body).get("data") if body else None
+        data = loads(body) if body else None
+        rows = data.get("data") if isinstance(data, dict) else None
         if not isinstance(rows, list):
             raise ValueError("/models did not answer a list of models")
         return sorted({str(m["id"]) for m in rows if isinstance(m, dict) and m.get("id")})
@@ -217,7 +218,10 @@ class RemoteBackend(Backend):
 
     async def _list_models(self) -> None:
         while True:
-            await self.refresh_models()
+            try:
+                await self.refresh_models()
+            except Exception:  # a surprise must not end the listing for good
+                log.exception("provider %s: listing its models failed unexpectedly", self.name)
             await asyncio.sleep(self.settings.list_models_every_s)
 
     async def refresh_models(self) -> None:

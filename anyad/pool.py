@@ -6,7 +6,7 @@ a route, so per-replica breakers, retries on the next replica (a non-streamed re
 whose replica dies is answered by another) and fallback past the pool all come from the
 router. What the pool owns is the order:
 
-- **Affinity.** A request's key (its conversation, else its API key, else the prompt's
+- **Affinity.** A request's key (its conversation, else the prompt's
   leading messages hashed) has a home replica, where its prefix sits in the KV cache. A
   new key's home is its first choice in rendezvous (HRW) hashing whose share of homes is
   within ``1 + HOME_SLACK`` of its capacity's share (consistent hashing with bounded
@@ -181,12 +181,14 @@ class Pool:
 
     def order(self, key: str | None) -> list[Replica]:
         """The replicas to try for a request with ``key``, best first; those out of service
-        last (the router's breakers skip the ejected ones at once)."""
+        last (the router's breakers skip the ejected ones at once). A replica that does not
+        list the model is not tried at all: it would answer 404, which ends a walk."""
         now = self.clock()
         self._notice_breakers(now)
-        usable = [r for r in self.replicas if self.usable(r)]
+        serving = [r for r in self.replicas if r.has_model is not False]
+        usable = [r for r in serving if self.usable(r)]
         if not usable:
-            return sorted(self.replicas, key=lambda r: r.outstanding)
+            return sorted(serving, key=lambda r: r.outstanding)
         caps = {r.label: self._capacity(r, now) for r in usable}
         total_cap = sum(caps.values())
         total_load = sum(r.outstanding for r in usable)
@@ -204,7 +206,7 @@ class Pool:
             if home.outstanding + 1 <= bound:
                 first = home
         rest = [r for r in by_load if r is not first]
-        out = [r for r in self.replicas if r not in usable]
+        out = [r for r in serving if r not in usable]
         return [first, *rest, *out]
 
     def _home(self, key: str, usable: list[Replica], caps: dict[str, float], total_cap: float) -> Replica:
@@ -236,6 +238,13 @@ class Pool:
     async def start(self) -> None:
         if self.settings.health_check != "off" and self._task is None:
             self._task = asyncio.create_task(self._watch(), name=f"pool-{self.name}-health")
+
+    async def stop_watching(self) -> None:
+        """No more health checks (a reload replaced it; its requests in flight finish)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
     async def _watch(self) -> None:
         while True:
@@ -307,10 +316,7 @@ class Pool:
             "conversations": len(self.homes)}
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self.stop_watching()
         await asyncio.gather(*(r.close() for r in self.replicas), return_exceptions=True)
 
 

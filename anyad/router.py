@@ -124,6 +124,9 @@ class Router:
         for name in self.pools:
             if name in local or name in providers:
                 raise ConfigError(f"pools.{name}: the name is already a model id or a provider's name")
+            if "/" in name or "@" in name:
+                raise ConfigError(f"pools.{name}: a pool's name has no '/' (that is <provider>/<model>) and no '@' "
+                                  "(that is <pool>@<replica>)")
         for i, r in enumerate(routes or []):
             if r.name in local or r.name in self.routes or r.name in self.pools:
                 raise ConfigError(f"routes[{i}].name: {r.name!r} is already a model, pool or route name")

@@ -185,6 +185,15 @@ async def test_a_replica_without_the_model_gets_nothing(make_client, tmp_path, s
     assert status["pools"]["fleet"]["replicas"]["r1"]["serves_model"] is False
 
 
+async def test_a_pool_where_no_replica_has_the_model_falls_back(make_client, tmp_path, tiny_model, start_replicas):
+    """Not tried at all (it would answer 404, which ends a walk): the route's next target answers."""
+    reps = await start_replicas(2, listed=("something-else",))
+    c = await make_client(pool_settings(tmp_path, [u for _, u in reps], tiny_model=tiny_model))
+    await c.daemon.pools["fleet"].check()
+    backend, _ = await send(c, 1, 0, model="smart")
+    assert backend == MODEL_ID and not any(f.requests for f, _ in reps)
+
+
 async def test_metrics_show_each_replica(make_client, tmp_path, start_replicas):
     reps = await start_replicas(2)
     c = await make_client(pool_settings(tmp_path, [u for _, u in reps], health_check="off"))
@@ -205,6 +214,10 @@ async def test_pool_config_errors(tmp_path, make_client):
         parse_settings({"pools": {"p": {"replicas": ["ftp://x"]}}})
     with pytest.raises(ConfigError, match="replicas"):
         parse_settings({"pools": {"p": {"replicas": []}}})
+    for bad in ("openai/gpt-4o", "a@b"):
+        with pytest.raises(ConfigError, match="no '/'"):
+            await make_client(parse_settings({"data_dir": str(tmp_path / bad.replace("/", "_")),
+                                              "pools": {bad: {"replicas": ["http://127.0.0.1:1/v1"]}}}))
     s = parse_settings({"data_dir": str(tmp_path), "pools": {"up": {"replicas": ["http://127.0.0.1:1/v1"]}},
                         "providers": {"up": {"base_url": "http://127.0.0.1:1/v1"}}})
     with pytest.raises(ConfigError, match="pools.up"):

@@ -2,12 +2,13 @@
 
 The writer (``anyad.store.writer``) is a process of its own, so that what writing costs
 never holds the event loop's GIL. What the daemon hands it (an exchange, an audit or
-usage row, a stored response, a job) is pickled at once, in the caller's thread (a
-mistake, such as a job that cannot travel, raises there), and sent without blocking:
-items queued in one turn of the event loop go in one write, at its end; from any other
-thread at once. The pipe is emptied by the writer continuously, so a write that finds it
-full is rare; the rest then waits in memory for a thread that sends it when the pipe has
-room. Whatever is queued before a ``flush()`` (from any thread) is written before it.
+usage row as plain values, a stored response) is queued and sent without blocking: from
+the event loop, everything queued within ``SEND_EVERY_S`` goes in one pickle and one
+write; from any other thread at once. A job (``submit``) is pickled at once, so one that
+cannot travel fails its caller, and sent at once with what was queued before it. The
+pipe is emptied by the writer continuously, so a write that finds it full is rare; the
+rest then waits in memory for a thread that sends it when the pipe has room. Whatever is
+queued before a ``flush()`` (from any thread) is written before it.
 
 Results (a job's, a kept response's "written") come back on the writer's standard
 output to a thread that waits on it, once per batch at most. If the writer dies
@@ -27,6 +28,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +43,7 @@ from anyad.store.writer import STOP, Job, Kept, frame, read_frame
 log = logging.getLogger("anyad.store")
 
 MAX_CLAIMS = 10000  # conversation ids claimed but not yet written, kept per daemon
-MAX_RESTARTS = 5  # writers started again after one died, before the store gives up
+MAX_RESTARTS = 5  # writers started again within an hour after one died, before the store gives up
 # From the event loop, items go to the writer this often at most, together: a writer
 # woken for every request would cost more than its writing (the commit's window is what
 # is left of batch_interval_s).
@@ -72,7 +74,7 @@ class Store(HistoryReader):
         self._waiting: dict[int, concurrent.futures.Future[Any] | Callable[[], None]] = {}
         self._tokens = itertools.count(1)
         self._closed = False
-        self._restarts = 0
+        self._deaths: list[float] = []  # when writers died unexpectedly (monotonic)
         self._proc = self._spawn()
         self._results = threading.Thread(target=self._receive, name="anyad-store-results", daemon=True)
         self._results.start()
@@ -181,17 +183,27 @@ class Store(HistoryReader):
                     if self._closed:
                         return
                     continue
-                fd = self._proc.stdin.fileno() if self._proc.stdin is not None else -1
-            if fd >= 0:
+                stdin = self._proc.stdin
+                fd = stdin.fileno() if stdin is not None and not stdin.closed else -1
+            if fd < 0:
+                return
+            try:
                 select.select([], [fd], [], 1.0)
+            except (OSError, ValueError):  # closed meanwhile
+                return
             with self._lock:
+                before = len(self._unsent)
                 self._send_locked()
+                stuck = bool(self._unsent) and len(self._unsent) == before
                 if self._unsent:
                     self._room.set()
+            if stuck:  # a writer gone (until the results thread starts another): do not spin
+                time.sleep(0.05)
 
     def _token(self, waiter: concurrent.futures.Future[Any] | Callable[[], None]) -> int:
-        token = next(self._tokens)
-        self._waiting[token] = waiter
+        with self._lock:  # the results thread swaps the dict when a writer dies
+            token = next(self._tokens)
+            self._waiting[token] = waiter
         return token
 
     # -- what the daemon writes ---------------------------------------------------------------
@@ -262,11 +274,16 @@ class Store(HistoryReader):
             with self._lock:
                 lost, self._waiting = self._waiting, {}
                 if not self._closed:
-                    self._restarts += 1
-                    if self._restarts > MAX_RESTARTS:
-                        log.error("the store's writer exited (code %s) %d times; nothing more is written to %s "
-                                  "until anyad restarts", code, self._restarts, self.path)
+                    now = time.monotonic()
+                    self._deaths = [t for t in self._deaths if now - t < 3600] + [now]
+                    if len(self._deaths) > MAX_RESTARTS:
+                        log.error("the store's writer exited (code %s) %d times within the hour; nothing more is "
+                                  "written to %s until anyad restarts", code, len(self._deaths), self.path)
                         self._closed = True
+                        self._unsent.clear()
+                        self._items.clear()
+                        self._queued.clear()
+                        self._room.set()
                     else:
                         log.error("the store's writer exited unexpectedly (code %s); starting another; what it "
                                   "had not committed is lost", code)

@@ -296,6 +296,14 @@ def serve(path: Path, batch_interval_s: float, max_batch: int, inbox: IO[bytes],
     ending = threading.Event()
 
     def receive() -> None:  # a thread: the pipe is emptied while a batch is written
+        try:
+            take()
+        except BaseException:  # what cannot be read ends the writer: the daemon starts another
+            log.exception("the store's writer cannot read what the daemon sent; it stops")
+            items.put(STOP)
+            ending.set()
+
+    def take() -> None:
         while True:
             got = read_frame(inbox)
             if isinstance(got, list):  # plain items, sent together
