@@ -175,7 +175,8 @@ class Daemon:
         """The pools of ``settings``; one whose settings are unchanged is ``keep``'s (its
         replicas' health, load, breakers and conversations stay)."""
         keep = keep or {}
-        old = self.settings.pools if keep else {}
+        # A changed [router] rebuilds them too: their breakers take its thresholds.
+        old = self.settings.pools if keep and self.settings.router == settings.router else {}
         return {name: keep[name] if name in keep and old.get(name) == ps
                 else build_pool(name, ps, settings.router, self._backend_class)
                 for name, ps in settings.pools.items()}
