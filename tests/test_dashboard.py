@@ -115,3 +115,46 @@ async def test_the_dashboard_shows_each_pools_replicas(make_client, tmp_path, br
     await down.wait_for(timeout=20000)
     assert [await up.locator("td").nth(i).text_content() for i in (1, 3, 4)] == ["up", "3", "100 %"]
     assert (await down.locator("td").nth(1).text_content()) == "down: /health answered 503"
+
+
+async def test_the_chat_goes_on_over_turns_and_a_reply_can_be_stopped(make_client, tiny_model, tmp_path, browser,
+                                                                      start_fake):
+    """Two turns continue one conversation (its id comes back with the first reply and goes
+    with the second, which carries the whole transcript and the system prompt); a reply
+    that does not come can be stopped, and the box is usable again."""
+    slow, url = await start_fake("hang")
+    c = await make_client(parse_settings({
+        "data_dir": str(tmp_path / "data"), "models": {MODEL_ID: {"path": str(tiny_model)}},
+        "providers": {"slow": {"base_url": url, "models": ["x"], "max_retries": 0}}}))
+    page = await browser.new_page(viewport={"width": 360, "height": 800})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    await page.goto(str(c.make_url("/")))
+    await page.wait_for_function(f"[...document.querySelectorAll('#model-picker option')].some(o => o.value === '{MODEL_ID}')")
+    await page.select_option("#model-picker", MODEL_ID)
+    await page.fill("#max-tokens", "4")
+    await page.fill("#temperature", "0")
+    await page.fill("#system", "You are terse.")
+    for question in ("first question", "second question"):
+        await page.fill("#prompt", question)
+        await page.click("#send")
+        await page.wait_for_selector("#reply[data-done=true]", timeout=60000)
+    assert "first question" in await page.locator("#transcript").text_content()
+    assert "first token" in await page.locator("#reply-meta").text_content()
+    await asyncio.to_thread(c.daemon.store.flush)  # the history is written off the reply's path
+    page_ = (await (await c.get("/api/conversations")).json())["data"]
+    assert len(page_) == 1 and page_[0]["exchanges"] == 2  # one conversation, continued
+    conv = await (await c.get(f"/api/conversations/{page_[0]['id']}")).json()
+    assert [m["role"] for m in conv["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert conv["messages"][3]["content"] == "second question"
+    # A reply that hangs: Stop ends it, and the box is usable again.
+    await page.select_option("#model-picker", "slow/x")
+    await page.fill("#prompt", "never answered")
+    await page.click("#send")
+    await page.wait_for_function("!document.querySelector('#stop').disabled")
+    await page.click("#stop")
+    await page.wait_for_selector("#reply[data-done=stopped]", timeout=20000)
+    assert (await page.locator("#reply-meta").text_content()).startswith("stopped")
+    assert await page.locator("#send").is_enabled() and not await page.locator("#stop").is_enabled()
+    await page.screenshot(path=str(tmp_path / "chat-360.png"), full_page=True)
+    assert not problems, problems

@@ -143,6 +143,27 @@ async function refreshHistory() {
   } catch (err) { /* the status line says why */ }
 }
 
+// The conversation the chat box continues: its id (X-Anyad-Conversation-Id, from the
+// first reply) and its messages as sent; "New chat" starts another.
+const chat = { id: null, messages: [], last: null };
+let inFlight = null;  // the AbortController of the reply being streamed
+
+function turn(role, text, metaText) {
+  const node = el("div", { class: `turn ${role}` }, text);
+  if (metaText) node.append(el("span", { class: "meta" }, metaText));
+  $("#transcript").append(node);
+}
+
+function newChat() {
+  if (inFlight) inFlight.abort();
+  chat.id = null; chat.messages = []; chat.last = null;
+  $("#transcript").replaceChildren();
+  $("#asked").textContent = "";
+  $("#reply").textContent = "";
+  delete $("#reply").dataset.done;
+  $("#reply-meta").textContent = "";
+}
+
 async function sendChat(event) {
   event.preventDefault();
   const prompt = $("#prompt").value.trim();
@@ -150,29 +171,47 @@ async function sendChat(event) {
   // Bounded: a small local model may otherwise run on to the end of its context.
   const box = $("#max-tokens");
   const maxTokens = Math.max(1, Math.round(Number(box.value) || Number(box.defaultValue)));
-  if (!prompt || !model) return;
+  if (!prompt || !model || inFlight) return;
   const reply = $("#reply");
   const meta = $("#reply-meta");
+  if (chat.last) {  // the previous turn moves up into the transcript
+    turn("user", chat.last.prompt);
+    turn("assistant", chat.last.reply, chat.last.meta);
+    chat.last = null;
+  }
   reply.textContent = "";
   delete reply.dataset.done;
   meta.textContent = "…";
+  $("#asked").textContent = prompt;
+  $("#prompt").value = "";
+  const system = $("#system").value.trim();
+  const messages = [...(system ? [{ role: "system", content: system }] : []), ...chat.messages,
+                    { role: "user", content: prompt }];
+  const body = { model, stream: true, stream_options: { include_usage: true }, max_tokens: maxTokens, messages };
+  const temperature = $("#temperature").value.trim();
+  if (temperature !== "") body.temperature = Number(temperature);
+  const controller = new AbortController();
+  inFlight = controller;
   $("#send").disabled = true;
+  $("#stop").disabled = false;
+  const t0 = performance.now();
+  let first = null, usage = null, backend = null, outcome = "done";
   try {
     const resp = await api("/v1/chat/completions", {
-      method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ model, stream: true, stream_options: { include_usage: true }, max_tokens: maxTokens,
-                             messages: [{ role: "user", content: prompt }] }),
+      method: "POST", signal: controller.signal,
+      headers: { "Content-Type": "application/json", ...(chat.id ? { "X-Anyad-Conversation-Id": chat.id } : {}) },
+      body: JSON.stringify(body),
     });
     if (!resp.ok) {
       const err = await resp.json().catch(() => ({}));
       meta.textContent = `error ${resp.status}: ${err.error ? err.error.message : resp.statusText}`;
       return;
     }
-    const backend = resp.headers.get("X-Anyad-Backend");
+    backend = resp.headers.get("X-Anyad-Backend");
+    chat.id = resp.headers.get("X-Anyad-Conversation-Id") || chat.id;
     const reader = resp.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
-    let usage = null;
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
@@ -186,17 +225,37 @@ async function sendChat(event) {
         if (data.error) { meta.textContent = `error: ${data.error.message}`; return; }
         if (data.usage) usage = data.usage;
         const delta = data.choices && data.choices[0] && data.choices[0].delta;
-        if (delta && delta.content) reply.textContent += delta.content;
+        const piece = delta && (delta.content || delta.reasoning_content);
+        if (piece) {
+          if (first === null) first = performance.now();
+          reply.textContent += delta.content || "";
+        }
       }
     }
-    meta.textContent = `done · ${backend}` + (usage ? ` · ${usage.completion_tokens} tokens` : "");
-    reply.dataset.done = "true";
-    refreshHistory();
   } catch (err) {
-    meta.textContent = `error: ${err.message}`;
+    if (err.name !== "AbortError") { meta.textContent = `error: ${err.message}`; return; }
+    outcome = "stopped";
   } finally {
+    inFlight = null;
     $("#send").disabled = false;
+    $("#stop").disabled = true;
   }
+  const end = performance.now();
+  const parts = [outcome];
+  if (backend) parts.push(backend);
+  if (usage) parts.push(`${usage.completion_tokens} tokens`);
+  if (first !== null) {
+    parts.push(`first token ${Math.round(first - t0)} ms`);
+    if (usage && usage.completion_tokens > 1 && end > first) {
+      parts.push(`${((usage.completion_tokens - 1) / ((end - first) / 1000)).toFixed(1)} tokens/s`);
+    }
+  }
+  meta.textContent = parts.join(" · ");
+  // What was said goes on with the conversation (a stopped reply as far as it came).
+  chat.messages.push({ role: "user", content: prompt }, { role: "assistant", content: reply.textContent });
+  chat.last = { prompt, reply: reply.textContent, meta: meta.textContent };
+  reply.dataset.done = outcome === "done" ? "true" : outcome;
+  refreshHistory();
 }
 
 function start() {
@@ -207,6 +266,12 @@ function start() {
     refreshStatus(); refreshModels(); refreshHistory();
   });
   $("#chat-form").addEventListener("submit", sendChat);
+  $("#stop").addEventListener("click", () => { if (inFlight) inFlight.abort(); });
+  $("#new-chat").addEventListener("click", newChat);
+  // Enter sends, Shift+Enter is a new line.
+  $("#prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("#chat-form").requestSubmit(); }
+  });
   let searchTimer = null;
   $("#search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(refreshHistory, 250); });
   refreshStatus(); refreshModels(); refreshHistory();
