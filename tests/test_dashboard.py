@@ -157,4 +157,26 @@ async def test_the_chat_goes_on_over_turns_and_a_reply_can_be_stopped(make_clien
     assert (await page.locator("#reply-meta").text_content()).startswith("stopped")
     assert await page.locator("#send").is_enabled() and not await page.locator("#stop").is_enabled()
     await page.screenshot(path=str(tmp_path / "chat-360.png"), full_page=True)
+    # From the history, later: the conversation opens with its turns and goes on.
+    await asyncio.to_thread(c.daemon.store.flush)
+    cid = page_[0]["id"]
+    before = (await (await c.get(f"/api/conversations/{cid}")).json())["exchanges"]
+    await page.reload()
+    await page.wait_for_function(f"[...document.querySelectorAll('#model-picker option')].some(o => o.value === '{MODEL_ID}')")
+    await page.locator(f'#conversations li[data-id="{cid}"] button.open').click()
+    await page.locator("#transcript .turn.user", has_text="second question").wait_for(timeout=20000)
+    assert await page.input_value("#system") == "You are terse."
+    await page.select_option("#model-picker", MODEL_ID)
+    await page.fill("#max-tokens", "3")
+    await page.fill("#prompt", "third question")
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector("#reply[data-done=true]", timeout=60000)
+    await asyncio.to_thread(c.daemon.store.flush)
+    after = await (await c.get(f"/api/conversations/{cid}")).json()
+    assert len(after["exchanges"]) == len(before) + 1 and after["messages"][-2]["content"] == "third question"
+    # ...and can be deleted from the list.
+    page.on("dialog", lambda d: asyncio.ensure_future(d.accept()))
+    await page.locator(f'#conversations li[data-id="{cid}"] button.delete').click()
+    await page.locator(f'#conversations li[data-id="{cid}"]').wait_for(state="detached", timeout=20000)
+    assert (await c.get(f"/api/conversations/{cid}")).status == 404
     assert not problems, problems

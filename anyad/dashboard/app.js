@@ -136,9 +136,17 @@ async function refreshHistory() {
     const resp = await api(`/api/conversations?limit=20${q ? `&q=${encodeURIComponent(q)}` : ""}`);
     if (resp.status === 404) { list.replaceChildren(el("li", { class: "muted" }, "the history is off")); return; }
     const page = await resp.json();
-    list.replaceChildren(...page.data.map((c) => el("li", { "data-id": c.id },
-      el("span", { class: "when" }, new Date(c.updated * 1000).toLocaleString()),
-      el("span", { class: "title" }, c.title || "(no text)"), el("span", { class: "muted" }, ` · ${c.model}`))));
+    list.replaceChildren(...page.data.map((c) => {
+      const open = el("button", { class: "plain open", type: "button", title: "open and continue it" },
+                      c.title || "(no text)");
+      open.addEventListener("click", () => openConversation(c.id));
+      const exp = el("button", { class: "plain export", type: "button", title: "download it as JSON" }, "export");
+      exp.addEventListener("click", () => exportConversation(c.id));
+      const del = el("button", { class: "plain delete", type: "button", title: "delete it" }, "delete");
+      del.addEventListener("click", () => deleteConversation(c.id));
+      return el("li", { "data-id": c.id }, el("span", { class: "when" }, new Date(c.updated * 1000).toLocaleString()),
+                open, el("span", { class: "muted" }, ` · ${c.model} `), exp, del);
+    }));
     if (!page.data.length) list.append(el("li", { class: "muted" }, q ? "nothing matches" : "no conversations yet"));
   } catch (err) { /* the status line says why */ }
 }
@@ -152,6 +160,43 @@ function turn(role, text, metaText) {
   const node = el("div", { class: `turn ${role}` }, text);
   if (metaText) node.append(el("span", { class: "meta" }, metaText));
   $("#transcript").append(node);
+}
+
+// A conversation from the history, opened in the chat: its turns in the transcript, and
+// the next message continues it.
+async function openConversation(id) {
+  if (inFlight) return;
+  const resp = await api(`/api/conversations/${encodeURIComponent(id)}`);
+  if (!resp.ok) { $("#reply-meta").textContent = `cannot open it: ${resp.status}`; return; }
+  const conv = await resp.json();
+  newChat();
+  chat.id = conv.id;
+  const said = conv.messages.filter((m) => m.role === "user" || m.role === "assistant");
+  chat.messages = said.map((m) => ({ role: m.role, content: m.content || "" }));
+  const system = conv.messages.find((m) => m.role === "system");
+  if (system) $("#system").value = system.content || "";
+  for (const m of said) turn(m.role, m.content || "");
+  if ([...$("#model-picker").options].some((o) => o.value === conv.model)) $("#model-picker").value = conv.model;
+  $("#reply-meta").textContent = `conversation ${conv.id} · ${said.length} messages`;
+  $("#prompt").focus();
+}
+
+async function exportConversation(id) {
+  const resp = await api(`/api/conversations/${encodeURIComponent(id)}`);
+  if (!resp.ok) return;
+  const url = URL.createObjectURL(new Blob([JSON.stringify(await resp.json(), null, 2)], { type: "application/json" }));
+  const a = el("a", { href: url, download: `conversation-${id}.json` });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+async function deleteConversation(id) {
+  if (!confirm("Delete this conversation?")) return;
+  const resp = await api(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
+  if (resp.ok && chat.id === id) newChat();
+  refreshHistory();
 }
 
 function newChat() {
