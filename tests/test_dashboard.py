@@ -180,3 +180,18 @@ async def test_the_chat_goes_on_over_turns_and_a_reply_can_be_stopped(make_clien
     await page.locator(f'#conversations li[data-id="{cid}"]').wait_for(state="detached", timeout=20000)
     assert (await c.get(f"/api/conversations/{cid}")).status == 404
     assert not problems, problems
+
+
+async def test_models_load_and_unload_from_the_page(make_client, tiny_model, tmp_path, browser):
+    c = await make_client(parse_settings({"data_dir": str(tmp_path / "data"),
+                                          "models": {MODEL_ID: {"path": str(tiny_model)}}}))
+    page = await browser.new_page()
+    await page.goto(str(c.make_url("/")))
+    row = page.locator(f'#models tr[data-model="{MODEL_ID}"]')
+    await row.locator('button[data-action="load"]').click()
+    await row.locator('button[data-action="unload"]').wait_for(timeout=60000)
+    assert (await row.locator("td").nth(1).text_content()) == "loaded"
+    assert (await (await c.get("/api/status")).json())["models"][MODEL_ID]["state"] == "loaded"
+    await row.locator('button[data-action="unload"]').click()
+    await row.locator('button[data-action="load"]').wait_for(timeout=60000)
+    assert (await row.locator("td").nth(1).text_content()) == "unloaded"

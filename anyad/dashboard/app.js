@@ -58,6 +58,7 @@ function renderDevices(devices) {
 }
 
 function renderModels(status) {
+  if (modelBusy.size) return;
   const body = $("#models tbody");
   body.replaceChildren();
   for (const [name, m] of Object.entries(status.models || {})) {
@@ -69,10 +70,15 @@ function renderModels(status) {
     const expires = m.state !== "loaded" ? "–" : m.expires_in_s == null ? (m.keep_alive_s == null ? "never" : "in use")
       : `in ${Math.round(m.expires_in_s)} s`;
     const q = m.queue || {};
+    // The status is an admin key's (or a keyless daemon's): so are these controls.
+    const action = m.state === "loaded" ? "unload" : "load";
+    const control = el("button", { class: `plain ${action}`, type: "button", "data-action": action }, action);
+    control.addEventListener("click", () => modelAction(name, action, control));
     body.append(el("tr", { "data-model": name },
       el("td", {}, name), el("td", {}, m.state), el("td", { title: p ? p.reason : "" }, placement),
       el("td", {}, memory), el("td", {}, expires),
-      el("td", {}, `${q.active ?? 0} running, ${q.waiting ?? 0} waiting (of ${q.parallel ?? 1})`)));
+      el("td", {}, `${q.active ?? 0} running, ${q.waiting ?? 0} waiting (of ${q.parallel ?? 1})`),
+      el("td", {}, m.state === "loading" ? "" : control)));
   }
   // A provider that cannot work as configured says why, whole; its targets' breakers say nothing more.
   const broken = Object.entries(status.providers || {}).filter(([, p]) => p.state === "misconfigured");
@@ -103,6 +109,23 @@ function renderPools(status) {
     }
   }
 }
+
+async function modelAction(name, action, button) {
+  button.disabled = true;
+  button.textContent = action === "load" ? "loading…" : "unloading…";
+  modelBusy.add(name);
+  try {
+    const resp = await api(`/api/models/${encodeURIComponent(name)}/${action}`, { method: "POST" });
+    if (!resp.ok) {
+      const err = await resp.json().catch(() => ({}));
+      $("#reply-meta").textContent = `${action} ${name}: ${err.error ? err.error.message : resp.status}`;
+    }
+  } finally {
+    modelBusy.delete(name);
+    refreshStatus();
+  }
+}
+const modelBusy = new Set();  // models with a load or unload under way (their row is not redrawn)
 
 async function refreshStatus() {
   try {
