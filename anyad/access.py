@@ -52,7 +52,7 @@ def check_bind(server: ServerSettings, named_keys: bool = False) -> None:
 
 # What only admin keys may use: the machine's details and the daemon's controls (the
 # Ollama door's model store among them: pull, delete, copy, create and blob uploads).
-ADMIN_PATHS = ("/api/status", "/metrics", "/api/models/", "/api/reload", "/api/audit",
+ADMIN_PATHS = ("/api/status", "/api/timeline", "/metrics", "/api/models/", "/api/reload", "/api/audit",
                "/api/pull", "/api/delete", "/api/copy", "/api/create", "/api/blobs/")
 
 

@@ -328,7 +328,7 @@ class ChatFlow:
         if usage is not None:
             self.request[USAGE] = (usage.prompt_tokens, usage.completion_tokens, cached)
             if cached not in ("hit", "stale"):  # an answer from the cache cost nothing
-                daemon.metrics.usage(usage.prompt_tokens, usage.completion_tokens)
+                daemon.metrics.usage(usage.prompt_tokens, usage.completion_tokens, opened.name)
                 daemon.quotas.add(identity(self.request), usage.total_tokens)
         if daemon.audit is not None and daemon.audit.settings.include_content:
             self.request[CONTENT] = {"messages": chat.messages, "reply": reply.message()}

@@ -218,6 +218,7 @@ class Daemon:
         # order, so that placement sees each load's memory before the next.
         self.preloaded = asyncio.create_task(self._start_all())
         self._starting.append(self.preloaded)
+        self._starting.append(asyncio.create_task(self._sample()))
         await self.plugins.notify("anyad_startup", lambda name: {"config": self.plugins.options(name)}, daemon=self)
 
     @property
@@ -415,6 +416,28 @@ class Daemon:
         """Ready when every local model is usable; remote ones answer for themselves."""
         states = {model_id: b.ready() for model_id, b in self.local.items()}
         return all(states.values()), states
+
+    def timeline(self) -> dict[str, Any]:
+        """The dashboard's last hour (``anyad.timeline``), its gauges sampled now."""
+        self.sample_gauges()
+        return self.metrics.timeline.json()
+
+    def sample_gauges(self) -> None:
+        snap = self.probe.snapshot() if self.probe is not None else None
+        queue = sum(v.waiting for v in self.scheduler.snapshot().values())
+        gpus = [{"index": g.index, "name": g.name, "used_bytes": g.used_bytes, "total_bytes": g.total_bytes,
+                 "utilization_pct": g.utilization_pct} for g in snap.gpus] if snap is not None else []
+        self.metrics.timeline.gauges(queue, snap.ram_total_bytes - snap.ram_available_bytes if snap else None,
+                                     snap.ram_total_bytes if snap else None, gpus)
+
+    async def _sample(self) -> None:
+        """The gauges every step, so that the hour has them while nobody watches."""
+        while True:
+            await asyncio.sleep(self.metrics.timeline.step_s)
+            try:
+                await asyncio.to_thread(self.sample_gauges)  # NVML and psutil reads take a moment
+            except Exception:  # a failed read must not end the sampling
+                log.exception("sampling the devices for the timeline failed")
 
     def status(self) -> dict:
         """Devices, local models (placement, memory, expiry, queues), breakers, offline state."""

@@ -19,6 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from anyad.timeline import Timeline
+
 if TYPE_CHECKING:
     from anyad.pool import Pool
     from anyad.resources import Snapshot
@@ -116,6 +118,8 @@ class Metrics:
                               registry=r)
         self.gpu_util = Gauge("anyad_gpu_utilization_ratio", "GPU busy fraction over the last sample",
                               ["gpu", "name"], registry=r)
+        # The dashboard's last hour, fed by the same calls.
+        self.timeline = Timeline()
         self.model_memory = Gauge("anyad_model_memory_bytes", "Memory a loaded model holds (measured where the "
                                   "device says, else estimated)", ["model", "kind"], registry=r)
 
@@ -124,24 +128,32 @@ class Metrics:
     def request(self, endpoint: str, model: str | None, backend: str | None, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, self._model(model), self._backend(backend), str(status)).inc()
         self.duration.labels(endpoint).observe(seconds)
+        if model is not None:  # what used a model, not the probes and the dashboard's own reads
+            self.timeline.request(status)
 
     def first_chunk(self, backend: str, seconds: float) -> None:
         self.ttft.labels(self._backend(backend)).observe(seconds)
+        self.timeline.first_token(seconds)
 
-    def usage(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+    def usage(self, prompt_tokens: int | None, completion_tokens: int | None, model: str | None = None) -> None:
         if prompt_tokens:
             self.tokens.labels("prompt").inc(prompt_tokens)
         if completion_tokens:
             self.tokens.labels("completion").inc(completion_tokens)
+            self.timeline.tokens(model, completion_tokens)
 
     def cache_result(self, result: str) -> None:
         self.cache.labels(result).inc()
+        self.timeline.cache_result(result)
 
     def fallback(self, target: str, reason: str) -> None:
         self.fallbacks.labels(self._backend(target), reason).inc()
+        self.timeline.mark("fallback", f"{target}: {reason}")
 
     def model_event(self, event: str, model: str, detail: dict[str, Any]) -> None:
         """A scheduler event (``anyad.scheduler.Scheduler.listeners``)."""
+        if event in ("model.load", "model.unload", "model.load_failed"):
+            self.timeline.mark(event, model)
         if event == "model.load":
             self.loads.labels(model, "ok").inc()
             self.load_seconds.labels(model).observe(detail["seconds"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 
@@ -195,3 +196,29 @@ async def test_models_load_and_unload_from_the_page(make_client, tiny_model, tmp
     await row.locator('button[data-action="unload"]').click()
     await row.locator('button[data-action="load"]').wait_for(timeout=60000)
     assert (await row.locator("td").nth(1).text_content()) == "unloaded"
+
+
+async def test_the_charts_draw_from_real_traffic(make_client, tiny_model, tmp_path, browser):
+    c = await make_client(parse_settings({"data_dir": str(tmp_path / "data"),
+                                          "models": {MODEL_ID: {"path": str(tiny_model)}}}))
+    for i in range(3):
+        r = await c.post("/v1/chat/completions", json={"model": MODEL_ID, "max_tokens": 4, "stream": i == 2,
+                                                       "messages": [{"role": "user", "content": f"chart {i}"}]})
+        await r.read()
+        assert r.status == 200
+    timeline = await (await c.get("/api/timeline")).json()
+    step = timeline["step_s"]
+    assert sum(p["requests"] for p in timeline["points"]) == 3
+    assert timeline["points"][-1]["ram_total_bytes"] > 0
+    page = await browser.new_page()
+    await page.goto(str(c.make_url("/")))
+    chart = page.locator("#chart-requests")
+    await chart.wait_for(timeout=20000)
+    ok_rates, error_rates = json.loads(await chart.get_attribute("data-points"))
+    assert round(sum(v for v in ok_rates if v) * step) == 3 and not any(error_rates)
+    tokens = json.loads(await page.locator("#chart-tokens").get_attribute("data-points"))[0]
+    assert round(sum(v for v in tokens if v) * step) == 12  # 4 tokens each
+    assert await page.locator("#chart-tokens svg path.line").count() == 1
+    ttft = json.loads(await page.locator("#chart-ttft").get_attribute("data-points"))[0]
+    assert any(v is not None and v > 0 for v in ttft)
+    await page.screenshot(path=str(tmp_path / "dashboard-1280.png"), full_page=True)

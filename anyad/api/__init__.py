@@ -39,6 +39,7 @@ def register_routes(app: web.Application) -> None:
     app.router.add_get("/health", system.health)
     app.router.add_get("/ready", system.ready)
     app.router.add_get("/api/status", system.status)
+    app.router.add_get("/api/timeline", system.timeline)
     app.router.add_get("/metrics", system.metrics)
     app.router.add_get("/api/usage", admin.usage)
     app.router.add_post("/api/models/{id}/load", admin.load_model)

@@ -65,3 +65,8 @@ async def metrics(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """Loaded models and their queues, circuit breakers, offline state."""
     return web.json_response(request.app[DAEMON].status())
+
+
+async def timeline(request: web.Request) -> web.Response:
+    """The last hour in steps, for the dashboard's charts (``anyad.timeline``)."""
+    return web.json_response(request.app[DAEMON].timeline())

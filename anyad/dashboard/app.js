@@ -127,6 +127,73 @@ async function modelAction(name, action, button) {
 }
 const modelBusy = new Set();  // models with a load or unload under way (their row is not redrawn)
 
+// The charts: plain SVG from /api/timeline's steps. Each chart's points are in its
+// data-points attribute too (what a test, or a curious person, can read back).
+const SVG = "http://www.w3.org/2000/svg";
+const CHARTS = [
+  { id: "tokens", title: "tokens/s", series: [(p) => p.tokens_per_s] },
+  { id: "requests", title: "requests/s (errors in orange)",
+    series: [(p) => p.requests_per_s["2xx"] || 0,
+             (p) => (p.requests_per_s["4xx"] || 0) + (p.requests_per_s["5xx"] || 0)] },
+  { id: "ttft", title: "first token ms, p50 (p95 in orange)", series: [(p) => p.ttft_p50_ms, (p) => p.ttft_p95_ms] },
+  { id: "queue", title: "requests waiting", series: [(p) => p.queue] },
+  { id: "ram", title: "RAM used, GiB", series: [(p) => p.ram_used_bytes == null ? null : p.ram_used_bytes / 1024 ** 3] },
+  { id: "cache", title: "cache hit rate", series: [(p) => p.cache_hit_rate] },
+];
+
+function svgEl(tag, attrs) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  return node;
+}
+
+function drawChart(spec, timeline, gpuIndex) {
+  const points = timeline.points;
+  const series = spec.series.map((f) => points.map((p) => ({ t: p.t, v: f(p) })));
+  const values = series.flat().map((d) => d.v).filter((v) => v != null);
+  const top = Math.max(1e-9, ...values);
+  const t1 = timeline.now, t0 = t1 - 3600;
+  const svg = svgEl("svg", { viewBox: "0 0 300 60", preserveAspectRatio: "none", role: "img", "aria-label": spec.title });
+  const x = (t) => ((t - t0) / (t1 - t0)) * 300;
+  const y = (v) => 58 - (v / top) * 54;
+  series.forEach((data, i) => {
+    const d = data.filter((p) => p.v != null).map((p, j) => `${j ? "L" : "M"}${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`);
+    if (d.length) svg.append(svgEl("path", { d: d.join(""), class: i ? "line second" : "line" }));
+    const last = data.filter((p) => p.v != null).slice(-1)[0];  // a line of one step is a dot
+    if (last) svg.append(svgEl("circle", { cx: x(last.t).toFixed(1), cy: y(last.v).toFixed(1), r: 2,
+                                           class: i ? "dot second" : "dot" }));
+  });
+  for (const m of timeline.marks) {
+    const mx = x(m.t).toFixed(1);
+    const line = svgEl("line", { x1: mx, x2: mx, y1: 0, y2: 60, class: "mark" });
+    line.append(svgEl("title", {}));
+    line.firstChild.textContent = `${m.kind}: ${m.text}`;
+    svg.append(line);
+  }
+  const latest = series[0].filter((d) => d.v != null).slice(-1)[0];
+  const box = el("div", { class: "chart", id: `chart-${spec.id}`,
+                          "data-points": JSON.stringify(series.map((s) => s.map((d) => d.v))) },
+                 el("h3", {}, spec.title),
+                 el("div", { class: "now" }, latest ? (Math.round(latest.v * 100) / 100).toString() : "–"), svg);
+  return box;
+}
+
+async function refreshCharts() {
+  try {
+    const resp = await api("/api/timeline");
+    if (!resp.ok) return;
+    const timeline = await resp.json();
+    const specs = [...CHARTS];
+    const gpus = (timeline.points.slice(-1)[0] || {}).gpus || [];
+    gpus.forEach((g, i) => specs.push(
+      { id: `gpu${g.index}-memory`, title: `GPU ${g.index} memory used, GiB`,
+        series: [(p) => (p.gpus[i] ? p.gpus[i].used_bytes / 1024 ** 3 : null)] },
+      { id: `gpu${g.index}-busy`, title: `GPU ${g.index} busy, %`,
+        series: [(p) => (p.gpus[i] ? p.gpus[i].utilization_pct : null)] }));
+    $("#charts").replaceChildren(...specs.map((s) => drawChart(s, timeline)));
+  } catch (err) { /* the status line says why */ }
+}
+
 async function refreshStatus() {
   try {
     const [health, status] = await Promise.all([api("/health").then((r) => r.json()), api("/api/status").then((r) => r.json())]);
@@ -136,6 +203,7 @@ async function refreshStatus() {
     renderDevices(status.devices);
     renderModels(status);
     renderPools(status);
+    refreshCharts();
   } catch (err) {
     $("#health").textContent = needsKey ? "API key needed" : "unreachable";
     $("#health").className = "pill warn";
