@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -46,9 +47,8 @@ async def test_the_dashboard_shows_the_model_and_chats(make_client, tiny_model, 
     # The model table shows the tiny model, loaded (it preloads), with its placement.
     row = page.locator(f'#models tr[data-model="{MODEL_ID}"]')
     await row.wait_for(timeout=20000)
-    await page.wait_for_function(
-        f"document.querySelector('#models tr[data-model=\"{MODEL_ID}\"] td:nth-child(2)').textContent === 'loaded'",
-        timeout=20000)
+    # (Locators, not wait_for_function: the page's content-security policy forbids eval.)
+    await row.locator("td:nth-child(2)", has_text=re.compile("^loaded$")).wait_for(timeout=20000)
     assert "cpu" in (await row.locator("td").nth(2).text_content()).lower()
     assert "RAM" in await page.locator("#devices").text_content()
     assert (await page.locator("#health").text_content()) == "ok"
@@ -57,7 +57,7 @@ async def test_the_dashboard_shows_the_model_and_chats(make_client, tiny_model, 
     assert (await problem.text_content()) == \
         "nokey: misconfigured: secret env:DASH_UNSET_KEY: environment variable DASH_UNSET_KEY is not set"
     # A chat typed into the page streams a reply, as long as the max-tokens box allows…
-    await page.wait_for_function(f"[...document.querySelectorAll('#model-picker option')].some(o => o.value === '{MODEL_ID}')")
+    await page.locator(f'#model-picker option[value="{MODEL_ID}"]').wait_for(state="attached")
     await page.select_option("#model-picker", MODEL_ID)
     assert await page.input_value("#max-tokens") == "256"
     await page.fill("#max-tokens", "6")
@@ -131,7 +131,7 @@ async def test_the_chat_goes_on_over_turns_and_a_reply_can_be_stopped(make_clien
     problems: list[str] = []
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     await page.goto(str(c.make_url("/")))
-    await page.wait_for_function(f"[...document.querySelectorAll('#model-picker option')].some(o => o.value === '{MODEL_ID}')")
+    await page.locator(f'#model-picker option[value="{MODEL_ID}"]').wait_for(state="attached")
     await page.select_option("#model-picker", MODEL_ID)
     await page.fill("#max-tokens", "4")
     await page.fill("#temperature", "0")
@@ -152,7 +152,7 @@ async def test_the_chat_goes_on_over_turns_and_a_reply_can_be_stopped(make_clien
     await page.select_option("#model-picker", "slow/x")
     await page.fill("#prompt", "never answered")
     await page.click("#send")
-    await page.wait_for_function("!document.querySelector('#stop').disabled")
+    await page.locator("#stop:not([disabled])").wait_for()
     await page.click("#stop")
     await page.wait_for_selector("#reply[data-done=stopped]", timeout=20000)
     assert (await page.locator("#reply-meta").text_content()).startswith("stopped")
@@ -163,7 +163,7 @@ async def test_the_chat_goes_on_over_turns_and_a_reply_can_be_stopped(make_clien
     cid = page_[0]["id"]
     before = (await (await c.get(f"/api/conversations/{cid}")).json())["exchanges"]
     await page.reload()
-    await page.wait_for_function(f"[...document.querySelectorAll('#model-picker option')].some(o => o.value === '{MODEL_ID}')")
+    await page.locator(f'#model-picker option[value="{MODEL_ID}"]').wait_for(state="attached")
     await page.locator(f'#conversations li[data-id="{cid}"] button.open').click()
     await page.locator("#transcript .turn.user", has_text="second question").wait_for(timeout=20000)
     assert await page.input_value("#system") == "You are terse."
@@ -222,3 +222,20 @@ async def test_the_charts_draw_from_real_traffic(make_client, tiny_model, tmp_pa
     ttft = json.loads(await page.locator("#chart-ttft").get_attribute("data-points"))[0]
     assert any(v is not None and v > 0 for v in ttft)
     await page.screenshot(path=str(tmp_path / "dashboard-1280.png"), full_page=True)
+
+
+async def test_the_page_allows_nothing_from_elsewhere_and_its_assets_are_cached_for_good(make_client, tmp_path):
+    c = await make_client(parse_settings({"data_dir": str(tmp_path / "data")}))
+    r = await c.get("/")
+    html = await r.text()
+    csp = r.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+    assert r.headers["Cache-Control"] == "no-cache"
+    urls = re.findall(r'(?:src|href)="(/ui/[^"]+)"', html)
+    assert len(urls) == 2 and all("?v=" in u for u in urls)
+    total = 0
+    for u in urls:
+        a = await c.get(u)
+        assert a.status == 200 and a.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+        total += len(await a.read())
+    assert total + len(html) < 150_000  # the page and its assets
