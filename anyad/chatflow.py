@@ -178,8 +178,9 @@ class ChatFlow:
             # A pool keeps a conversation where its prefix is cached: one without a name of
             # its own is known by how it began (not by its key: one app's key carries all its
             # conversations, which would all share one home).
-            pool_key = self.chat.route_key if self.chat.route_key.startswith("conversation:") \
-                else prompt_key(self.chat.messages)
+            if self.chat.model in daemon.router.pooled:  # hashing the prompt is for pools only
+                pool_key = self.chat.route_key if self.chat.route_key.startswith("conversation:") \
+                    else prompt_key(self.chat.messages)
         # Resolved once: the cache key and the walk see the same targets (a weighted route's
         # pick and a pool's order included).
         self.targets = daemon.router.resolve(self.chat.model, self.chat.route_key, pool_key)

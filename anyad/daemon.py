@@ -417,11 +417,6 @@ class Daemon:
         states = {model_id: b.ready() for model_id, b in self.local.items()}
         return all(states.values()), states
 
-    def timeline(self) -> dict[str, Any]:
-        """The dashboard's last hour (``anyad.timeline``), its gauges sampled now."""
-        self.sample_gauges()
-        return self.metrics.timeline.json()
-
     def sample_gauges(self) -> None:
         snap = self.probe.snapshot() if self.probe is not None else None
         queue = sum(v.waiting for v in self.scheduler.snapshot().values())

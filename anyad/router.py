@@ -132,6 +132,8 @@ class Router:
                 raise ConfigError(f"routes[{i}].name: {r.name!r} is already a model, pool or route name")
             targets = r.target_list
             for j, t in enumerate(targets):
+                if t.model in self.pools:
+                    continue
                 try:
                     self._direct(t.model)
                 except ModelNotFound:
@@ -140,6 +142,9 @@ class Router:
             self.routes[r.name] = targets
         # Whether a request needs its route key: a route assigns by weight, or a pool by affinity.
         self.keyed = bool(self.pools) or any(t.weight > 0 for targets in self.routes.values() for t in targets)
+        # The names whose targets include a pool: only their requests need a pool key.
+        self.pooled = set(self.pools) | {name for name, targets in self.routes.items()
+                                         if any(t.model in self.pools for t in targets)}
         self.connectivity = Connectivity({name: b.probe_address() for name, b in providers.items()},
                                          self.settings.offline_probe_interval_s)
         self.breakers: dict[str, Breaker] = {}
@@ -162,9 +167,7 @@ class Router:
             self.on_skip(target.name, reason)
 
     def _direct(self, name: str) -> Target:
-        """The target ``name`` names (a pool: its first replica, for validation)."""
-        if name in self.pools:
-            return self._expand(name, None)[0]
+        """The target ``name`` names (not a pool: ``_expand`` takes those)."""
         if name in self.local:
             return Target(name, self.local[name], name)
         provider, sep, model = name.partition("/")

@@ -68,5 +68,8 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def timeline(request: web.Request) -> web.Response:
-    """The last hour in steps, for the dashboard's charts (``anyad.timeline``)."""
-    return web.json_response(request.app[DAEMON].timeline())
+    """The last hour in steps, for the dashboard's charts (``anyad.timeline``), its gauges
+    sampled now (off the event loop: NVML and psutil reads take a moment)."""
+    daemon = request.app[DAEMON]
+    await asyncio.to_thread(daemon.sample_gauges)
+    return web.json_response(daemon.metrics.timeline.json())
